@@ -1,0 +1,420 @@
+//! Model configuration in two stages: [`ConfigFile`] carries Hugging Face's `config.json` names
+//! (and is also filled from GGUF metadata); [`ConfigFile::into_config`] validates it once into the
+//! [`Config`] the model runs with.
+
+use crate::error::{Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+
+/// The architectures whet's Llama implementation covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// Llama 1-3, SmolLM, Mistral-style dense models without attention biases.
+    Llama,
+    /// Qwen2: Llama with biases on the q/k/v projections.
+    Qwen2,
+}
+
+impl Arch {
+    /// The name used by `config.json`'s `model_type` and GGUF's `general.architecture`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Parse an architecture name; `None` when whet does not support it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "llama" | "llamaforcausallm" | "mistral" | "mistralforcausallm" => Some(Arch::Llama),
+            "qwen2" | "qwen2forcausallm" => Some(Arch::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// RoPE frequency scaling (`rope_scaling` in `config.json`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    None,
+    /// Positions divided by `factor` (`"type": "linear"`).
+    Linear {
+        /// Position interpolation factor.
+        factor: f64,
+    },
+    /// Llama 3.1's frequency-dependent scaling (`"rope_type": "llama3"`).
+    Llama3 {
+        /// Overall scaling factor.
+        factor: f64,
+        /// Wavelengths above `original / low_freq_factor` are scaled fully.
+        low_freq_factor: f64,
+        /// Wavelengths below `original / high_freq_factor` are left alone.
+        high_freq_factor: f64,
+        /// Context length the model was pre-trained with.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// `rope_scaling` / `rope_parameters` as they appear in `config.json`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeScalingFile {
+    /// `type` (older files) or `rope_type`.
+    #[serde(alias = "type")]
+    pub rope_type: Option<String>,
+    /// Scaling factor.
+    pub factor: Option<f64>,
+    /// Llama 3 low-frequency factor.
+    pub low_freq_factor: Option<f64>,
+    /// Llama 3 high-frequency factor.
+    pub high_freq_factor: Option<f64>,
+    /// Llama 3 original context length.
+    pub original_max_position_embeddings: Option<usize>,
+    /// transformers 5 puts the base here (`rope_parameters.rope_theta`).
+    pub rope_theta: Option<f64>,
+}
+
+/// One id or a list of ids (`eos_token_id` may be either).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// All ids as a vector.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// A model configuration with Hugging Face's field names, as read from `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConfigFile {
+    /// `model_type` (`llama`, `qwen2`).
+    pub model_type: Option<String>,
+    /// `architectures` (`["LlamaForCausalLM"]`).
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (GQA); defaults to `num_attention_heads`.
+    pub num_key_value_heads: Option<usize>,
+    /// Head width; defaults to `hidden_size / num_attention_heads`.
+    pub head_dim: Option<usize>,
+    /// Rows of the embedding matrix.
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: Option<f64>,
+    /// RoPE scaling, older name.
+    pub rope_scaling: Option<RopeScalingFile>,
+    /// RoPE parameters, transformers 5 name.
+    pub rope_parameters: Option<RopeScalingFile>,
+    /// Longest context the model supports.
+    pub max_position_embeddings: Option<usize>,
+    /// Whether `lm_head` shares the embedding matrix.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v/o carry biases (Llama); Qwen2 always has q/k/v biases.
+    pub attention_bias: Option<bool>,
+    /// Beginning-of-sequence id.
+    pub bos_token_id: Option<TokenIds>,
+    /// End-of-sequence id(s).
+    pub eos_token_id: Option<TokenIds>,
+}
+
+/// A validated model configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Architecture.
+    pub arch: Arch,
+    /// Width of the residual stream (`C`).
+    pub hidden_size: usize,
+    /// Width of the MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_layers: usize,
+    /// Number of query heads (`H`).
+    pub num_heads: usize,
+    /// Number of key/value heads; divides `num_heads`.
+    pub num_kv_heads: usize,
+    /// Head width (`D`), even.
+    pub head_dim: usize,
+    /// Rows of the embedding matrix (`V`).
+    pub vocab_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// RoPE scaling.
+    pub rope_scaling: RopeScaling,
+    /// Longest context the model supports.
+    pub max_position_embeddings: usize,
+    /// Whether `lm_head` shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// Whether q/k/v carry biases.
+    pub qkv_bias: bool,
+    /// Whether o_proj carries a bias.
+    pub o_bias: bool,
+    /// End-of-sequence ids from the config (the tokenizer may add more).
+    pub eos_token_ids: Vec<u32>,
+    /// Beginning-of-sequence id from the config.
+    pub bos_token_id: Option<u32>,
+}
+
+impl ConfigFile {
+    /// Validate into a [`Config`]; `path` names the file in errors.
+    pub fn into_config(self, path: &Path) -> Result<Config> {
+        let arch_name =
+            self.model_type.clone().or_else(|| self.architectures.first().cloned()).ok_or_else(
+                || Error::config(path, "neither `model_type` nor `architectures` is set"),
+            )?;
+        let arch = Arch::from_name(&arch_name).ok_or_else(|| {
+            Error::config(
+                path,
+                format!(
+                    "unsupported architecture `{arch_name}`; whet supports `llama` and `qwen2`"
+                ),
+            )
+        })?;
+        let positive = |name: &str, v: usize| {
+            if v == 0 {
+                Err(Error::config(path, format!("`{name}` must be positive, got `0`")))
+            } else {
+                Ok(v)
+            }
+        };
+        let hidden_size = positive("hidden_size", self.hidden_size)?;
+        let num_heads = positive("num_attention_heads", self.num_attention_heads)?;
+        let num_kv_heads =
+            positive("num_key_value_heads", self.num_key_value_heads.unwrap_or(num_heads))?;
+        positive("intermediate_size", self.intermediate_size)?;
+        positive("num_hidden_layers", self.num_hidden_layers)?;
+        positive("vocab_size", self.vocab_size)?;
+        if num_heads % num_kv_heads != 0 {
+            return Err(Error::config(
+                path,
+                format!("`num_attention_heads` = `{num_heads}` is not a multiple of `num_key_value_heads` = `{num_kv_heads}`"),
+            ));
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => {
+                return Err(Error::config(
+                    path,
+                    format!("`hidden_size` = `{hidden_size}` is not divisible by `num_attention_heads` = `{num_heads}`"),
+                ))
+            }
+        };
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(Error::config(
+                path,
+                format!("`head_dim` = `{head_dim}` must be even and positive for RoPE"),
+            ));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
+            return Err(Error::config(
+                path,
+                format!("`rms_norm_eps` = `{}` must be in (0, 1)", self.rms_norm_eps),
+            ));
+        }
+        let params =
+            self.rope_parameters.clone().or_else(|| self.rope_scaling.clone()).unwrap_or_default();
+        let default_theta = if arch == Arch::Qwen2 { 1_000_000.0 } else { 10_000.0 };
+        let rope_theta = self.rope_theta.or(params.rope_theta).unwrap_or(default_theta);
+        if !(rope_theta > 1.0) {
+            return Err(Error::config(
+                path,
+                format!("`rope_theta` = `{rope_theta}` must be greater than 1"),
+            ));
+        }
+        let rope_scaling = rope_scaling(&params, path)?;
+        let attention_bias = self.attention_bias.unwrap_or(false);
+        Ok(Config {
+            arch,
+            hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: self.vocab_size,
+            rms_norm_eps: self.rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
+            tie_word_embeddings: self.tie_word_embeddings,
+            qkv_bias: arch == Arch::Qwen2 || attention_bias,
+            o_bias: arch == Arch::Llama && attention_bias,
+            eos_token_ids: self.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
+            bos_token_id: self.bos_token_id.and_then(|b| b.to_vec().first().copied()),
+        })
+    }
+}
+
+fn rope_scaling(p: &RopeScalingFile, path: &Path) -> Result<RopeScaling> {
+    let factor = || {
+        p.factor.filter(|f| *f > 0.0).ok_or_else(|| {
+            Error::config(
+                path,
+                format!(
+                    "rope scaling `{}` needs a positive `factor`",
+                    p.rope_type.as_deref().unwrap_or("")
+                ),
+            )
+        })
+    };
+    match p.rope_type.as_deref() {
+        None | Some("default") => Ok(RopeScaling::None),
+        Some("linear") => Ok(RopeScaling::Linear { factor: factor()? }),
+        Some("llama3") => Ok(RopeScaling::Llama3 {
+            factor: factor()?,
+            low_freq_factor: p.low_freq_factor.unwrap_or(1.0),
+            high_freq_factor: p.high_freq_factor.unwrap_or(4.0),
+            original_max_position_embeddings: p.original_max_position_embeddings.unwrap_or(8192),
+        }),
+        Some(other) => Err(Error::config(
+            path,
+            format!("unsupported rope scaling type `{other}`; whet supports `linear` and `llama3`"),
+        )),
+    }
+}
+
+impl Config {
+    /// Number of parameters (embedding counted once when tied).
+    pub fn num_parameters(&self) -> usize {
+        let (c, h, kv, d, m) = (
+            self.hidden_size,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.intermediate_size,
+        );
+        let attn = c * h * d
+            + 2 * c * kv * d
+            + h * d * c
+            + if self.qkv_bias { h * d + 2 * kv * d } else { 0 }
+            + if self.o_bias { c } else { 0 };
+        let layer = attn + 3 * c * m + 2 * c;
+        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * c };
+        self.vocab_size * c + self.num_layers * layer + c + head
+    }
+
+    /// RoPE inverse frequencies (`D/2` of them) after scaling.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f64> =
+            (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f64 / d as f64)).collect();
+        let scaled: Vec<f64> = match &self.rope_scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                // Same piecewise rule as transformers' `_compute_llama3_parameters`.
+                let old = *original_max_position_embeddings as f64;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        };
+        scaled.into_iter().map(|f| f as f32).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm2() -> ConfigFile {
+        serde_json::from_str(
+            r#"{"model_type":"llama","hidden_size":576,"intermediate_size":1536,"num_hidden_layers":30,
+                "num_attention_heads":9,"num_key_value_heads":3,"vocab_size":49152,"rms_norm_eps":1e-5,
+                "rope_theta":100000.0,"tie_word_embeddings":true,"max_position_embeddings":8192}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn smollm2_has_135m_parameters() {
+        let cfg = smollm2().into_config(Path::new("config.json")).unwrap();
+        assert_eq!(cfg.head_dim, 64);
+        // The model card's count: 134,515,008 parameters.
+        assert_eq!(cfg.num_parameters(), 134_515_008);
+    }
+
+    #[test]
+    fn rejects_bad_values_naming_them() {
+        let mut f = smollm2();
+        f.num_key_value_heads = Some(4);
+        let err = f.into_config(Path::new("m/config.json")).unwrap_err().to_string();
+        assert_eq!(err, "m/config.json: `num_attention_heads` = `9` is not a multiple of `num_key_value_heads` = `4`");
+        let mut f = smollm2();
+        f.model_type = Some("gpt_neox".into());
+        let err = f.into_config(Path::new("config.json")).unwrap_err().to_string();
+        assert!(err.contains("unsupported architecture `gpt_neox`"), "{err}");
+    }
+
+    #[test]
+    fn reads_transformers5_rope_parameters() {
+        let mut f = smollm2();
+        f.rope_theta = None;
+        f.rope_parameters = Some(RopeScalingFile {
+            rope_theta: Some(5e5),
+            rope_type: Some("default".into()),
+            ..Default::default()
+        });
+        assert_eq!(f.into_config(Path::new("c")).unwrap().rope_theta, 5e5);
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_high_frequencies_and_scales_low_ones() {
+        let mut f = smollm2();
+        f.rope_scaling = Some(RopeScalingFile {
+            rope_type: Some("llama3".into()),
+            factor: Some(8.0),
+            low_freq_factor: Some(1.0),
+            high_freq_factor: Some(4.0),
+            original_max_position_embeddings: Some(8192),
+            rope_theta: None,
+        });
+        let cfg = f.into_config(Path::new("c")).unwrap();
+        let plain = Config { rope_scaling: RopeScaling::None, ..cfg.clone() }.rope_inv_freq();
+        let scaled = cfg.rope_inv_freq();
+        assert_eq!(scaled[0], plain[0]);
+        let last = plain.len() - 1;
+        assert!((scaled[last] - plain[last] / 8.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,345 @@
+//! The one Llama implementation of whet: Llama 1-3, SmolLM and Qwen2 (q/k/v biases).
+//!
+//! Paper: Touvron et al., "LLaMA: Open and Efficient Foundation Language Models" (2023).
+//! Reference: Hugging Face transformers `models/llama/modeling_llama.py`; candle-transformers
+//! `models/llama.rs`. Tensor names follow Hugging Face and appear only in `vb.pp(...)`.
+//!
+//! Shapes: `B` batch, `T` new tokens, `S` tokens attended to (cache + new), `C` hidden size,
+//! `H` query heads, `K` key/value heads, `D` head width, `M` MLP width, `V` vocabulary.
+
+use crate::config::Config;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{Embedding, Linear, VarBuilder};
+
+/// RMSNorm with a learned gain (Zhang & Sennrich, 2019).
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, eps: eps as f32 })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    Ok(Linear::new(weight, bias))
+}
+
+/// Rotary position embedding tables, `[max_positions, D/2]`.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Config, dtype: DType, device: &Device) -> Result<Self> {
+        let inv_freq = cfg.rope_inv_freq();
+        let half = inv_freq.len();
+        let n = cfg.max_position_embeddings;
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions =
+            Tensor::arange(0u32, n as u32, device)?.to_dtype(DType::F32)?.reshape((n, 1))?;
+        let freqs = positions.broadcast_mul(&inv_freq)?; // [P, D/2]
+        Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
+    }
+
+    /// Rotate `x` `[B, heads, T, D]` for positions `offset..offset+T` (Hugging Face "half" layout).
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (c, h, k, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        Ok(Self {
+            q_proj: linear(vb.pp("q_proj"), c, h * d, cfg.qkv_bias)?,
+            k_proj: linear(vb.pp("k_proj"), c, k * d, cfg.qkv_bias)?,
+            v_proj: linear(vb.pp("v_proj"), c, k * d, cfg.qkv_bias)?,
+            o_proj: linear(vb.pp("o_proj"), h * d, c, cfg.o_bias)?,
+            num_heads: h,
+            num_kv_heads: k,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?; // [B, H, T, D]
+        let kk = self.k_proj.forward(x)?.reshape((b, t, k, d))?.transpose(1, 2)?; // [B, K, T, D]
+        let v = self.v_proj.forward(x)?.reshape((b, t, k, d))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, offset)?;
+        let kk = rope.apply(&kk, offset)?;
+        let (kk, v) = match cache {
+            Some(cache) => cache.append(&kk, &v)?, // [B, K, S, D]
+            None => (kk, v),
+        };
+        let kk = repeat_kv(kk, h / k)?; // [B, H, S, D]
+        let v = repeat_kv(v, h / k)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        // Scores and softmax in f32: f16/bf16 exponentials overflow and lose the small weights.
+        let att = (q.matmul(&kk.t()?)? * scale)?.to_dtype(DType::F32)?; // [B, H, T, S]
+        let att = match mask {
+            Some(mask) => att.broadcast_add(mask)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
+        let y = att.matmul(&v)?; // [B, H, T, D]
+        let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+/// `[B, K, S, D]` -> `[B, K * n_rep, S, D]`, each key/value head shared by `n_rep` query heads.
+fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, k, s, d) = x.dims4()?;
+    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, k * n_rep, s, d))
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (c, m) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear(vb.pp("gate_proj"), c, m, false)?,
+            up_proj: linear(vb.pp("up_proj"), c, m, false)?,
+            down_proj: linear(vb.pp("down_proj"), m, c, false)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?; // [B, T, M]
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        offset: usize,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let h =
+            self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, offset, mask, cache)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + h
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<KvCache>,
+    len: usize,
+}
+
+impl Cache {
+    /// An empty cache for `cfg`; it grows in chunks as tokens arrive.
+    pub fn new(cfg: &Config) -> Self {
+        // 512-token chunks: a chat turn rarely needs more, and growth is a cheap copy.
+        let chunk = cfg.max_position_embeddings.min(512);
+        Self { layers: (0..cfg.num_layers).map(|_| KvCache::new(2, chunk)).collect(), len: 0 }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget everything.
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::reset);
+        self.len = 0;
+    }
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: Config,
+}
+
+impl Llama {
+    /// Build the model from weights named as in Hugging Face checkpoints (`model.layers.0...`).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let embed_tokens = candle_nn::embedding(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            vb.pp("model").pp("embed_tokens"),
+        )?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| Block::load(vb.pp("model").pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(vb.pp("model").pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone() })
+    }
+
+    /// The configuration the model was built with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.embeddings().device()
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
+    /// Final hidden states `[B, T, C]` for `ids` `[B, T]`, which continue `cache` when given.
+    pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        if offset + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds the model's context of {} tokens",
+                offset + t,
+                self.cfg.max_position_embeddings
+            )
+        }
+        let mask = if t > 1 { Some(causal_mask(t, offset, self.device())?) } else { None };
+        let mut x = self.embed_tokens.forward(ids)?; // [B, T, C]
+        for (i, block) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, &self.rope, offset, mask.as_ref(), layer_cache)?;
+        }
+        if let Some(cache) = cache {
+            cache.len += t;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits `[B, T, V]` for every position.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        self.lm_head.forward(&self.hidden(ids, cache)?)
+    }
+
+    /// Logits `[B, V]` of the last position only: generation needs nothing else, and the
+    /// `[T, V]` head matmul dominates prefill for small models.
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let h = self.hidden(ids, cache)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, C]
+        self.lm_head.forward(&last)?.to_dtype(DType::F32)
+    }
+}
+
+/// Additive causal mask `[T, S]` (0 where allowed, -inf where the key lies in the future)
+/// for `T` new tokens after `offset` cached ones.
+fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let s = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, s), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_lets_each_token_see_its_past_only() {
+        let m = causal_mask(2, 1, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[0], vec![0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn repeat_kv_repeats_each_head_in_place() {
+        let x = Tensor::arange(0f32, 4., &Device::Cpu).unwrap().reshape((1, 2, 2, 1)).unwrap();
+        let y = repeat_kv(x, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        // heads [0,1],[2,3] -> [0,1],[0,1],[2,3],[2,3]
+        assert_eq!(y, vec![0., 1., 0., 1., 2., 3., 2., 3.]);
+    }
+}

@@ -1,0 +1,226 @@
+//! The model's tokenizer and chat template: from `tokenizer.json` + `tokenizer_config.json`, from
+//! a GGUF file's `tokenizer.ggml.*` metadata, or a byte-level tokenizer for random presets.
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokenizers::Tokenizer;
+
+/// A tokenizer with what generation and chat need around it.
+#[derive(Clone)]
+pub struct ModelTokenizer {
+    /// The Hugging Face tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Jinja chat template, when the model ships one.
+    pub chat_template: Option<String>,
+    /// Beginning-of-sequence token text, for templates that use `bos_token`.
+    pub bos_token: Option<String>,
+    /// End-of-sequence token text, for templates that use `eos_token`.
+    pub eos_token: Option<String>,
+    /// Ids that end generation: the model's EOS plus the usual end-of-turn tokens it knows.
+    pub stop_ids: Vec<u32>,
+    /// Where the tokenizer came from, for `whet info`.
+    pub source: String,
+}
+
+/// End-of-turn tokens of common chat formats; generation stops on any the vocabulary has.
+const END_OF_TURN: [&str; 5] = ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>"];
+
+impl ModelTokenizer {
+    fn new(
+        tokenizer: Tokenizer,
+        chat_template: Option<String>,
+        bos: Option<String>,
+        eos: Option<String>,
+        mut stop_ids: Vec<u32>,
+        source: String,
+    ) -> Self {
+        for tok in eos.iter().map(String::as_str).chain(END_OF_TURN) {
+            if let Some(id) = tokenizer.token_to_id(tok) {
+                if !stop_ids.contains(&id) {
+                    stop_ids.push(id);
+                }
+            }
+        }
+        Self { tokenizer, chat_template, bos_token: bos, eos_token: eos, stop_ids, source }
+    }
+
+    /// Load `tokenizer.json` and, when present, `tokenizer_config.json` from a model directory.
+    pub fn from_dir(dir: &Path, config_eos: &[u32]) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::NotFound { path });
+        }
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| Error::tokenizer(&path, format!("not a valid tokenizer.json: {e}")))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let (template, bos, eos) =
+            if cfg_path.exists() { read_tokenizer_config(&cfg_path)? } else { (None, None, None) };
+        Ok(Self::new(
+            tokenizer,
+            template,
+            bos,
+            eos,
+            config_eos.to_vec(),
+            path.display().to_string(),
+        ))
+    }
+
+    /// Build the tokenizer from a GGUF file's metadata (byte-level BPE, as SmolLM2 and Qwen2 use).
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let mut tokenizer = Tokenizer::from_gguf(&gguf.content).map_err(|e| {
+            Error::tokenizer(
+                &gguf.path,
+                format!("cannot build the tokenizer from GGUF metadata: {e}"),
+            )
+        })?;
+        let pre = gguf.content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok());
+        if !matches!(pre.map(String::as_str), Some("qwen2" | "llama3" | "smaug-bpe" | "lfm2")) {
+            // candle's generic GPT-2 pipeline adds a prefix space ("Hello" -> "ĠHello"); the
+            // Hugging Face tokenizers of these models (SmolLM2's "smollm" among them) do not.
+            use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+            tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        }
+        let token = |key: &str| {
+            gguf.content
+                .metadata
+                .get(key)
+                .and_then(|v| v.to_u32().ok())
+                .and_then(|id| tokenizer.id_to_token(id))
+        };
+        let bos = token("tokenizer.ggml.bos_token_id");
+        let eos = token("tokenizer.ggml.eos_token_id");
+        Ok(Self::new(
+            tokenizer.clone(),
+            gguf.chat_template(),
+            bos,
+            eos,
+            vec![],
+            format!("{} (GGUF metadata)", gguf.path.display()),
+        ))
+    }
+
+    /// A byte-level tokenizer (256 byte tokens plus ChatML's special tokens) for random models.
+    pub fn byte_level() -> Result<Self> {
+        let json = byte_level_json();
+        let tokenizer = Tokenizer::from_bytes(json.as_bytes())
+            .map_err(|e| Error::tokenizer(PathBuf::from("<byte-level>"), e))?;
+        Ok(Self::new(
+            tokenizer,
+            None,
+            None,
+            Some("<|endoftext|>".into()),
+            vec![],
+            "byte-level (built in)".into(),
+        ))
+    }
+
+    /// Number of ids the tokenizer can produce, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Fail when the tokenizer can emit ids beyond the model's embedding rows.
+    pub fn check_fits(&self, model_vocab: usize, path: &Path) -> Result<()> {
+        let n = self.vocab_size();
+        if n > model_vocab {
+            return Err(Error::tokenizer(
+                path,
+                format!("tokenizer has {n} tokens but the model's vocabulary has only {model_vocab}; they do not belong together"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Encode text without adding special tokens (chat templates add their own).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode_fast(text, false).map_err(|e| {
+            Error::tokenizer(PathBuf::from(&self.source), format!("cannot encode text: {e}"))
+        })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decode ids to text, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, false).map_err(|e| {
+            Error::tokenizer(PathBuf::from(&self.source), format!("cannot decode ids: {e}"))
+        })
+    }
+}
+
+/// `chat_template`, `bos_token` and `eos_token` from `tokenizer_config.json`.
+fn read_tokenizer_config(path: &Path) -> Result<(Option<String>, Option<String>, Option<String>)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::tokenizer(path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::tokenizer(path, format!("invalid JSON: {e}")))?;
+    let token = |key: &str| match v.get(key) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    };
+    // `chat_template` is a string, or a list of named templates of which "default" is the chat one.
+    let template = match v.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| items.first())
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        _ => None,
+    };
+    // Newer models keep the template beside the config.
+    let template = template
+        .or_else(|| std::fs::read_to_string(path.with_file_name("chat_template.jinja")).ok());
+    Ok((template, token("bos_token"), token("eos_token")))
+}
+
+/// `tokenizer.json` of a byte-level BPE without merges: every UTF-8 byte is a token.
+fn byte_level_json() -> String {
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let mut vocab = serde_json::Map::new();
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+    for (i, s) in specials.iter().enumerate() {
+        vocab.insert(s.to_string(), i.into());
+    }
+    let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+    alphabet.sort_unstable();
+    for (i, c) in alphabet.iter().enumerate() {
+        vocab.insert(c.to_string(), (specials.len() + i).into());
+    }
+    let added: Vec<Value> = specials
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            serde_json::json!({"id": i, "content": s, "single_word": false, "lstrip": false,
+                               "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "added_tokens": added,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "vocab": vocab, "merges": [], "ignore_merges": false}
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_round_trips_any_text() {
+        let t = ModelTokenizer::byte_level().unwrap();
+        assert_eq!(t.vocab_size(), 259);
+        let text = "héllo <|im_end|> 🙂";
+        let ids = t.encode(text).unwrap();
+        assert!(ids.contains(&2), "special token kept whole: {ids:?}");
+        assert_eq!(t.decode(&ids).unwrap(), text);
+        assert!(t.stop_ids.contains(&0) && t.stop_ids.contains(&2));
+    }
+}

@@ -1,0 +1,142 @@
+//! Bad input: every failure is one line naming the file and the problem, never a panic.
+
+use crate::sources::write_tiny_hf_dir;
+use candle_core::{DType, Device};
+use std::path::Path;
+use whet_model::{load, ModelSource};
+
+fn load_err(source: ModelSource) -> String {
+    match load(&source, DType::F32, &Device::Cpu, 0) {
+        Ok(_) => panic!("{source:?} loaded"),
+        Err(e) => {
+            let msg = e.to_string();
+            assert_eq!(msg.lines().count(), 1, "not one line: {msg}");
+            msg
+        }
+    }
+}
+
+fn tiny_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_hf_dir(dir.path(), 1);
+    dir
+}
+
+#[test]
+fn missing_gguf_file() {
+    let err = load_err(ModelSource::Gguf("does/not/exist.gguf".into()));
+    assert_eq!(err, "does/not/exist.gguf: file not found");
+}
+
+#[test]
+fn gguf_that_is_not_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.gguf");
+    std::fs::write(&path, b"this is not a gguf file at all, just text").unwrap();
+    let err = load_err(ModelSource::Gguf(path.clone()));
+    assert!(err.starts_with(&format!("{}: not a readable GGUF file", path.display())), "{err}");
+}
+
+#[test]
+fn truncated_gguf() {
+    let Some(model) = crate::default_model() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(model).unwrap();
+    for keep in [bytes.len() / 2, 4096, 10] {
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        let err = load_err(ModelSource::Gguf(path.clone()));
+        assert!(err.starts_with(&format!("{}: ", path.display())), "{err}");
+        assert!(
+            err.contains("truncated") || err.contains("not a readable GGUF"),
+            "{keep} bytes: {err}"
+        );
+    }
+}
+
+#[test]
+fn missing_config_json() {
+    let dir = tiny_dir();
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().into()));
+    assert_eq!(err, format!("{}: file not found", dir.path().join("config.json").display()));
+}
+
+#[test]
+fn unsupported_architecture() {
+    let dir = tiny_dir();
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace(r#""model_type":"llama""#, r#""model_type":"gpt2""#),
+    )
+    .unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().into()));
+    assert!(
+        err.ends_with(
+            "config.json: unsupported architecture `gpt2`; whet supports `llama` and `qwen2`"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_that_is_not_json() {
+    let dir = tiny_dir();
+    std::fs::write(dir.path().join("config.json"), "{ hidden_size: 64").unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().into()));
+    assert!(err.contains("config.json: invalid model config"), "{err}");
+}
+
+#[test]
+fn corrupt_and_truncated_safetensors() {
+    let dir = tiny_dir();
+    let st = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() - 100]).unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().into()));
+    assert!(
+        err.starts_with(&format!("{}: not a readable safetensors file", st.display())),
+        "{err}"
+    );
+    std::fs::write(&st, b"\xff\xff\xff\xff\xff\xff\xff\x7fgarbage").unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().into()));
+    assert!(
+        err.starts_with(&format!("{}: not a readable safetensors file", st.display())),
+        "{err}"
+    );
+}
+
+#[test]
+fn safetensors_missing_a_tensor() {
+    let dir = tiny_dir();
+    let st = dir.path().join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&st, &Device::Cpu).unwrap();
+    tensors.remove("model.layers.1.mlp.down_proj.weight");
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().into()));
+    assert!(err.contains("model.layers.1.mlp.down_proj.weight"), "{err}");
+}
+
+#[test]
+fn tokenizer_larger_than_the_vocabulary() {
+    let dir = tiny_dir();
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        cfg.replace(r#""vocab_size":320"#, r#""vocab_size":200"#),
+    )
+    .unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().into()));
+    let tok = dir.path().join("tokenizer.json");
+    assert_eq!(err, format!("{}: tokenizer has 259 tokens but the model's vocabulary has only 200; they do not belong together", tok.display()));
+}
+
+#[test]
+fn tokenizer_json_that_is_broken() {
+    let dir = tiny_dir();
+    std::fs::write(dir.path().join("tokenizer.json"), "{\"model\": 3}").unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().into()));
+    assert!(err.contains("tokenizer.json: not a valid tokenizer.json"), "{err}");
+    assert!(Path::new(&dir.path().join("config.json")).exists());
+}

@@ -1,0 +1,36 @@
+//! whet-model integration tests: golden comparisons with PyTorch and bad-input handling.
+
+mod bad_input;
+mod golden;
+mod sources;
+
+use std::path::PathBuf;
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The default model, or `None` (with a note on stderr) when it has not been fetched.
+/// `WHET_REQUIRE_MODEL=1` (set by `scripts/test.sh`) turns its absence into a failure.
+pub fn default_model() -> Option<PathBuf> {
+    let path = root().join(whet_model::DEFAULT_MODEL);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("WHET_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!(
+            "{} is missing and WHET_REQUIRE_MODEL=1; run scripts/fetch-model.sh",
+            path.display()
+        );
+    }
+    eprintln!("SKIPPED: {} not fetched; run scripts/fetch-model.sh", path.display());
+    None
+}
+
+/// A golden fixture written by `scripts/reference.py`.
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = root().join("tests/fixtures").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}

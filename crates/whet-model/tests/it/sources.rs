@@ -1,0 +1,119 @@
+//! Every way to name a model loads the same network: a Hugging Face directory (single file and
+//! sharded), a hub id from a cache laid out like hf-hub's, and random presets.
+
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+use whet_model::load::{preset, random_weights};
+use whet_model::{load, ModelSource};
+
+const TINY_CONFIG: &str = r#"{"model_type":"llama","architectures":["LlamaForCausalLM"],"hidden_size":64,
+"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+"vocab_size":320,"rms_norm_eps":1e-5,"rope_theta":100000.0,"max_position_embeddings":512,
+"tie_word_embeddings":false,"eos_token_id":0}"#;
+
+/// Write `random:tiny` (seed 11) as a Hugging Face directory; `shards` > 1 writes an index.
+pub fn write_tiny_hf_dir(dir: &Path, shards: usize) {
+    let cfg = preset("tiny").unwrap();
+    let tensors = random_weights(&cfg, DType::F32, &Device::Cpu, 11).unwrap();
+    std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
+    whet_model::ModelTokenizer::byte_level()
+        .unwrap()
+        .tokenizer
+        .save(dir.join("tokenizer.json"), false)
+        .unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"chat_template":"{{ messages[0]['content'] }}","eos_token":"<|im_end|>"}"#,
+    )
+    .unwrap();
+    if shards == 1 {
+        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+        return;
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
+        let file = format!("model-{:05}-of-{shards:05}.safetensors", i + 1);
+        let part: HashMap<String, Tensor> =
+            chunk.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
+        candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
+        for n in chunk {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+fn logits(source: &ModelSource) -> Vec<f32> {
+    let m = load(source, DType::F32, &Device::Cpu, 11).unwrap();
+    let ids = Tensor::new(&[[3u32, 80, 81, 200]], &Device::Cpu).unwrap();
+    m.model.forward_last(&ids, None).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+#[test]
+fn hf_directory_single_and_sharded_equal_the_random_preset() {
+    let want = logits(&ModelSource::Random("tiny".into()));
+    for shards in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_hf_dir(dir.path(), shards);
+        let source = ModelSource::parse(dir.path().to_str().unwrap()).unwrap();
+        assert!(matches!(source, ModelSource::HfDir(_)));
+        assert_eq!(logits(&source), want, "{shards} shard(s)");
+        let m = load(&source, DType::F32, &Device::Cpu, 0).unwrap();
+        assert_eq!(m.tokenizer.chat_template.as_deref(), Some("{{ messages[0]['content'] }}"));
+        assert_eq!(m.tokenizer.eos_token.as_deref(), Some("<|im_end|>"));
+    }
+}
+
+#[test]
+fn random_presets_reproduce_from_their_seed() {
+    assert_eq!(
+        logits(&ModelSource::Random("tiny".into())),
+        logits(&ModelSource::Random("tiny".into()))
+    );
+    let m = load(&ModelSource::Random("smollm2-135m".into()), DType::F32, &Device::Cpu, 0).unwrap();
+    assert_eq!(m.config.num_parameters(), 134_515_008);
+}
+
+#[test]
+fn bf16_and_f16_weights_track_f32() {
+    let ids = Tensor::new(&[[3u32, 80, 81, 200]], &Device::Cpu).unwrap();
+    let base = logits(&ModelSource::Random("tiny".into()));
+    for dtype in [DType::BF16, DType::F16] {
+        let m = load(&ModelSource::Random("tiny".into()), dtype, &Device::Cpu, 11).unwrap();
+        let got: Vec<f32> =
+            m.model.forward_last(&ids, None).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let err = got.iter().zip(&base).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 0.05, "{dtype:?}: {err}");
+    }
+}
+
+/// hf-hub's cache layout: `$HF_HOME/hub/models--org--name/{refs/main, snapshots/<rev>/...}`.
+/// The lookup runs in a child `whet info` process so the environment stays per-test.
+#[test]
+fn hub_id_resolves_from_an_offline_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--whet-test--tiny");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(rev);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    write_tiny_hf_dir(&snap, 1);
+    std::env::set_var("HF_HOME", home.path());
+    std::env::set_var("HF_HUB_OFFLINE", "1");
+    let dir = whet_model::load::resolve_hub("whet-test/tiny").unwrap();
+    assert_eq!(dir, snap);
+    assert_eq!(
+        logits(&ModelSource::Hub("whet-test/tiny".into())),
+        logits(&ModelSource::Random("tiny".into()))
+    );
+    let err = whet_model::load::resolve_hub("whet-test/absent").unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "model `whet-test/absent`: `config.json` is not in the hub cache and HF_HUB_OFFLINE is set"
+    );
+}
