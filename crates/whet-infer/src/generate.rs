@@ -1,0 +1,258 @@
+//! Text generation: KV-cached decoding with greedy or sampled tokens, stop tokens and strings,
+//! and streaming of text as soon as it can no longer become part of a stop string.
+
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use std::time::Instant;
+use whet_model::{Cache, Llama, ModelTokenizer};
+
+/// How to pick each next token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    /// Keep only the `k` most likely tokens (0 = off).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `p` (1.0 = off).
+    pub top_p: f64,
+    /// Divide positive logits of recently seen tokens by this (1.0 = off), as in CTRL.
+    pub repetition_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at.
+    pub repeat_last_n: usize,
+    /// Seed of the sampler; the same seed gives the same text.
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        }
+    }
+}
+
+impl SamplingConfig {
+    fn sampling(&self) -> Sampling {
+        let (t, k, p) = (self.temperature, self.top_k, self.top_p);
+        if t <= 0.0 {
+            Sampling::ArgMax
+        } else if k > 0 && p < 1.0 {
+            Sampling::TopKThenTopP { k, p, temperature: t }
+        } else if k > 0 {
+            Sampling::TopK { k, temperature: t }
+        } else if p < 1.0 {
+            Sampling::TopP { p, temperature: t }
+        } else {
+            Sampling::All { temperature: t }
+        }
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateConfig {
+    /// Most new tokens to produce.
+    pub max_tokens: usize,
+    /// Generation ends before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    /// Whether the tokenizer's end-of-sequence/end-of-turn ids end generation.
+    pub stop_at_eos: bool,
+    /// Token choice.
+    pub sampling: SamplingConfig,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        Self {
+            max_tokens: 256,
+            stop: vec![],
+            stop_at_eos: true,
+            sampling: SamplingConfig::default(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// An end-of-sequence token.
+    Eos,
+    /// A stop string.
+    StopString,
+    /// `max_tokens` reached.
+    MaxTokens,
+    /// The model's context is full.
+    ContextFull,
+}
+
+/// The result of one generation.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Generated text (without the stop token or stop string).
+    pub text: String,
+    /// Generated ids, the stop token excluded.
+    pub ids: Vec<u32>,
+    /// Tokens of the prompt that were actually run (not reused from the cache).
+    pub prefill_tokens: usize,
+    /// Seconds spent on the prompt.
+    pub prefill_secs: f64,
+    /// Seconds spent producing tokens after the first.
+    pub decode_secs: f64,
+    /// Why it ended.
+    pub stop_reason: StopReason,
+}
+
+/// Errors of generation.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model failed.
+    #[error(transparent)]
+    Model(#[from] whet_model::Error),
+    /// A tensor operation failed.
+    #[error("generation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The prompt is empty or too long.
+    #[error("{0}")]
+    Prompt(String),
+}
+
+/// A model, its tokenizer and a KV cache that is reused when a new prompt extends the last one
+/// (the next turn of a chat).
+pub struct Session<'a> {
+    model: &'a Llama,
+    tokenizer: &'a ModelTokenizer,
+    cache: Cache,
+    /// Ids whose keys and values are in `cache`.
+    cached: Vec<u32>,
+}
+
+impl<'a> Session<'a> {
+    /// A session with an empty cache.
+    pub fn new(model: &'a Llama, tokenizer: &'a ModelTokenizer) -> Self {
+        Self { model, tokenizer, cache: Cache::new(model.config()), cached: vec![] }
+    }
+
+    /// Forget the cached conversation.
+    pub fn reset(&mut self) {
+        self.cache.reset();
+        self.cached.clear();
+    }
+
+    /// Generate a continuation of `prompt`, calling `on_text` with each piece of text as soon
+    /// as it is final.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        cfg: &GenerateConfig,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<Generation, Error> {
+        if prompt.is_empty() {
+            return Err(Error::Prompt("the prompt is empty".into()));
+        }
+        let context = self.model.config().max_position_embeddings;
+        if prompt.len() >= context {
+            return Err(Error::Prompt(format!(
+                "the prompt has {} tokens but the model's context is {context}",
+                prompt.len()
+            )));
+        }
+        // Reuse the cache only when it holds a strict prefix of this prompt.
+        if !(self.cached.len() < prompt.len() && prompt.starts_with(&self.cached)) {
+            self.reset();
+        }
+        let device = self.model.device().clone();
+        let new = &prompt[self.cached.len()..];
+        let start = Instant::now();
+        let mut logits = self.forward(new, &device)?;
+        let prefill_secs = start.elapsed().as_secs_f64();
+        let prefill_tokens = new.len();
+        self.cached.extend_from_slice(new);
+
+        let mut sampler =
+            LogitsProcessor::from_sampling(cfg.sampling.seed, cfg.sampling.sampling());
+        let mut ids: Vec<u32> = vec![];
+        let mut emitted = 0; // bytes of text already passed to on_text
+        let max_stop = cfg.stop.iter().map(String::len).max().unwrap_or(0);
+        let decode_start = Instant::now();
+        let stop_reason = loop {
+            if cfg.sampling.repetition_penalty != 1.0 {
+                let recent =
+                    &self.cached[self.cached.len().saturating_sub(cfg.sampling.repeat_last_n)..];
+                logits = candle_transformers::utils::apply_repeat_penalty(
+                    &logits,
+                    cfg.sampling.repetition_penalty,
+                    recent,
+                )?;
+            }
+            let next = sampler.sample(&logits)?;
+            if cfg.stop_at_eos && self.tokenizer.stop_ids.contains(&next) {
+                break StopReason::Eos;
+            }
+            ids.push(next);
+            let text = self.tokenizer.decode(&ids)?;
+            if let Some(at) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                if at > emitted {
+                    on_text(&text[emitted..at]);
+                }
+                emitted = at.max(emitted);
+                break StopReason::StopString;
+            }
+            // Hold back what could still grow into a stop string, and incomplete UTF-8.
+            let mut safe = text.len().saturating_sub(max_stop.saturating_sub(1));
+            if text.ends_with('\u{FFFD}') {
+                safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
+            }
+            while !text.is_char_boundary(safe) {
+                safe -= 1;
+            }
+            if safe > emitted {
+                on_text(&text[emitted..safe]);
+                emitted = safe;
+            }
+            if ids.len() >= cfg.max_tokens {
+                break StopReason::MaxTokens;
+            }
+            if self.cached.len() + 1 >= context {
+                break StopReason::ContextFull;
+            }
+            logits = self.forward(&[next], &device)?;
+            self.cached.push(next);
+        };
+        let decode_secs = decode_start.elapsed().as_secs_f64();
+        let mut text = self.tokenizer.decode(&ids)?;
+        if stop_reason == StopReason::StopString {
+            text.truncate(emitted);
+        } else if text.len() > emitted {
+            on_text(&text[emitted..]);
+        }
+        Ok(Generation { text, ids, prefill_tokens, prefill_secs, decode_secs, stop_reason })
+    }
+
+    /// Run `ids` through the model, continuing the cache; logits `[V]` of the last position.
+    fn forward(&mut self, ids: &[u32], device: &Device) -> Result<Tensor, Error> {
+        let input = Tensor::new(ids, device)?.unsqueeze(0)?;
+        Ok(self.model.forward_last(&input, Some(&mut self.cache))?.squeeze(0)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_modes_follow_the_settings() {
+        let s = |t, k, p| {
+            SamplingConfig { temperature: t, top_k: k, top_p: p, ..Default::default() }.sampling()
+        };
+        assert_eq!(s(0.0, 40, 0.9), Sampling::ArgMax);
+        assert_eq!(s(0.7, 0, 1.0), Sampling::All { temperature: 0.7 });
+        assert_eq!(s(0.7, 40, 1.0), Sampling::TopK { k: 40, temperature: 0.7 });
+        assert_eq!(s(0.7, 0, 0.9), Sampling::TopP { p: 0.9, temperature: 0.7 });
+        assert_eq!(s(0.7, 40, 0.9), Sampling::TopKThenTopP { k: 40, p: 0.9, temperature: 0.7 });
+    }
+}
