@@ -1,1 +1,77 @@
-fn main() {}
+//! `whet`: local LoRA fine-tuning of small Llama-class models — the command-line front end.
+
+mod args;
+mod bench;
+mod chat;
+mod generate;
+mod info;
+mod model;
+
+use clap::Parser;
+use std::io::Write;
+
+fn main() {
+    let cli = args::Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match cli.command {
+        args::Command::Generate(a) => generate::run(a),
+        args::Command::Chat(a) => chat::run(a),
+        args::Command::Info(a) => info::run(a),
+        args::Command::Bench(args::BenchCommand::Generate(a)) => bench::generate(a),
+    };
+    if let Err(err) = result {
+        // Output piped into `head` closes early; that is not an error worth a message.
+        if is_broken_pipe(&err) {
+            std::process::exit(0);
+        }
+        let _ = std::io::stdout().flush();
+        let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+        eprintln!("error: {}", dedup_chain(&chain));
+        if let Some(hint) = model::hint_for(&err) {
+            eprintln!("hint: {hint}");
+        }
+        std::process::exit(1);
+    }
+}
+
+/// Join an error chain on one line, dropping links that only repeat their cause.
+fn dedup_chain(chain: &[String]) -> String {
+    let mut parts: Vec<&str> = vec![];
+    for (i, link) in chain.iter().enumerate() {
+        if chain.get(i + 1).is_some_and(|next| link.ends_with(next.as_str())) {
+            // "context: cause" already contains the next link; keep only the longer one.
+            parts.push(
+                link.strip_suffix(chain[i + 1].as_str())
+                    .unwrap_or(link)
+                    .trim_end_matches([':', ' ']),
+            );
+            continue;
+        }
+        parts.push(link);
+    }
+    parts.retain(|p| !p.is_empty());
+    parts.join(": ").replace('\n', " ")
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WHET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

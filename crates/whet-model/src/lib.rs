@@ -5,6 +5,7 @@
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod llama;
 pub mod load;

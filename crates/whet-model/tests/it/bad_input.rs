@@ -68,7 +68,7 @@ fn unsupported_architecture() {
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     std::fs::write(
         dir.path().join("config.json"),
-        cfg.replace(r#""model_type":"llama""#, r#""model_type":"gpt2""#),
+        cfg.replace(r#""model_type": "llama""#, r#""model_type": "gpt2""#),
     )
     .unwrap();
     let err = load_err(ModelSource::HfDir(dir.path().into()));
@@ -124,7 +124,7 @@ fn tokenizer_larger_than_the_vocabulary() {
     let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
     std::fs::write(
         dir.path().join("config.json"),
-        cfg.replace(r#""vocab_size":320"#, r#""vocab_size":200"#),
+        cfg.replace(r#""vocab_size": 320"#, r#""vocab_size": 200"#),
     )
     .unwrap();
     let err = load_err(ModelSource::HfDir(dir.path().into()));

@@ -2,49 +2,19 @@
 //! sharded), a hub id from a cache laid out like hf-hub's, and random presets.
 
 use candle_core::{DType, Device, Tensor};
-use std::collections::HashMap;
 use std::path::Path;
 use whet_model::load::{preset, random_weights};
 use whet_model::{load, ModelSource};
 
-const TINY_CONFIG: &str = r#"{"model_type":"llama","architectures":["LlamaForCausalLM"],"hidden_size":64,
-"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
-"vocab_size":320,"rms_norm_eps":1e-5,"rope_theta":100000.0,"max_position_embeddings":512,
-"tie_word_embeddings":false,"eos_token_id":0}"#;
-
 /// Write `random:tiny` (seed 11) as a Hugging Face directory; `shards` > 1 writes an index.
 pub fn write_tiny_hf_dir(dir: &Path, shards: usize) {
-    let cfg = preset("tiny").unwrap();
+    let mut cfg = preset("tiny").unwrap();
+    cfg.eos_token_ids = vec![0];
     let tensors = random_weights(&cfg, DType::F32, &Device::Cpu, 11).unwrap();
-    std::fs::write(dir.join("config.json"), TINY_CONFIG).unwrap();
-    whet_model::ModelTokenizer::byte_level()
-        .unwrap()
-        .tokenizer
-        .save(dir.join("tokenizer.json"), false)
-        .unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"chat_template":"{{ messages[0]['content'] }}","eos_token":"<|im_end|>"}"#,
-    )
-    .unwrap();
-    if shards == 1 {
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-        return;
-    }
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let mut weight_map = serde_json::Map::new();
-    for (i, chunk) in names.chunks(names.len().div_ceil(shards)).enumerate() {
-        let file = format!("model-{:05}-of-{shards:05}.safetensors", i + 1);
-        let part: HashMap<String, Tensor> =
-            chunk.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
-        candle_core::safetensors::save(&part, dir.join(&file)).unwrap();
-        for n in chunk {
-            weight_map.insert((*n).clone(), file.clone().into());
-        }
-    }
-    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let mut tok = whet_model::ModelTokenizer::byte_level().unwrap();
+    tok.chat_template = Some("{{ messages[0]['content'] }}".into());
+    tok.eos_token = Some("<|im_end|>".into());
+    whet_model::export::save_hf_dir(dir, &cfg, &tensors, &tok, shards).unwrap();
 }
 
 fn logits(source: &ModelSource) -> Vec<f32> {

@@ -1,0 +1,144 @@
+//! Command-line arguments. Each default has one source: the `default_value` here.
+
+use clap::{Args, Parser, Subcommand};
+
+/// whet: fine-tune small Llama-class models locally with LoRA, and use them.
+#[derive(Debug, Parser)]
+#[command(name = "whet", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug); `WHET_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt.
+    ///
+    /// Example: whet generate --chat --prompt "What is the capital of France?"
+    Generate(GenerateArgs),
+    /// Chat interactively; `/reset` clears the history, `/quit` leaves.
+    ///
+    /// Example: whet chat --system "You are terse."
+    Chat(ChatArgs),
+    /// Describe a model: architecture, parameters, tokenizer, chat template.
+    ///
+    /// Example: whet info random:tiny
+    Info(InfoArgs),
+    /// Benchmarks (speed goals live here, not in tests).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prefill and decode tokens/s, medians over several runs, with the load average.
+    ///
+    /// Example: whet bench generate --model random:smollm2-135m --runs 5
+    Generate(BenchGenerateArgs),
+}
+
+/// Which model, where, and in what precision.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// A GGUF file, a Hugging Face model directory, a hub id (`org/name`) or a random preset
+    /// (`random:tiny`, `random:smollm2-135m`). Default: models/SmolLM2-135M-Instruct.Q4_1.gguf,
+    /// fetched by scripts/fetch-model.sh.
+    #[arg(short, long, env = "WHET_MODEL")]
+    pub model: Option<String>,
+    /// `auto` (CUDA or Metal when built in and present, else CPU), `cpu`, `cuda`, `cuda:N`, `metal`.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Weight precision after loading: `f32`, `f16` or `bf16`.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// How to sample and when to stop.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample among the k most likely tokens only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling: the smallest set of tokens with this much probability (1 = all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Penalise tokens seen in the last 64 (1 = off; 1.1 is a common choice).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Seed for sampling (and for random presets' weights).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The prompt; read from stdin when absent or `-`.
+    #[arg(short, long)]
+    pub prompt: Option<String>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat); without it the template's default applies.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Print prompt/decode speed to stderr when done.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// System message for the conversation; without it the template's default applies.
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The model to describe (same forms as --model); default: the default model.
+    pub model: Option<String>,
+    /// Weight precision after loading.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Print the whole chat template instead of its first line.
+    #[arg(long)]
+    pub template: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate per run.
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Measured runs (after one warm-up run).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+}

@@ -1,0 +1,65 @@
+//! `whet chat`: an interactive conversation that keeps its history (and KV cache) across turns.
+
+use crate::args::ChatArgs;
+use crate::model;
+use anyhow::Result;
+use std::io::{BufRead, IsTerminal, Write};
+use whet_infer::{chat_template, Message, Session};
+
+const HELP: &str = "commands: /reset clears the conversation, /quit (or Ctrl-D) leaves";
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let cfg = model::generate_config(&args.sampling)?;
+    let (m, _device) = model::load(&args.model, args.sampling.seed)?;
+    let template = chat_template(&m.tokenizer)?;
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("whet chat with {}\n{HELP}", m.source);
+    }
+    let start = || args.system.iter().map(|s| Message::new("system", s)).collect::<Vec<_>>();
+    let mut history = start();
+    let mut session = Session::new(&m.model, &m.tokenizer);
+    let mut stdout = std::io::stdout().lock();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let input = line.trim();
+        match input {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                history = start();
+                session.reset();
+                if interactive {
+                    eprintln!("(conversation cleared)");
+                }
+                continue;
+            }
+            "/help" => {
+                eprintln!("{HELP}");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(Message::new("user", input));
+        let prompt = template.render(&history, true)?;
+        let ids = m.tokenizer.encode(&prompt)?;
+        let mut write_err = None;
+        let g = session.generate(&ids, &cfg, |piece| {
+            if write_err.is_none() {
+                write_err = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).err();
+            }
+        })?;
+        if let Some(e) = write_err {
+            return Err(e.into());
+        }
+        writeln!(stdout)?;
+        history.push(Message::new("assistant", g.text.trim()));
+    }
+    Ok(())
+}

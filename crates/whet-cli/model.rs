@@ -1,0 +1,82 @@
+//! Turning `--model/--device/--dtype` into a loaded model, and the hints that follow errors.
+
+use crate::args::{ModelArgs, SamplingArgs};
+use anyhow::{Context, Result};
+use candle_core::Device;
+use whet_infer::{GenerateConfig, SamplingConfig};
+use whet_model::{LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT};
+
+/// The `--model` value, or the default model's path.
+pub fn model_spec(model: &Option<String>) -> String {
+    model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string())
+}
+
+/// Load the model named by `args` on the requested device.
+pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
+    let device = whet_model::parse_device(&args.device)?;
+    let dtype = whet_model::parse_dtype(&args.dtype)?;
+    let model = load_spec(&model_spec(&args.model), dtype, &device, seed)?;
+    tracing::info!("loaded {} on {}", model.source, whet_model::device_name(&device));
+    Ok((model, device))
+}
+
+/// Load a model from a `--model` value.
+pub fn load_spec(
+    spec: &str,
+    dtype: candle_core::DType,
+    device: &Device,
+    seed: u64,
+) -> Result<LoadedModel> {
+    let source = ModelSource::parse(spec)?;
+    if spec == DEFAULT_MODEL && !std::path::Path::new(spec).exists() {
+        return Err(DefaultModelMissing.into());
+    }
+    whet_model::load(&source, dtype, device, seed)
+        .with_context(|| format!("cannot load model `{spec}`"))
+}
+
+/// The default model has not been fetched yet.
+#[derive(Debug, thiserror::Error)]
+#[error("the default model `{DEFAULT_MODEL}` is not here (run whet from the repository root)")]
+pub struct DefaultModelMissing;
+
+/// A `hint:` line for errors whose fix is known.
+pub fn hint_for(err: &anyhow::Error) -> Option<String> {
+    if err.downcast_ref::<DefaultModelMissing>().is_some() {
+        return Some(format!("fetch it with `{FETCH_HINT}`, or pass --model PATH"));
+    }
+    None
+}
+
+/// Generation settings from the sampling flags.
+pub fn generate_config(s: &SamplingArgs) -> Result<GenerateConfig> {
+    anyhow::ensure!(
+        s.temperature >= 0.0,
+        "--temperature must be at least 0, got `{}`",
+        s.temperature
+    );
+    anyhow::ensure!(
+        s.top_p > 0.0 && s.top_p <= 1.0,
+        "--top-p must be in (0, 1], got `{}`",
+        s.top_p
+    );
+    anyhow::ensure!(
+        s.repetition_penalty > 0.0,
+        "--repetition-penalty must be positive, got `{}`",
+        s.repetition_penalty
+    );
+    anyhow::ensure!(s.max_tokens > 0, "--max-tokens must be positive, got `0`");
+    Ok(GenerateConfig {
+        max_tokens: s.max_tokens,
+        stop: s.stop.clone(),
+        stop_at_eos: true,
+        sampling: SamplingConfig {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            repetition_penalty: s.repetition_penalty,
+            repeat_last_n: 64,
+            seed: s.seed,
+        },
+    })
+}

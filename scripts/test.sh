@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: fetch the default model (the golden tests need it),
+# then every crate's tests. Needs only Rust and Python 3 with pip.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+scripts/fetch-model.sh
+# Tests that need the default model fail instead of skipping when it is missing.
+export WHET_REQUIRE_MODEL=1
+cargo test --workspace --locked

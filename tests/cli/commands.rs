@@ -1,0 +1,101 @@
+//! The commands working: generate, chat, info, bench.
+
+use crate::*;
+
+#[test]
+fn generate_chat_answers_paris() {
+    if !have_default_model() {
+        return;
+    }
+    let o = whet(&["generate", "--chat", "--prompt", "What is the capital of France?"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("Paris"), "{}", stdout(&o));
+}
+
+#[test]
+fn chat_keeps_history_and_resets() {
+    if !have_default_model() {
+        return;
+    }
+    let (q1, q2) = ("What is the capital of France?", "Tell me more about it.");
+    let input = format!("{q1}\n{q2}\n/reset\n{q2}\n/quit\nnever read\n");
+    let o = whet(&["chat", "--max-tokens", "24"], &input);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let replies: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(replies.len(), 3, "{out}");
+    assert!(replies[0].contains("Paris"), "{out}");
+    // The same question reads differently with the Paris turn in the history than without it.
+    assert_ne!(replies[1], replies[2], "history must reach the model: {out}");
+    // After /reset the conversation starts afresh: the same as a one-shot chat prompt.
+    let one_shot = whet(&["generate", "--chat", "--max-tokens", "24", "--prompt", q2], "");
+    assert_eq!(stdout(&one_shot).trim(), replies[2].trim());
+}
+
+#[test]
+fn generate_reads_the_prompt_from_stdin_and_honours_stop_strings() {
+    let o = whet(&["generate", "--model", "random:tiny", "--max-tokens", "30"], "some prompt");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full = stdout(&o);
+    let o2 = whet(
+        &["generate", "--model", "random:tiny", "--max-tokens", "30", "--prompt", "some prompt"],
+        "",
+    );
+    assert_eq!(stdout(&o2), full, "stdin and --prompt give the same text");
+}
+
+#[test]
+fn info_describes_a_model() {
+    let o = whet(&["info", "random:tiny"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    insta::assert_snapshot!(stdout(&o));
+}
+
+#[test]
+fn info_reads_a_hub_id_from_an_offline_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--whet-test--tiny");
+    let rev = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(rev);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), rev).unwrap();
+    let src = tiny_hf_dir(None);
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in std::fs::read_dir(src.path()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), snap.join(f.file_name())).unwrap();
+    }
+    let env = [("HF_HOME", home.path().to_str().unwrap()), ("HF_HUB_OFFLINE", "1")];
+    let o = whet_in(&root(), &["info", "whet-test/tiny"], "", &env);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("model:          {} (safetensors", snap.display())),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("parameters:     115008"), "{}", stdout(&o));
+}
+
+#[test]
+fn bench_generate_reports_speed_and_load() {
+    let o = whet(
+        &[
+            "bench",
+            "generate",
+            "--model",
+            "random:tiny",
+            "--runs",
+            "2",
+            "--tokens",
+            "8",
+            "--prompt-tokens",
+            "16",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for key in ["prefill:", "decode:", "tokens/s (median", "load avg:"] {
+        assert!(out.contains(key), "{out}");
+    }
+}

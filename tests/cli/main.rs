@@ -1,0 +1,82 @@
+//! End-to-end tests of the `whet` binary: real commands, exit codes, stdout and stderr.
+
+mod bad_input;
+mod commands;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `whet ARGS` run from the repository root, with `stdin` fed in.
+pub fn whet(args: &[&str], stdin: &str) -> Output {
+    whet_in(&root(), args, stdin, &[])
+}
+
+/// `whet ARGS` run in `dir` with extra environment variables.
+pub fn whet_in(dir: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
+    use std::io::Write;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_whet"));
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.env_remove("WHET_MODEL").env_remove("WHET_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("whet runs");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Whether the default model is here; without it, tests that need it say so and pass only
+/// when `WHET_REQUIRE_MODEL` is not `1` (scripts/test.sh sets it).
+pub fn have_default_model() -> bool {
+    let path = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.exists() {
+        return true;
+    }
+    if std::env::var("WHET_REQUIRE_MODEL").is_ok_and(|v| v == "1") {
+        panic!(
+            "{} is missing and WHET_REQUIRE_MODEL=1; run scripts/fetch-model.sh",
+            path.display()
+        );
+    }
+    eprintln!("SKIPPED: default model not fetched; run scripts/fetch-model.sh");
+    false
+}
+
+/// A `random:tiny` model written as a Hugging Face directory with `chat_template`.
+pub fn tiny_hf_dir(chat_template: Option<&str>) -> tempfile::TempDir {
+    use candle_core::{DType, Device};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = whet_model::load::preset("tiny").unwrap();
+    let tensors = whet_model::load::random_weights(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
+    let mut tok = whet_model::ModelTokenizer::byte_level().unwrap();
+    tok.chat_template = chat_template.map(str::to_string);
+    whet_model::export::save_hf_dir(dir.path(), &cfg, &tensors, &tok, 1).unwrap();
+    dir
+}
+
+/// Assert a failed run: exit code 1, and stderr is one `error:` line (plus an optional `hint:`).
+pub fn assert_one_line_error(o: &Output) -> String {
+    assert_eq!(o.status.code(), Some(1), "stdout: {}\nstderr: {}", stdout(o), stderr(o));
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().collect();
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines.len() == 1 || (lines.len() == 2 && lines[1].starts_with("hint: ")), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    lines[0].to_string()
+}
