@@ -57,6 +57,10 @@ pub struct ModelArgs {
     /// Weight precision after loading: `f32`, `f16` or `bf16`.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Quantize the linear layers for inference: `q8_0` (near-lossless) or `q4_0`. Decoding
+    /// reads every weight per token, so this is what makes CPU decoding fast.
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 /// How to sample and when to stop.

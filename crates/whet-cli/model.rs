@@ -15,7 +15,12 @@ pub fn model_spec(model: &Option<String>) -> String {
 pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
     let device = whet_model::parse_device(&args.device)?;
     let dtype = whet_model::parse_dtype(&args.dtype)?;
-    let model = load_spec(&model_spec(&args.model), dtype, &device, seed)?;
+    let quantize = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let mut model = load_spec(&model_spec(&args.model), dtype, &device, seed)?;
+    if let Some(q) = quantize {
+        model.model.quantize(q).context("cannot quantize the model")?;
+        model.source = format!("{}, linear layers quantized to {q:?}", model.source);
+    }
     tracing::info!("loaded {} on {}", model.source, whet_model::device_name(&device));
     Ok((model, device))
 }

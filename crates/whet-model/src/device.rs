@@ -76,6 +76,19 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
     }
 }
 
+/// Parse an inference quantization: `q8_0` (about 1% logit error, 3.8x smaller than f32) or
+/// `q4_0` (4-bit, smaller still, visibly less faithful).
+pub fn parse_quantization(spec: &str) -> Result<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType;
+    match spec.trim().to_ascii_lowercase().as_str() {
+        "q8_0" => Ok(GgmlDType::Q8_0),
+        "q4_0" => Ok(GgmlDType::Q4_0),
+        other => {
+            Err(Error::Device(format!("unknown quantization `{other}`; expected `q8_0` or `q4_0`")))
+        }
+    }
+}
+
 /// A short human name for a device (`cpu`, `cuda:0`, `metal`).
 pub fn device_name(device: &Device) -> String {
     match device.location() {

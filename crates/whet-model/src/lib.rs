@@ -12,7 +12,7 @@ pub mod load;
 pub mod tokenizer;
 
 pub use config::{Arch, Config, ConfigFile};
-pub use device::{device_name, parse_device, parse_dtype};
+pub use device::{device_name, parse_device, parse_dtype, parse_quantization};
 pub use error::{Error, Result};
 pub use llama::{Cache, Llama};
 pub use load::{load, LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT};

@@ -8,9 +8,10 @@
 //! `H` query heads, `K` key/value heads, `D` head width, `M` MLP width, `V` vocabulary.
 
 use crate::config::Config;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 /// RMSNorm with a learned gain (Zhang & Sennrich, 2019).
 #[derive(Debug, Clone)]
@@ -26,6 +27,44 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+/// A linear layer with frozen weights: dense, or block-quantized for fast CPU decoding, where
+/// f32 weights make every token read the whole model from memory.
+#[derive(Debug, Clone)]
+enum Linear {
+    Dense(candle_nn::Linear),
+    Quantized { weight: QMatMul, bias: Option<Tensor> },
+}
+
+impl Linear {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear::Dense(candle_nn::Linear::new(weight, bias))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(l) => l.forward(x),
+            Linear::Quantized { weight, bias } => {
+                // Quantized matmul takes f32 activations.
+                let y =
+                    weight.forward(&x.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(x.dtype())?;
+                match bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+        }
+    }
+
+    fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        if let Linear::Dense(l) = self {
+            let w = l.weight().to_dtype(DType::F32)?;
+            let weight = QMatMul::from_qtensor(QTensor::quantize(&w, dtype)?)?;
+            *self = Linear::Quantized { weight, bias: l.bias().cloned() };
+        }
+        Ok(())
     }
 }
 
@@ -276,6 +315,29 @@ impl Llama {
         self.embed_tokens.embeddings().dtype()
     }
 
+    /// Quantize every linear layer (the tied head too; the embedding lookup stays dense) to
+    /// `dtype`, for inference: decoding reads every weight once per token, so smaller weights
+    /// decode faster. Block size 32 types (`Q8_0`, `Q4_0`) fit any width divisible by 32.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        let block = dtype.block_size();
+        let (c, m) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        if c % block != 0 || m % block != 0 || (self.cfg.num_heads * self.cfg.head_dim) % block != 0
+        {
+            candle_core::bail!("cannot quantize to {dtype:?}: layer widths {c} and {m} are not multiples of its block size {block}")
+        }
+        for block in &mut self.layers {
+            let a = &mut block.self_attn;
+            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
+                l.quantize(dtype)?;
+            }
+            let f = &mut block.mlp;
+            for l in [&mut f.gate_proj, &mut f.up_proj, &mut f.down_proj] {
+                l.quantize(dtype)?;
+            }
+        }
+        self.lm_head.quantize(dtype)
+    }
+
     /// Final hidden states `[B, T, C]` for `ids` `[B, T]`, which continue `cache` when given.
     pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
@@ -333,6 +395,24 @@ mod tests {
         let m = causal_mask(2, 1, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(m[0], vec![0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn q8_0_quantized_model_tracks_the_dense_one() {
+        let cfg = crate::load::preset("tiny").unwrap();
+        let w = crate::load::random_weights(&cfg, DType::F32, &Device::Cpu, 2).unwrap();
+        let dense =
+            Llama::load(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &cfg).unwrap();
+        let mut quant = dense.clone();
+        quant.quantize(GgmlDType::Q8_0).unwrap();
+        assert!(matches!(quant.lm_head, Linear::Quantized { .. }));
+        let ids = Tensor::new(&[[1u32, 50, 60, 70, 80]], &Device::Cpu).unwrap();
+        let a = dense.forward(&ids, None).unwrap();
+        let b = quant.forward(&ids, None).unwrap();
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 0.02 * scale, "max error {err} vs max logit {scale}");
+        assert!(err > 0.0, "quantization changed nothing");
     }
 
     #[test]
