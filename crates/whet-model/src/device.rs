@@ -12,8 +12,12 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     match spec {
         "auto" => {
             if candle_core::utils::cuda_is_available() {
-                if let Ok(d) = Device::new_cuda(0) {
-                    return Ok(d);
+                match Device::new_cuda(0) {
+                    Ok(d) => return Ok(d),
+                    Err(e) => tracing::warn!(
+                        "CUDA support is compiled in but no usable GPU was found ({}); using the CPU",
+                        crate::error::one_line(e)
+                    ),
                 }
             }
             if candle_core::utils::metal_is_available() {
