@@ -3,6 +3,7 @@
 use crate::args::BenchGenerateArgs;
 use crate::model;
 use anyhow::Result;
+use std::io::Write;
 use whet_infer::bench::{bench_generate, load_average, median};
 
 pub fn generate(args: BenchGenerateArgs) -> Result<()> {
@@ -15,26 +16,31 @@ pub fn generate(args: BenchGenerateArgs) -> Result<()> {
     let runs = bench_generate(&m.model, &m.tokenizer, args.prompt_tokens, args.tokens, args.runs)?;
     let prefill = median(runs.iter().map(|r| r.prefill_tps).collect());
     let decode = median(runs.iter().map(|r| r.decode_tps).collect());
+    let mut out = std::io::stdout().lock();
     let fmt_load = |l: Option<f64>| l.map_or("n/a".to_string(), |l| format!("{l:.2}"));
-    println!("model:      {}", m.source);
-    println!(
+    writeln!(out, "model:      {}", m.source)?;
+    writeln!(
+        out,
         "device:     {} ({} threads)",
         whet_model::device_name(&device),
         candle_core::utils::get_num_threads()
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "runs:       {} (+1 warm-up), prompt {} tokens, {} generated",
         args.runs, args.prompt_tokens, args.tokens
-    );
-    println!("prefill:    {prefill:.1} tokens/s (median)");
-    println!(
+    )?;
+    writeln!(out, "prefill:    {prefill:.1} tokens/s (median)")?;
+    writeln!(
+        out,
         "decode:     {decode:.1} tokens/s (median; runs: {})",
         runs.iter().map(|r| format!("{:.1}", r.decode_tps)).collect::<Vec<_>>().join(", ")
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "load avg:   {} before, {} after (1 min)",
         fmt_load(load_before),
         fmt_load(load_average())
-    );
+    )?;
     Ok(())
 }

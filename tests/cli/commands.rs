@@ -99,3 +99,16 @@ fn bench_generate_reports_speed_and_load() {
         assert!(out.contains(key), "{out}");
     }
 }
+
+/// Regression: `println!` panicked when stdout was a closed pipe (`whet info | head -1`).
+#[test]
+fn closed_stdout_pipe_exits_quietly() {
+    let exe = env!("CARGO_BIN_EXE_whet");
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("'{exe}' info random:tiny | head -c 1 >/dev/null; '{exe}' generate --model random:tiny --prompt hi --max-tokens 300 | head -c 1 >/dev/null"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(stderr(&o), "", "no panic, no error message");
+}

@@ -87,3 +87,27 @@ fn hub_id_resolves_from_an_offline_cache() {
         "model `whet-test/absent`: `config.json` is not in the hub cache and HF_HUB_OFFLINE is set"
     );
 }
+
+/// Qwen2: q/k/v carry biases (loaded from the checkpoint and used), o_proj does not.
+#[test]
+fn qwen2_loads_and_uses_qkv_biases() {
+    let mut cfg = preset("tiny").unwrap();
+    cfg.arch = whet_model::Arch::Qwen2;
+    cfg.qkv_bias = true;
+    let mut tensors = random_weights(&cfg, DType::F32, &Device::Cpu, 4).unwrap();
+    assert!(tensors.contains_key("model.layers.0.self_attn.q_proj.bias"));
+    assert!(!tensors.contains_key("model.layers.0.self_attn.o_proj.bias"));
+    let tok = whet_model::ModelTokenizer::byte_level().unwrap();
+    let run = |tensors: &std::collections::HashMap<String, Tensor>| {
+        let dir = tempfile::tempdir().unwrap();
+        whet_model::export::save_hf_dir(dir.path(), &cfg, tensors, &tok, 1).unwrap();
+        let m = load(&ModelSource::HfDir(dir.path().into()), DType::F32, &Device::Cpu, 0).unwrap();
+        assert_eq!(m.config.arch, whet_model::Arch::Qwen2);
+        let ids = Tensor::new(&[[3u32, 80, 81, 200]], &Device::Cpu).unwrap();
+        m.model.forward_last(&ids, None).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let with_bias = run(&tensors);
+    let b = tensors["model.layers.0.self_attn.v_proj.bias"].clone();
+    tensors.insert("model.layers.0.self_attn.v_proj.bias".into(), (b + 1.0).unwrap());
+    assert_ne!(run(&tensors), with_bias, "the v bias reaches the output");
+}
