@@ -1,0 +1,157 @@
+//! The prepared-dataset cache: token ids and masks stored once as safetensors, with a manifest
+//! that records the tokenizer and template hashes so a stale cache is detected, not used.
+
+use crate::tokenize::Tokenized;
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Version of the cache layout; bumped when it changes.
+pub const CACHE_VERSION: u32 = 1;
+
+/// What a prepared dataset was made from and with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`CACHE_VERSION`] at the time of writing.
+    pub version: u32,
+    /// sha256 of the tokenizer's JSON.
+    pub tokenizer_sha256: String,
+    /// sha256 of the chat template source.
+    pub template_sha256: String,
+    /// The settings that shaped the data (format, train_on, max_seq_len, overlong, seed...).
+    pub settings: HashMap<String, String>,
+    /// One entry per split.
+    pub splits: Vec<SplitInfo>,
+}
+
+/// Counts for one split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitInfo {
+    /// `train`, `valid` or `test`.
+    pub name: String,
+    /// The source file.
+    pub source: PathBuf,
+    /// sha256 of the source file.
+    pub source_sha256: String,
+    /// Examples kept.
+    pub examples: usize,
+    /// Tokens kept.
+    pub tokens: usize,
+    /// Tokens the loss covers.
+    pub trained_tokens: usize,
+    /// Examples cut to `max_seq_len`.
+    pub truncated: usize,
+    /// Examples left out (too long, or nothing left to train).
+    pub dropped: usize,
+}
+
+/// Problems with a cache directory.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Reading or writing failed.
+    #[error("{}: {msg}", path.display())]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What happened.
+        msg: String,
+    },
+    /// The cache was made with another tokenizer, template or layout.
+    #[error("{}: prepared with a different {what}; hint: run `whet data prepare` again", path.display())]
+    Stale {
+        /// The cache directory.
+        path: PathBuf,
+        /// `tokenizer`, `chat template` or `cache version`.
+        what: &'static str,
+    },
+}
+
+/// sha256 of bytes, as hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> CacheError {
+    CacheError::Io { path: path.to_path_buf(), msg: e.to_string() }
+}
+
+/// Write `splits` and `manifest` into `dir` atomically: everything goes into a temporary
+/// sibling directory first, which replaces `dir` only when complete — a failure leaves no
+/// half-written cache behind.
+pub fn save(dir: &Path, manifest: &Manifest, splits: &[(String, Vec<Tokenized>)]) -> Result<(), CacheError> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    let tmp = tempfile::Builder::new().prefix(".whet-prepare-").tempdir_in(parent).map_err(|e| io(parent, e))?;
+    for (name, examples) in splits {
+        let ids: Vec<u32> = examples.iter().flat_map(|e| e.ids.iter().copied()).collect();
+        let mask: Vec<u8> = examples.iter().flat_map(|e| e.mask.iter().copied()).collect();
+        let mut offsets = vec![0i64];
+        for e in examples {
+            offsets.push(offsets[offsets.len() - 1] + e.ids.len() as i64);
+        }
+        let ids_bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let off_bytes: Vec<u8> = offsets.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let tensors = vec![
+            ("ids".to_string(), view(Dtype::U32, ids.len(), &ids_bytes, dir)?),
+            ("mask".to_string(), view(Dtype::U8, mask.len(), &mask, dir)?),
+            ("offsets".to_string(), view(Dtype::I64, offsets.len(), &off_bytes, dir)?),
+        ];
+        let path = tmp.path().join(format!("{name}.safetensors"));
+        safetensors::serialize_to_file(tensors, None, &path).map_err(|e| io(&path, e))?;
+    }
+    let path = tmp.path().join("manifest.json");
+    let text = serde_json::to_string_pretty(manifest).map_err(|e| io(&path, e))?;
+    std::fs::write(&path, text).map_err(|e| io(&path, e))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
+    }
+    let tmp = tmp.keep();
+    std::fs::rename(&tmp, dir).map_err(|e| {
+        let _ = std::fs::remove_dir_all(&tmp);
+        io(dir, e)
+    })
+}
+
+fn view<'a>(dtype: Dtype, n: usize, data: &'a [u8], dir: &Path) -> Result<TensorView<'a>, CacheError> {
+    TensorView::new(dtype, vec![n], data).map_err(|e| io(dir, e))
+}
+
+/// Read a prepared dataset, refusing it when it was made with another tokenizer or template.
+pub fn load(dir: &Path, tokenizer_sha256: &str, template_sha256: &str) -> Result<(Manifest, Vec<(String, Vec<Tokenized>)>), CacheError> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| io(&path, format!("invalid manifest: {e}")))?;
+    let stale = |what| CacheError::Stale { path: dir.to_path_buf(), what };
+    if manifest.version != CACHE_VERSION {
+        return Err(stale("cache version"));
+    }
+    if manifest.tokenizer_sha256 != tokenizer_sha256 {
+        return Err(stale("tokenizer"));
+    }
+    if manifest.template_sha256 != template_sha256 {
+        return Err(stale("chat template"));
+    }
+    let mut splits = vec![];
+    for info in &manifest.splits {
+        let path = dir.join(format!("{}.safetensors", info.name));
+        let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(&path, e))?;
+        let get = |name: &str| st.tensor(name).map_err(|e| io(&path, e));
+        let ids: Vec<u32> = get("ids")?.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let mask: Vec<u8> = get("mask")?.data().to_vec();
+        let offsets: Vec<usize> = get("offsets")?
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as usize)
+            .collect();
+        if mask.len() != ids.len() || offsets.last() != Some(&ids.len()) || offsets.windows(2).any(|w| w[0] > w[1]) {
+            return Err(io(&path, "inconsistent ids, mask and offsets"));
+        }
+        let examples = offsets.windows(2).map(|w| Tokenized { ids: ids[w[0]..w[1]].to_vec(), mask: mask[w[0]..w[1]].to_vec() }).collect();
+        splits.push((info.name.clone(), examples));
+    }
+    Ok((manifest, splits))
+}
