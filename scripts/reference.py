@@ -10,6 +10,9 @@ un-permutes q/k exactly as whet does -- and writes, under tests/fixtures/:
                          the rendered prompt (add_generation_prompt=True), its
                          ids, the top-k last-position logits and the greedy
                          continuation
+  data_golden.json       for every training conversation in
+                         data_conversations.json: the rendered text
+                         (add_generation_prompt=False) and its ids
 
 Run it after changing either input file:
     python3 -m pip install torch transformers gguf accelerate
@@ -74,6 +77,13 @@ def main():
             }
         )
     write("chat_golden.json", {"source": source(), "cases": cases})
+
+    conversations = json.loads((FIXTURES / "data_conversations.json").read_text())
+    data = []
+    for messages in conversations:
+        text = tok.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        data.append({"messages": messages, "rendered": text, "ids": tok.encode(text, add_special_tokens=False)})
+    write("data_golden.json", {"source": source(), "cases": data})
 
 
 def source():

@@ -30,9 +30,88 @@ pub enum Command {
     ///
     /// Example: whet info random:tiny
     Info(InfoArgs),
+    /// Check, preview and prepare datasets.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Benchmarks (speed goals live here, not in tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Validate a dataset and report counts, token lengths, trained fraction, duplicates and the
+    /// longest examples; exits non-zero on any bad record.
+    ///
+    /// Example: whet data check data/support-style
+    Check(DataArgs),
+    /// Show examples exactly as the model will see them: trained tokens highlighted, masked ones
+    /// dimmed.
+    ///
+    /// Example: whet data preview data/intents -n 2 --tokens
+    Preview(PreviewArgs),
+    /// Tokenize and mask once, into a cache directory that training reads.
+    ///
+    /// Example: whet data prepare data/intents --out runs/intents-data
+    Prepare(PrepareArgs),
+}
+
+/// A dataset and how to turn it into tokens.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// A JSONL file, or a directory with train.jsonl (and optionally valid.jsonl, test.jsonl).
+    pub path: std::path::PathBuf,
+    /// The model whose tokenizer and chat template are used (same forms as elsewhere).
+    #[arg(short, long, env = "WHET_MODEL")]
+    pub model: Option<String>,
+    /// Record format; detected per file when absent: chat, completion, text, alpaca, sharegpt.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Which tokens the loss covers: `all` assistant turns, the `last` one, or `inputs` too.
+    #[arg(long, default_value = "all")]
+    pub train_on: String,
+    /// Longest example in tokens.
+    #[arg(long, default_value_t = 2048)]
+    pub max_seq_len: usize,
+    /// Examples over --max-seq-len: `truncate` them or `drop` them.
+    #[arg(long, default_value = "truncate")]
+    pub overlong: String,
+    /// Share of train.jsonl held out for validation when there is no valid.jsonl.
+    #[arg(long, default_value_t = 0.1)]
+    pub valid_fraction: f64,
+    /// Seed of the train/validation split.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// How many examples to show.
+    #[arg(short = 'n', long, default_value_t = 3)]
+    pub count: usize,
+    /// Which split to show.
+    #[arg(long, default_value = "train")]
+    pub split: String,
+    /// Show token boundaries (each token in ⟨ ⟩).
+    #[arg(long)]
+    pub tokens: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Directory to write the prepared dataset to.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Record that training should pack several examples per row (reports the packing efficiency).
+    #[arg(long)]
+    pub pack: bool,
+    /// Replace --out if it already holds a prepared dataset.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,6 +120,20 @@ pub enum BenchCommand {
     ///
     /// Example: whet bench generate --model random:smollm2-135m --runs 5
     Generate(BenchGenerateArgs),
+    /// `whet data prepare` speed on synthetic chat examples (examples/s).
+    ///
+    /// Example: whet bench data --examples 100000
+    Data(BenchDataArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDataArgs {
+    /// The model whose tokenizer and template are used.
+    #[arg(short, long, env = "WHET_MODEL")]
+    pub model: Option<String>,
+    /// Number of synthetic two-turn chat examples.
+    #[arg(long, default_value_t = 100_000)]
+    pub examples: usize,
 }
 
 /// Which model, where, and in what precision.

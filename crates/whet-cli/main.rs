@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod chat;
+mod data;
 mod generate;
 mod info;
 mod model;
@@ -17,7 +18,11 @@ fn main() {
         args::Command::Generate(a) => generate::run(a),
         args::Command::Chat(a) => chat::run(a),
         args::Command::Info(a) => info::run(a),
+        args::Command::Data(args::DataCommand::Check(a)) => data::check(a),
+        args::Command::Data(args::DataCommand::Preview(a)) => data::preview(a),
+        args::Command::Data(args::DataCommand::Prepare(a)) => data::prepare(a),
         args::Command::Bench(args::BenchCommand::Generate(a)) => bench::generate(a),
+        args::Command::Bench(args::BenchCommand::Data(a)) => data::bench(a),
     };
     if let Err(err) = result {
         // Output piped into `head` closes early; that is not an error worth a message.
@@ -25,6 +30,17 @@ fn main() {
             std::process::exit(0);
         }
         let _ = std::io::stdout().flush();
+        // Data problems are many and each has its own line, file and line number.
+        if let Some(errors) = err.downcast_ref::<whet_data::DataErrors>() {
+            for e in &errors.errors {
+                eprintln!("error: {e}");
+            }
+            if errors.more > 0 {
+                eprintln!("error: ... and {} more", errors.more);
+            }
+            eprintln!("error: {} problem(s) in the data; nothing was written", errors.len());
+            std::process::exit(1);
+        }
         let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
         eprintln!("error: {}", dedup_chain(&chain));
         if let Some(hint) = model::hint_for(&err) {

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod commands;
+mod data;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -5,7 +5,7 @@ use crate::tokenize::Tokenized;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// Version of the cache layout; bumped when it changes.
@@ -21,7 +21,7 @@ pub struct Manifest {
     /// sha256 of the chat template source.
     pub template_sha256: String,
     /// The settings that shaped the data (format, train_on, max_seq_len, overlong, seed...).
-    pub settings: HashMap<String, String>,
+    pub settings: BTreeMap<String, String>,
     /// One entry per split.
     pub splits: Vec<SplitInfo>,
 }
@@ -81,10 +81,17 @@ fn io(path: &Path, e: impl std::fmt::Display) -> CacheError {
 /// Write `splits` and `manifest` into `dir` atomically: everything goes into a temporary
 /// sibling directory first, which replaces `dir` only when complete — a failure leaves no
 /// half-written cache behind.
-pub fn save(dir: &Path, manifest: &Manifest, splits: &[(String, Vec<Tokenized>)]) -> Result<(), CacheError> {
+pub fn save(
+    dir: &Path,
+    manifest: &Manifest,
+    splits: &[(String, Vec<Tokenized>)],
+) -> Result<(), CacheError> {
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    let tmp = tempfile::Builder::new().prefix(".whet-prepare-").tempdir_in(parent).map_err(|e| io(parent, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".whet-prepare-")
+        .tempdir_in(parent)
+        .map_err(|e| io(parent, e))?;
     for (name, examples) in splits {
         let ids: Vec<u32> = examples.iter().flat_map(|e| e.ids.iter().copied()).collect();
         let mask: Vec<u8> = examples.iter().flat_map(|e| e.mask.iter().copied()).collect();
@@ -115,15 +122,25 @@ pub fn save(dir: &Path, manifest: &Manifest, splits: &[(String, Vec<Tokenized>)]
     })
 }
 
-fn view<'a>(dtype: Dtype, n: usize, data: &'a [u8], dir: &Path) -> Result<TensorView<'a>, CacheError> {
+fn view<'a>(
+    dtype: Dtype,
+    n: usize,
+    data: &'a [u8],
+    dir: &Path,
+) -> Result<TensorView<'a>, CacheError> {
     TensorView::new(dtype, vec![n], data).map_err(|e| io(dir, e))
 }
 
 /// Read a prepared dataset, refusing it when it was made with another tokenizer or template.
-pub fn load(dir: &Path, tokenizer_sha256: &str, template_sha256: &str) -> Result<(Manifest, Vec<(String, Vec<Tokenized>)>), CacheError> {
+pub fn load(
+    dir: &Path,
+    tokenizer_sha256: &str,
+    template_sha256: &str,
+) -> Result<(Manifest, Vec<(String, Vec<Tokenized>)>), CacheError> {
     let path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| io(&path, format!("invalid manifest: {e}")))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).map_err(|e| io(&path, format!("invalid manifest: {e}")))?;
     let stale = |what| CacheError::Stale { path: dir.to_path_buf(), what };
     if manifest.version != CACHE_VERSION {
         return Err(stale("cache version"));
@@ -140,17 +157,27 @@ pub fn load(dir: &Path, tokenizer_sha256: &str, template_sha256: &str) -> Result
         let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(&path, e))?;
         let get = |name: &str| st.tensor(name).map_err(|e| io(&path, e));
-        let ids: Vec<u32> = get("ids")?.data().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let ids: Vec<u32> = get("ids")?
+            .data()
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let mask: Vec<u8> = get("mask")?.data().to_vec();
         let offsets: Vec<usize> = get("offsets")?
             .data()
             .chunks_exact(8)
             .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as usize)
             .collect();
-        if mask.len() != ids.len() || offsets.last() != Some(&ids.len()) || offsets.windows(2).any(|w| w[0] > w[1]) {
+        if mask.len() != ids.len()
+            || offsets.last() != Some(&ids.len())
+            || offsets.windows(2).any(|w| w[0] > w[1])
+        {
             return Err(io(&path, "inconsistent ids, mask and offsets"));
         }
-        let examples = offsets.windows(2).map(|w| Tokenized { ids: ids[w[0]..w[1]].to_vec(), mask: mask[w[0]..w[1]].to_vec() }).collect();
+        let examples = offsets
+            .windows(2)
+            .map(|w| Tokenized { ids: ids[w[0]..w[1]].to_vec(), mask: mask[w[0]..w[1]].to_vec() })
+            .collect();
         splits.push((info.name.clone(), examples));
     }
     Ok((manifest, splits))

@@ -3,6 +3,7 @@
 //! validation file.
 
 use crate::format::{read_jsonl, DataErrors, Format, LineError, Record};
+use crate::tokenize::{fit, Overlong, Renderer, Tokenized};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::path::{Path, PathBuf};
@@ -42,7 +43,12 @@ pub fn read(path: &Path, format: Option<Format>) -> Result<Vec<Split>, DataError
     } else if path.exists() {
         vec![("train".to_string(), path.to_path_buf())]
     } else {
-        errors.push(LineError { path: path.to_path_buf(), line: 0, msg: "no such file or directory".into(), hint: None });
+        errors.push(LineError {
+            path: path.to_path_buf(),
+            line: 0,
+            msg: "no such file or directory".into(),
+            hint: None,
+        });
         return Err(errors);
     };
     let mut splits = vec![];
@@ -84,6 +90,100 @@ pub fn split_valid(splits: &mut Vec<Split>, fraction: f64, seed: u64) {
     splits.push(Split { name: "valid".into(), path, format, records: valid });
 }
 
+/// A split after rendering, masking and the length policy.
+#[derive(Debug, Clone)]
+pub struct PreparedSplit {
+    /// `train`, `valid` or `test`.
+    pub name: String,
+    /// The source file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: Format,
+    /// Source line of each kept example.
+    pub lines: Vec<usize>,
+    /// The kept examples.
+    pub examples: Vec<Tokenized>,
+    /// Examples cut to the length limit.
+    pub truncated: usize,
+    /// Examples left out (too long under `Overlong::Drop`, or nothing left to train).
+    pub dropped: usize,
+}
+
+impl PreparedSplit {
+    /// Total tokens.
+    pub fn tokens(&self) -> usize {
+        self.examples.iter().map(|e| e.ids.len()).sum()
+    }
+
+    /// Tokens the loss covers.
+    pub fn trained_tokens(&self) -> usize {
+        self.examples.iter().map(Tokenized::trained).sum()
+    }
+}
+
+/// Render, mask and tokenize every split; problems (a template that fails on a record, a record
+/// with nothing to train) are reported as `path:line:` errors.
+pub fn prepare(
+    splits: &[Split],
+    renderer: &Renderer,
+    max_seq_len: usize,
+    overlong: Overlong,
+) -> Result<Vec<PreparedSplit>, DataErrors> {
+    let mut errors = DataErrors::default();
+    let mut out = vec![];
+    for split in splits {
+        let examples: Vec<&crate::format::Example> =
+            split.records.iter().map(|r| &r.example).collect();
+        let mut prepared = PreparedSplit {
+            name: split.name.clone(),
+            path: split.path.clone(),
+            format: split.format,
+            lines: vec![],
+            examples: vec![],
+            truncated: 0,
+            dropped: 0,
+        };
+        for (record, result) in split.records.iter().zip(renderer.tokenize_batch(&examples)) {
+            let t = match result {
+                Ok(t) => t,
+                Err(msg) => {
+                    errors.push(LineError {
+                        path: split.path.clone(),
+                        line: record.line,
+                        msg,
+                        hint: None,
+                    });
+                    continue;
+                }
+            };
+            if t.trained() == 0 {
+                errors.push(LineError {
+                    path: split.path.clone(),
+                    line: record.line,
+                    msg: "no token of this example is trained".into(),
+                    hint: Some("every assistant turn is marked `\"train\": false`, or --train-on excludes them".into()),
+                });
+                continue;
+            }
+            let long = t.ids.len() > max_seq_len;
+            match fit(t, max_seq_len, overlong) {
+                Some(t) => {
+                    prepared.truncated += usize::from(long);
+                    prepared.lines.push(record.line);
+                    prepared.examples.push(t);
+                }
+                None => prepared.dropped += 1,
+            }
+        }
+        out.push(prepared);
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,7 +196,10 @@ mod tests {
         let run = |seed| {
             let mut s = read(dir.path(), None).unwrap();
             split_valid(&mut s, 0.2, seed);
-            (s[0].records.iter().map(|r| r.line).collect::<Vec<_>>(), s[1].records.iter().map(|r| r.line).collect::<Vec<_>>())
+            (
+                s[0].records.iter().map(|r| r.line).collect::<Vec<_>>(),
+                s[1].records.iter().map(|r| r.line).collect::<Vec<_>>(),
+            )
         };
         let (train, valid) = run(1);
         assert_eq!((train.len(), valid.len()), (16, 4));

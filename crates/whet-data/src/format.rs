@@ -198,7 +198,10 @@ impl fmt::Display for DataErrors {
 
 /// Read a JSONL file. The format is detected from the first record unless `format` is given;
 /// every record must then have it.
-pub fn read_jsonl(path: &Path, format: Option<Format>) -> Result<(Format, Vec<Record>), DataErrors> {
+pub fn read_jsonl(
+    path: &Path,
+    format: Option<Format>,
+) -> Result<(Format, Vec<Record>), DataErrors> {
     let mut errors = DataErrors::default();
     let err = |line: usize, msg: String, hint: Option<&str>| LineError {
         path: path.to_path_buf(),
@@ -226,7 +229,11 @@ pub fn read_jsonl(path: &Path, format: Option<Format>) -> Result<(Format, Vec<Re
             Ok(t) => t,
             Err(e) => {
                 let at = e.valid_up_to();
-                errors.push(err(line, format!("invalid UTF-8 (byte {:#04x} at column {})", raw[at], at + 1), Some("save the file as UTF-8")));
+                errors.push(err(
+                    line,
+                    format!("invalid UTF-8 (byte {:#04x} at column {})", raw[at], at + 1),
+                    Some("save the file as UTF-8"),
+                ));
                 continue;
             }
         };
@@ -236,7 +243,11 @@ pub fn read_jsonl(path: &Path, format: Option<Format>) -> Result<(Format, Vec<Re
         let value: Value = match serde_json::from_str(text) {
             Ok(v) => v,
             Err(e) => {
-                errors.push(err(line, format!("invalid JSON: {e}"), Some("each line must be one complete JSON object")));
+                errors.push(err(
+                    line,
+                    format!("invalid JSON: {e}"),
+                    Some("each line must be one complete JSON object"),
+                ));
                 continue;
             }
         };
@@ -259,7 +270,11 @@ pub fn read_jsonl(path: &Path, format: Option<Format>) -> Result<(Format, Vec<Re
                 first_line = line;
             }
             Some(f) if f != found => {
-                let origin = if format.is_some() { "--format".to_string() } else { format!("line {first_line}") };
+                let origin = if format.is_some() {
+                    "--format".to_string()
+                } else {
+                    format!("line {first_line}")
+                };
                 errors.push(err(
                     line,
                     format!("a `{}` record, but {origin} is `{}`", found.name(), f.name()),
@@ -275,7 +290,11 @@ pub fn read_jsonl(path: &Path, format: Option<Format>) -> Result<(Format, Vec<Re
         }
     }
     if records.is_empty() && errors.is_empty() {
-        errors.push(err(0, "the file holds no records".into(), Some("write one JSON object per line")));
+        errors.push(err(
+            0,
+            "the file holds no records".into(),
+            Some("write one JSON object per line"),
+        ));
     }
     if errors.is_empty() {
         Ok((file_format.unwrap_or(Format::Chat), records))
@@ -297,7 +316,12 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-fn string(obj: &Map<String, Value>, key: &str, at: &str, required: bool) -> Result<Option<String>, ParseError> {
+fn string(
+    obj: &Map<String, Value>,
+    key: &str,
+    at: &str,
+    required: bool,
+) -> Result<Option<String>, ParseError> {
     match obj.get(key) {
         None | Some(Value::Null) if !required => Ok(None),
         None => Err((format!("missing field `{at}{key}`"), None)),
@@ -342,7 +366,12 @@ fn parse(format: Format, obj: &Map<String, Value>) -> Result<Example, ParseError
     }
 }
 
-fn turns(obj: &Map<String, Value>, list: &str, role_key: &str, content_key: &str) -> Result<Example, ParseError> {
+fn turns(
+    obj: &Map<String, Value>,
+    list: &str,
+    role_key: &str,
+    content_key: &str,
+) -> Result<Example, ParseError> {
     let items = match obj.get(list) {
         Some(Value::Array(items)) => items,
         Some(v) => return Err((format!("field `{list}` must be a list, got {}", kind(v)), None)),
@@ -365,7 +394,11 @@ fn turns(obj: &Map<String, Value>, list: &str, role_key: &str, content_key: &str
             other => {
                 return Err((
                     format!("unknown role `{other}` in `{at}{role_key}`"),
-                    Some(if role_key == "from" { "ShareGPT roles are `system`, `human` and `gpt`" } else { "roles are `system`, `user` and `assistant`" }),
+                    Some(if role_key == "from" {
+                        "ShareGPT roles are `system`, `human` and `gpt`"
+                    } else {
+                        "roles are `system`, `user` and `assistant`"
+                    }),
                 ))
             }
         };
@@ -373,12 +406,20 @@ fn turns(obj: &Map<String, Value>, list: &str, role_key: &str, content_key: &str
         let train = match m.get("train") {
             None | Some(Value::Null) => None,
             Some(Value::Bool(b)) => Some(*b),
-            Some(v) => return Err((format!("field `{at}train` must be true or false, got {}", kind(v)), None)),
+            Some(v) => {
+                return Err((
+                    format!("field `{at}train` must be true or false, got {}", kind(v)),
+                    None,
+                ))
+            }
         };
         turns.push(Turn { role, content, train });
     }
     if !turns.iter().any(|t| t.role == Role::Assistant) {
-        return Err(("conversation has no assistant turn, so there is nothing to learn".into(), Some("add the reply the model should give")));
+        return Err((
+            "conversation has no assistant turn, so there is nothing to learn".into(),
+            Some("add the reply the model should give"),
+        ));
     }
     Ok(Example::Chat(turns))
 }
@@ -406,11 +447,17 @@ mod tests {
     #[test]
     fn detects_every_format() {
         let cases: [(&str, Format); 5] = [
-            (r#"{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}"#, Format::Chat),
+            (
+                r#"{"messages":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]}"#,
+                Format::Chat,
+            ),
             (r#"{"prompt":"a","completion":"b"}"#, Format::PromptCompletion),
             (r#"{"text":"a"}"#, Format::Text),
             (r#"{"instruction":"a","input":"","output":"b"}"#, Format::Alpaca),
-            (r#"{"conversations":[{"from":"human","value":"a"},{"from":"gpt","value":"b"}]}"#, Format::ShareGpt),
+            (
+                r#"{"conversations":[{"from":"human","value":"a"},{"from":"gpt","value":"b"}]}"#,
+                Format::ShareGpt,
+            ),
         ];
         for (line, want) in cases {
             let (f, records) = read(line.as_bytes()).unwrap();
@@ -430,20 +477,33 @@ mod tests {
     #[test]
     fn bad_lines_are_reported_with_file_and_line() {
         assert_eq!(first_error(b"{\"text\": \"a\"}\n{\"text\": \"b\"\n"), "d.jsonl:2: invalid JSON: EOF while parsing an object at line 1 column 12\n  hint: each line must be one complete JSON object");
-        assert_eq!(first_error(br#"{"messages": "hi"}"#), "d.jsonl:1: field `messages` must be a list, got a string");
+        assert_eq!(
+            first_error(br#"{"messages": "hi"}"#),
+            "d.jsonl:1: field `messages` must be a list, got a string"
+        );
         assert_eq!(
             first_error(br#"{"messages":[{"role":"tool","content":"x"}]}"#),
             "d.jsonl:1: unknown role `tool` in `messages[0].role`\n  hint: roles are `system`, `user` and `assistant`"
         );
         assert_eq!(first_error(br#"{"messages":[{"role":"user","content":"  "},{"role":"assistant","content":"x"}]}"#), "d.jsonl:1: field `messages[0].content` is empty");
-        assert_eq!(first_error(br#"{"messages":[{"role":"user","content":3}]}"#), "d.jsonl:1: field `messages[0].content` must be a string, got a number");
-        assert!(first_error(br#"{"messages":[{"role":"user","content":"x"}]}"#).starts_with("d.jsonl:1: conversation has no assistant turn"));
+        assert_eq!(
+            first_error(br#"{"messages":[{"role":"user","content":3}]}"#),
+            "d.jsonl:1: field `messages[0].content` must be a string, got a number"
+        );
+        assert!(first_error(br#"{"messages":[{"role":"user","content":"x"}]}"#)
+            .starts_with("d.jsonl:1: conversation has no assistant turn"));
         assert_eq!(
             first_error(b"{\"text\":\"a\"}\n{\"prompt\":\"p\",\"completion\":\"c\"}\n"),
             "d.jsonl:2: a `completion` record, but line 1 is `text`\n  hint: keep one format per file"
         );
-        assert_eq!(first_error(b"{\"text\":\"caf\xe9\"}"), "d.jsonl:1: invalid UTF-8 (byte 0xe9 at column 13)\n  hint: save the file as UTF-8");
-        assert_eq!(first_error(b""), "d.jsonl: the file holds no records\n  hint: write one JSON object per line");
+        assert_eq!(
+            first_error(b"{\"text\":\"caf\xe9\"}"),
+            "d.jsonl:1: invalid UTF-8 (byte 0xe9 at column 13)\n  hint: save the file as UTF-8"
+        );
+        assert_eq!(
+            first_error(b""),
+            "d.jsonl: the file holds no records\n  hint: write one JSON object per line"
+        );
         assert_eq!(first_error(b"[1, 2]"), "d.jsonl:1: expected a JSON object, got a list");
     }
 
@@ -461,6 +521,9 @@ mod tests {
     #[test]
     fn bom_and_crlf_are_line_endings_not_content() {
         let (_, r) = read(b"\xEF\xBB\xBF{\"text\":\"a\"}\r\n{\"text\":\"b\"}\r\n").unwrap();
-        assert_eq!(r.iter().map(|r| r.example.clone()).collect::<Vec<_>>(), vec![Example::Text("a".into()), Example::Text("b".into())]);
+        assert_eq!(
+            r.iter().map(|r| r.example.clone()).collect::<Vec<_>>(),
+            vec![Example::Text("a".into()), Example::Text("b".into())]
+        );
     }
 }

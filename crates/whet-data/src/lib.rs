@@ -12,4 +12,4 @@ pub mod tokenize;
 
 pub use format::{DataErrors, Example, Format, LineError, Record, Role, Turn};
 pub use template::{ChatTemplate, Message, TemplateError, CHATML};
-pub use tokenize::{Overlong, Renderer, TrainOn, Tokenized};
+pub use tokenize::{Encoded, Overlong, Renderer, Tokenized, TrainOn};

@@ -23,7 +23,8 @@ pub struct PackedRow {
 /// Pack `examples` into rows of at most `max_len` tokens: longest first, each into the row
 /// with the least room that still fits it (best-fit-decreasing, within 11/9 of optimal).
 pub fn pack(examples: &[Tokenized], max_len: usize) -> Vec<PackedRow> {
-    let mut order: Vec<usize> = (0..examples.len()).filter(|&i| !examples[i].ids.is_empty()).collect();
+    let mut order: Vec<usize> =
+        (0..examples.len()).filter(|&i| !examples[i].ids.is_empty()).collect();
     // Stable: equal lengths keep input order, so packing is deterministic.
     order.sort_by_key(|&i| std::cmp::Reverse(examples[i].ids.len()));
     let mut rows: Vec<Vec<usize>> = vec![];
@@ -49,7 +50,13 @@ pub fn pack(examples: &[Tokenized], max_len: usize) -> Vec<PackedRow> {
     }
     rows.into_iter()
         .map(|members| {
-            let mut row = PackedRow { ids: vec![], mask: vec![], positions: vec![], segments: vec![], examples: members.clone() };
+            let mut row = PackedRow {
+                ids: vec![],
+                mask: vec![],
+                positions: vec![],
+                segments: vec![],
+                examples: members.clone(),
+            };
             for (seg, &i) in members.iter().enumerate() {
                 let n = examples[i].ids.len().min(max_len);
                 row.ids.extend_from_slice(&examples[i].ids[..n]);
@@ -84,7 +91,10 @@ mod tests {
         let examples = vec![ex(6, 1), ex(3, 2), ex(4, 3), ex(2, 4), ex(5, 5)];
         let rows = pack(&examples, 8);
         // 6+2, 5+3, 4: three rows, 20 tokens of 24 slots.
-        assert_eq!(rows.iter().map(|r| r.examples.clone()).collect::<Vec<_>>(), vec![vec![0, 3], vec![4, 1], vec![2]]);
+        assert_eq!(
+            rows.iter().map(|r| r.examples.clone()).collect::<Vec<_>>(),
+            vec![vec![0, 3], vec![4, 1], vec![2]]
+        );
         assert_eq!(rows[0].positions, vec![0, 1, 2, 3, 4, 5, 0, 1]);
         assert_eq!(rows[0].segments, vec![0, 0, 0, 0, 0, 0, 1, 1]);
         assert_eq!(rows[0].ids, vec![1, 1, 1, 1, 1, 1, 4, 4]);

@@ -58,6 +58,17 @@ impl Tokenized {
     }
 }
 
+/// A tokenized example with its rendered text.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// The text the model sees.
+    pub text: String,
+    /// Byte range of each token in `text`.
+    pub offsets: Vec<(usize, usize)>,
+    /// Ids and mask.
+    pub tokens: Tokenized,
+}
+
 /// Renders and tokenizes examples for one model.
 pub struct Renderer<'a> {
     tokenizer: &'a Tokenizer,
@@ -72,7 +83,12 @@ pub struct Renderer<'a> {
 impl<'a> Renderer<'a> {
     /// A renderer for a model's tokenizer and template. `end_of_turn` lists the texts of the
     /// tokens that end a turn; the first is used as EOS for plain text.
-    pub fn new(tokenizer: &'a Tokenizer, template: &'a ChatTemplate, train_on: TrainOn, end_of_turn: Vec<String>) -> Self {
+    pub fn new(
+        tokenizer: &'a Tokenizer,
+        template: &'a ChatTemplate,
+        train_on: TrainOn,
+        end_of_turn: Vec<String>,
+    ) -> Self {
         let eos = end_of_turn.first().cloned();
         Self { tokenizer, template, train_on, end_of_turn, eos }
     }
@@ -90,7 +106,8 @@ impl<'a> Renderer<'a> {
                 self.render_chat(&turns, &[true])
             }
             Example::Chat(turns) => {
-                let messages: Vec<Message> = turns.iter().map(|t| Message::new(t.role.as_str(), &t.content)).collect();
+                let messages: Vec<Message> =
+                    turns.iter().map(|t| Message::new(t.role.as_str(), &t.content)).collect();
                 let last = turns.iter().rposition(|t| t.role == Role::Assistant);
                 let trained: Vec<bool> = turns
                     .iter()
@@ -107,7 +124,11 @@ impl<'a> Renderer<'a> {
     }
 
     /// `trained[k]` says whether the k-th assistant turn is trained.
-    fn render_chat(&self, messages: &[Message], trained: &[bool]) -> Result<(String, Vec<Range<usize>>), String> {
+    fn render_chat(
+        &self,
+        messages: &[Message],
+        trained: &[bool],
+    ) -> Result<(String, Vec<Range<usize>>), String> {
         let full = self.template.render(messages, false).map_err(|e| e.to_string())?;
         if self.train_on == TrainOn::Inputs {
             let len = full.len();
@@ -125,7 +146,8 @@ impl<'a> Renderer<'a> {
                 continue;
             }
             let before = self.template.render(&messages[..i], true).map_err(|e| e.to_string())?;
-            let through = self.template.render(&messages[..=i], false).map_err(|e| e.to_string())?;
+            let through =
+                self.template.render(&messages[..=i], false).map_err(|e| e.to_string())?;
             if !through.starts_with(&before) || !full.starts_with(&through) {
                 return Err(format!(
                     "the chat template does not render turn {} as a continuation of the turns before it, so its tokens cannot be masked",
@@ -140,7 +162,9 @@ impl<'a> Renderer<'a> {
             let end = self
                 .end_of_turn
                 .iter()
-                .filter_map(|t| span[content_at..].find(t.as_str()).map(|p| content_at + p + t.len()))
+                .filter_map(|t| {
+                    span[content_at..].find(t.as_str()).map(|p| content_at + p + t.len())
+                })
                 .min()
                 .unwrap_or(span.len());
             ranges.push(before.len()..before.len() + end);
@@ -150,18 +174,31 @@ impl<'a> Renderer<'a> {
 
     /// Render and tokenize; a token is trained when it starts inside a trained range.
     pub fn tokenize(&self, example: &Example) -> Result<Tokenized, String> {
+        Ok(self.encode(example)?.tokens)
+    }
+
+    /// Render and tokenize, keeping the text and each token's byte range in it (for previews).
+    pub fn encode(&self, example: &Example) -> Result<Encoded, String> {
         let (text, ranges) = self.render(example)?;
-        let enc = self.tokenizer.encode(text.as_str(), false).map_err(|e| format!("cannot tokenize: {e}"))?;
-        Ok(self.mask(enc.get_ids(), enc.get_offsets(), &ranges))
+        let enc = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| format!("cannot tokenize: {e}"))?;
+        let tokens = self.mask(enc.get_ids(), enc.get_offsets(), &ranges);
+        Ok(Encoded { offsets: enc.get_offsets().to_vec(), text, tokens })
     }
 
     /// Tokenize many examples at once (tokenizers encodes the batch in parallel).
     pub fn tokenize_batch(&self, examples: &[&Example]) -> Vec<Result<Tokenized, String>> {
-        let rendered: Vec<Result<(String, Vec<Range<usize>>), String>> = examples.iter().map(|e| self.render(e)).collect();
-        let texts: Vec<String> = rendered.iter().filter_map(|r| r.as_ref().ok().map(|(t, _)| t.clone())).collect();
+        let rendered: Vec<Result<(String, Vec<Range<usize>>), String>> =
+            examples.iter().map(|e| self.render(e)).collect();
+        let texts: Vec<String> =
+            rendered.iter().filter_map(|r| r.as_ref().ok().map(|(t, _)| t.clone())).collect();
         let encoded = match self.tokenizer.encode_batch(texts, false) {
             Ok(e) => e,
-            Err(e) => return examples.iter().map(|_| Err(format!("cannot tokenize: {e}"))).collect(),
+            Err(e) => {
+                return examples.iter().map(|_| Err(format!("cannot tokenize: {e}"))).collect()
+            }
         };
         let mut encoded = encoded.into_iter();
         rendered
@@ -175,7 +212,8 @@ impl<'a> Renderer<'a> {
     }
 
     fn mask(&self, ids: &[u32], offsets: &[(usize, usize)], ranges: &[Range<usize>]) -> Tokenized {
-        let mask = offsets.iter().map(|(s, _)| u8::from(ranges.iter().any(|r| r.contains(s)))).collect();
+        let mask =
+            offsets.iter().map(|(s, _)| u8::from(ranges.iter().any(|r| r.contains(s)))).collect();
         Tokenized { ids: ids.to_vec(), mask }
     }
 }

@@ -15,5 +15,5 @@ pub use config::{Arch, Config, ConfigFile};
 pub use device::{device_name, parse_device, parse_dtype, parse_quantization};
 pub use error::{Error, Result};
 pub use llama::{Cache, Llama};
-pub use load::{load, LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT};
+pub use load::{load, load_tokenizer, LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT};
 pub use tokenizer::ModelTokenizer;

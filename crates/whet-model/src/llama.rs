@@ -93,13 +93,33 @@ impl Rope {
         Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
 
-    /// Rotate `x` `[B, heads, T, D]` for positions `offset..offset+T` (Hugging Face "half" layout).
-    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
-        let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, offset, t)?;
-        let sin = self.sin.narrow(0, offset, t)?;
+    /// Rotate `x` `[B, heads, T, D]` (Hugging Face "half" layout) for its positions.
+    fn apply(&self, x: &Tensor, pos: &Positions) -> Result<Tensor> {
+        let (b, _, t, _) = x.dims4()?;
+        let (cos, sin) = match pos {
+            Positions::From(offset) => {
+                (self.cos.narrow(0, *offset, t)?, self.sin.narrow(0, *offset, t)?)
+            }
+            Positions::Explicit(ids) => {
+                // Packed rows restart positions at every example: gather per token, [B, T, D/2].
+                let flat = ids.flatten_all()?;
+                let half = self.cos.dim(1)?;
+                (
+                    self.cos.index_select(&flat, 0)?.reshape((b, t, half))?,
+                    self.sin.index_select(&flat, 0)?.reshape((b, t, half))?,
+                )
+            }
+        };
         candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
     }
+}
+
+/// Where the tokens of a forward pass sit in their sequences.
+enum Positions<'a> {
+    /// `offset..offset+T` for every row (plain and cached decoding).
+    From(usize),
+    /// Per-token positions `[B, T]` (u32), for packed rows.
+    Explicit(&'a Tensor),
 }
 
 #[derive(Debug, Clone)]
@@ -131,7 +151,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &Rope,
-        offset: usize,
+        pos: &Positions,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
@@ -140,8 +160,8 @@ impl Attention {
         let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?; // [B, H, T, D]
         let kk = self.k_proj.forward(x)?.reshape((b, t, k, d))?.transpose(1, 2)?; // [B, K, T, D]
         let v = self.v_proj.forward(x)?.reshape((b, t, k, d))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, offset)?;
-        let kk = rope.apply(&kk, offset)?;
+        let q = rope.apply(&q, pos)?;
+        let kk = rope.apply(&kk, pos)?;
         let (kk, v) = match cache {
             Some(cache) => cache.append(&kk, &v)?, // [B, K, S, D]
             None => (kk, v),
@@ -224,12 +244,12 @@ impl Block {
         &self,
         x: &Tensor,
         rope: &Rope,
-        offset: usize,
+        pos: &Positions,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let h =
-            self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, offset, mask, cache)?;
+            self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, mask, cache)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         x + h
@@ -350,15 +370,52 @@ impl Llama {
             )
         }
         let mask = if t > 1 { Some(causal_mask(t, offset, self.device())?) } else { None };
-        let mut x = self.embed_tokens.forward(ids)?; // [B, T, C]
-        for (i, block) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, &self.rope, offset, mask.as_ref(), layer_cache)?;
-        }
+        let h = self.run(ids, &Positions::From(offset), mask.as_ref(), cache.as_deref_mut())?;
         if let Some(cache) = cache {
             cache.len += t;
         }
+        Ok(h)
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut Cache>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed_tokens.forward(ids)?; // [B, T, C]
+        for (i, block) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = block.forward(&x, &self.rope, pos, mask, layer_cache)?;
+        }
         self.norm.forward(&x)
+    }
+
+    /// Logits `[B, T, V]` for packed rows: `positions` `[B, T]` restart at each example and
+    /// `segments` `[B, T]` number the examples of a row; attention is causal and block-diagonal,
+    /// so no token attends across examples.
+    pub fn forward_packed(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        segments: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let seg = segments.to_vec2::<u32>()?;
+        let mask: Vec<f32> = seg
+            .iter()
+            .flat_map(|row| {
+                (0..t).flat_map(move |i| {
+                    (0..t).map(
+                        move |j| if j > i || row[j] != row[i] { f32::NEG_INFINITY } else { 0.0 },
+                    )
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), self.device())?;
+        let h = self.run(ids, &Positions::Explicit(positions), Some(&mask), None)?;
+        self.lm_head.forward(&h)
     }
 
     /// Logits `[B, T, V]` for every position.

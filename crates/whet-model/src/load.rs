@@ -83,6 +83,41 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device, seed: u64) -> R
     }
 }
 
+/// Load only the tokenizer (and chat template) of a model, without its weights: what dataset
+/// preparation needs. The vocabulary is still checked against the model's configuration.
+pub fn load_tokenizer(source: &ModelSource) -> Result<ModelTokenizer> {
+    match source {
+        ModelSource::Gguf(path) => {
+            let gguf = GgufFile::open(path)?;
+            let config = gguf.config_file()?.into_config(path)?;
+            let tokenizer = ModelTokenizer::from_gguf(&gguf)?;
+            tokenizer.check_fits(config.vocab_size, path)?;
+            Ok(tokenizer)
+        }
+        ModelSource::HfDir(dir) => tokenizer_from_dir(dir),
+        ModelSource::Hub(id) => tokenizer_from_dir(&resolve_hub(id)?),
+        ModelSource::Random(_) => ModelTokenizer::byte_level(),
+    }
+}
+
+fn tokenizer_from_dir(dir: &Path) -> Result<ModelTokenizer> {
+    let config = read_config(dir)?;
+    let tokenizer = ModelTokenizer::from_dir(dir, &config.eos_token_ids)?;
+    tokenizer.check_fits(config.vocab_size, &dir.join("tokenizer.json"))?;
+    Ok(tokenizer)
+}
+
+fn read_config(dir: &Path) -> Result<Config> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound { path: config_path.clone() },
+        _ => Error::corrupt(&config_path, e),
+    })?;
+    let file: ConfigFile = serde_json::from_str(&text)
+        .map_err(|e| Error::config(&config_path, format!("invalid model config: {e}")))?;
+    file.into_config(&config_path)
+}
+
 fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let gguf = GgufFile::open(path)?;
     let config = gguf.config_file()?.into_config(path)?;
@@ -103,16 +138,8 @@ fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> 
 }
 
 fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound { path: config_path.clone() },
-        _ => Error::corrupt(&config_path, e),
-    })?;
-    let file: ConfigFile = serde_json::from_str(&text)
-        .map_err(|e| Error::config(&config_path, format!("invalid model config: {e}")))?;
-    let config = file.into_config(&config_path)?;
-    let tokenizer = ModelTokenizer::from_dir(dir, &config.eos_token_ids)?;
-    tokenizer.check_fits(config.vocab_size, &dir.join("tokenizer.json"))?;
+    let config = read_config(dir)?;
+    let tokenizer = tokenizer_from_dir(dir)?;
     let files = safetensors_files(dir)?;
     for f in &files {
         // Parse every header first so a corrupt or truncated shard is named before use.
