@@ -9,6 +9,9 @@ pub mod export;
 pub mod gguf;
 pub mod llama;
 pub mod load;
+pub mod lora;
+pub mod loss;
+pub mod ops;
 pub mod tokenizer;
 
 pub use config::{Arch, Config, ConfigFile};

@@ -8,8 +8,10 @@
 //! `H` query heads, `K` key/value heads, `D` head width, `M` MLP width, `V` vocabulary.
 
 use crate::config::Config;
+use crate::lora::{Lora, LoraConfig};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Var, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
 
@@ -25,9 +27,21 @@ impl RmsNorm {
         Ok(Self { weight: vb.get(size, "weight")?, eps: eps as f32 })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        if ctx.train {
+            crate::ops::rms_norm(x, &self.weight, self.eps as f64)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+        }
     }
+}
+
+/// What a forward pass is for: inference uses candle's fused kernels; training uses
+/// differentiable ops, frozen matmuls that skip weight gradients, and adapter dropout.
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    train: bool,
+    dropout_seed: u64,
 }
 
 /// A linear layer with frozen weights: dense, or block-quantized for fast CPU decoding, where
@@ -58,6 +72,22 @@ impl Linear {
         }
     }
 
+    /// Forward whose backward yields the input's gradient only (the weight is frozen).
+    fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(l) => {
+                let y = crate::ops::frozen_matmul(x, l.weight())?;
+                match l.bias() {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                }
+            }
+            Linear::Quantized { .. } => {
+                candle_core::bail!("training through quantized weights is not supported; load the model without --quantize")
+            }
+        }
+    }
+
     fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         if let Linear::Dense(l) = self {
             let w = l.weight().to_dtype(DType::F32)?;
@@ -72,6 +102,49 @@ fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<L
     let weight = vb.get((out_dim, in_dim), "weight")?;
     let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
     Ok(Linear::new(weight, bias))
+}
+
+/// A projection inside a block: a frozen linear layer, optionally wrapped by a LoRA adapter.
+#[derive(Debug, Clone)]
+struct Proj {
+    base: Linear,
+    lora: Option<Lora>,
+    /// Hugging Face module path (`model.layers.0.self_attn.q_proj`), for adapter tensor names.
+    path: String,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Proj {
+    fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let path = vb.prefix();
+        Ok(Self { base: linear(vb, in_dim, out_dim, bias)?, lora: None, path, in_dim, out_dim })
+    }
+
+    /// The module name as LoRA targets it (`q_proj`).
+    fn name(&self) -> &str {
+        self.path.rsplit('.').next().unwrap_or("")
+    }
+
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let y = if ctx.train { self.base.forward_frozen(x)? } else { self.base.forward(x)? };
+        let Some(lora) = &self.lora else { return Ok(y) };
+        let mask = if ctx.train && lora.dropout > 0.0 {
+            // A different mask per layer and step, all from the step's seed.
+            let salt =
+                self.path.bytes().fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
+            Some(crate::lora::dropout_mask(
+                x.dims(),
+                lora.dropout,
+                ctx.dropout_seed ^ salt,
+                x.device(),
+            )?)
+        } else {
+            None
+        };
+        let delta = lora.forward(x, mask.as_ref())?.to_dtype(y.dtype())?;
+        y + delta
+    }
 }
 
 /// Rotary position embedding tables, `[max_positions, D/2]`.
@@ -94,7 +167,7 @@ impl Rope {
     }
 
     /// Rotate `x` `[B, heads, T, D]` (Hugging Face "half" layout) for its positions.
-    fn apply(&self, x: &Tensor, pos: &Positions) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, pos: &Positions, ctx: &Ctx) -> Result<Tensor> {
         let (b, _, t, _) = x.dims4()?;
         let (cos, sin) = match pos {
             Positions::From(offset) => {
@@ -110,7 +183,11 @@ impl Rope {
                 )
             }
         };
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        if ctx.train {
+            crate::ops::rope(x, &cos, &sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        }
     }
 }
 
@@ -124,10 +201,10 @@ enum Positions<'a> {
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
+    q_proj: Proj,
+    k_proj: Proj,
+    v_proj: Proj,
+    o_proj: Proj,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -137,10 +214,10 @@ impl Attention {
     fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let (c, h, k, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         Ok(Self {
-            q_proj: linear(vb.pp("q_proj"), c, h * d, cfg.qkv_bias)?,
-            k_proj: linear(vb.pp("k_proj"), c, k * d, cfg.qkv_bias)?,
-            v_proj: linear(vb.pp("v_proj"), c, k * d, cfg.qkv_bias)?,
-            o_proj: linear(vb.pp("o_proj"), h * d, c, cfg.o_bias)?,
+            q_proj: Proj::load(vb.pp("q_proj"), c, h * d, cfg.qkv_bias)?,
+            k_proj: Proj::load(vb.pp("k_proj"), c, k * d, cfg.qkv_bias)?,
+            v_proj: Proj::load(vb.pp("v_proj"), c, k * d, cfg.qkv_bias)?,
+            o_proj: Proj::load(vb.pp("o_proj"), h * d, c, cfg.o_bias)?,
             num_heads: h,
             num_kv_heads: k,
             head_dim: d,
@@ -154,14 +231,16 @@ impl Attention {
         pos: &Positions,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
+        ctx: &Ctx,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, d))?.transpose(1, 2)?; // [B, H, T, D]
-        let kk = self.k_proj.forward(x)?.reshape((b, t, k, d))?.transpose(1, 2)?; // [B, K, T, D]
-        let v = self.v_proj.forward(x)?.reshape((b, t, k, d))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, pos)?;
-        let kk = rope.apply(&kk, pos)?;
+        let q = self.q_proj.forward(x, ctx)?.reshape((b, t, h, d))?.transpose(1, 2)?; // [B, H, T, D]
+        let kk = self.k_proj.forward(x, ctx)?.reshape((b, t, k, d))?.transpose(1, 2)?; // [B, K, T, D]
+        let v =
+            self.v_proj.forward(x, ctx)?.reshape((b, t, k, d))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, pos, ctx)?;
+        let kk = rope.apply(&kk, pos, ctx)?;
         let (kk, v) = match cache {
             Some(cache) => cache.append(&kk, &v)?, // [B, K, S, D]
             None => (kk, v),
@@ -170,15 +249,23 @@ impl Attention {
         let v = repeat_kv(v, h / k)?;
         let scale = 1.0 / (d as f64).sqrt();
         // Scores and softmax in f32: f16/bf16 exponentials overflow and lose the small weights.
-        let att = (q.matmul(&kk.t()?)? * scale)?.to_dtype(DType::F32)?; // [B, H, T, S]
+        let att = (q.matmul(&kk.t()?)? * scale)?; // [B, H, T, S]
+        let att = match att.dtype() {
+            DType::F16 | DType::BF16 => att.to_dtype(DType::F32)?,
+            _ => att,
+        };
         let att = match mask {
-            Some(mask) => att.broadcast_add(mask)?,
+            Some(mask) => att.broadcast_add(&mask.to_dtype(att.dtype())?)?,
             None => att,
         };
-        let att = candle_nn::ops::softmax_last_dim(&att)?.to_dtype(v.dtype())?;
-        let y = att.matmul(&v)?; // [B, H, T, D]
+        let att = if ctx.train {
+            candle_nn::ops::softmax(&att, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
+        let y = att.to_dtype(v.dtype())?.matmul(&v)?; // [B, H, T, D]
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o_proj.forward(&y)
+        self.o_proj.forward(&y, ctx)
     }
 }
 
@@ -193,24 +280,24 @@ fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+    gate_proj: Proj,
+    up_proj: Proj,
+    down_proj: Proj,
 }
 
 impl Mlp {
     fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let (c, m) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear(vb.pp("gate_proj"), c, m, false)?,
-            up_proj: linear(vb.pp("up_proj"), c, m, false)?,
-            down_proj: linear(vb.pp("down_proj"), m, c, false)?,
+            gate_proj: Proj::load(vb.pp("gate_proj"), c, m, false)?,
+            up_proj: Proj::load(vb.pp("up_proj"), c, m, false)?,
+            down_proj: Proj::load(vb.pp("down_proj"), m, c, false)?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?; // [B, T, M]
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x, ctx)?.silu()?; // [B, T, M]
+        self.down_proj.forward(&(gate * self.up_proj.forward(x, ctx)?)?, ctx)
     }
 }
 
@@ -247,11 +334,12 @@ impl Block {
         pos: &Positions,
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
+        ctx: &Ctx,
     ) -> Result<Tensor> {
-        let h =
-            self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, pos, mask, cache)?;
+        let normed = self.input_layernorm.forward(x, ctx)?;
+        let h = self.self_attn.forward(&normed, rope, pos, mask, cache, ctx)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x, ctx)?, ctx)?;
         x + h
     }
 }
@@ -297,6 +385,9 @@ pub struct Llama {
     lm_head: Linear,
     rope: Rope,
     cfg: Config,
+    training: bool,
+    dropout_seed: u64,
+    lora: Option<LoraConfig>,
 }
 
 impl Llama {
@@ -317,7 +408,17 @@ impl Llama {
             linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
         let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone() })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+            training: false,
+            dropout_seed: 0,
+            lora: None,
+        })
     }
 
     /// The configuration the model was built with.
@@ -345,15 +446,8 @@ impl Llama {
         {
             candle_core::bail!("cannot quantize to {dtype:?}: layer widths {c} and {m} are not multiples of its block size {block}")
         }
-        for block in &mut self.layers {
-            let a = &mut block.self_attn;
-            for l in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj] {
-                l.quantize(dtype)?;
-            }
-            let f = &mut block.mlp;
-            for l in [&mut f.gate_proj, &mut f.up_proj, &mut f.down_proj] {
-                l.quantize(dtype)?;
-            }
+        for p in self.projs_mut() {
+            p.base.quantize(dtype)?;
         }
         self.lm_head.quantize(dtype)
     }
@@ -384,12 +478,107 @@ impl Llama {
         mask: Option<&Tensor>,
         mut cache: Option<&mut Cache>,
     ) -> Result<Tensor> {
+        let ctx = Ctx { train: self.training, dropout_seed: self.dropout_seed };
         let mut x = self.embed_tokens.forward(ids)?; // [B, T, C]
         for (i, block) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, &self.rope, pos, mask, layer_cache)?;
+            x = block.forward(&x, &self.rope, pos, mask, layer_cache, &ctx)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x, &ctx)
+    }
+
+    /// `[.., C]` -> logits `[.., V]`.
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        if self.training {
+            self.lm_head.forward_frozen(h)
+        } else {
+            self.lm_head.forward(h)
+        }
+    }
+
+    fn projs_mut(&mut self) -> impl Iterator<Item = &mut Proj> {
+        self.layers.iter_mut().flat_map(|b| {
+            let a = &mut b.self_attn;
+            let f = &mut b.mlp;
+            [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut f.gate_proj,
+                &mut f.up_proj,
+                &mut f.down_proj,
+            ]
+        })
+    }
+
+    fn projs(&self) -> impl Iterator<Item = &Proj> {
+        self.layers.iter().flat_map(|b| {
+            let (a, f) = (&b.self_attn, &b.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &f.gate_proj, &f.up_proj, &f.down_proj]
+        })
+    }
+
+    /// Training mode: differentiable ops, frozen weights without weight gradients, adapter
+    /// dropout. Inference mode (the default) uses candle's fused kernels.
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Seed of the next forward pass's dropout masks (the trainer sets one per step).
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.dropout_seed = seed;
+    }
+
+    /// Wrap the targeted linear layers of every block with fresh LoRA adapters (`A` from
+    /// `seed`, `B` zero). Replaces adapters already there.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> crate::Result<()> {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        let (device, dtype) = (self.device().clone(), self.dtype());
+        for p in self.projs_mut() {
+            p.lora = if cfg.targets.iter().any(|t| t == p.name()) {
+                Some(Lora::new(p.in_dim, p.out_dim, cfg, &mut rng, &device, dtype)?)
+            } else {
+                None
+            };
+        }
+        self.lora = Some(cfg.clone());
+        Ok(())
+    }
+
+    /// The adapter settings, when adapters are attached.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// The trainable variables under PEFT's names
+    /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), in layer order.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        self.projs()
+            .filter_map(|p| p.lora.as_ref().map(|l| (p, l)))
+            .flat_map(|(p, l)| {
+                [
+                    (format!("base_model.model.{}.lora_A.weight", p.path), l.a.clone()),
+                    (format!("base_model.model.{}.lora_B.weight", p.path), l.b.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Fold every adapter into its base weight (`W + scale * B A`) and drop the adapters; the
+    /// model then runs at base speed with the adapted behaviour.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for p in self.projs_mut() {
+            let Some(lora) = p.lora.take() else { continue };
+            let Linear::Dense(l) = &p.base else {
+                candle_core::bail!("cannot merge an adapter into quantized weights")
+            };
+            let delta = lora.delta()?;
+            let w = (l.weight().to_dtype(delta.dtype())? + delta)?.to_dtype(l.weight().dtype())?;
+            p.base = Linear::new(w, l.bias().cloned());
+        }
+        self.lora = None;
+        Ok(())
     }
 
     /// Logits `[B, T, V]` for packed rows: `positions` `[B, T]` restart at each example and
@@ -415,12 +604,12 @@ impl Llama {
             .collect();
         let mask = Tensor::from_vec(mask, (b, 1, t, t), self.device())?;
         let h = self.run(ids, &Positions::Explicit(positions), Some(&mask), None)?;
-        self.lm_head.forward(&h)
+        self.head(&h)
     }
 
     /// Logits `[B, T, V]` for every position.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
-        self.lm_head.forward(&self.hidden(ids, cache)?)
+        self.head(&self.hidden(ids, cache)?)
     }
 
     /// Logits `[B, V]` of the last position only: generation needs nothing else, and the
@@ -429,7 +618,7 @@ impl Llama {
         let h = self.hidden(ids, cache)?;
         let t = h.dim(1)?;
         let last = h.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, C]
-        self.lm_head.forward(&last)?.to_dtype(DType::F32)
+        self.head(&last)?.to_dtype(DType::F32)
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod golden;
+mod lora;
 mod sources;
 
 use std::path::PathBuf;

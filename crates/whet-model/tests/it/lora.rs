@@ -1,0 +1,156 @@
+//! LoRA on the one Llama: parameter counts, a fresh adapter changes nothing, merged equals
+//! unmerged, the training path equals the inference path, and gradients match finite differences.
+
+use candle_core::{DType, Device, Tensor};
+use whet_model::lora::LoraConfig;
+use whet_model::loss::masked_cross_entropy;
+use whet_model::{load, LoadedModel, ModelSource};
+
+fn tiny(dtype: DType) -> LoadedModel {
+    load(&ModelSource::Random("tiny".into()), dtype, &Device::Cpu, 21).unwrap()
+}
+
+fn ids() -> Tensor {
+    Tensor::new(&[[5u32, 17, 99, 3, 250, 7, 42, 8], [1, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu)
+        .unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Give every B deterministic non-zero values (fresh adapters have B = 0, which would hide
+/// bugs in the A path).
+fn perturb_b(m: &whet_model::Llama, seed: u64) {
+    for (name, var) in m.lora_vars() {
+        if name.ends_with("lora_B.weight") {
+            let n = var.elem_count();
+            let v: Vec<f64> =
+                (0..n).map(|k| 0.05 * ((k as f64) * 1.7 + seed as f64).sin()).collect();
+            let t = Tensor::from_vec(v, var.shape(), &Device::Cpu)
+                .unwrap()
+                .to_dtype(var.dtype())
+                .unwrap();
+            var.set(&t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn trainable_parameter_counts_are_exact() {
+    let mut m = load(&ModelSource::Random("smollm2-135m".into()), DType::F32, &Device::Cpu, 0)
+        .unwrap()
+        .model;
+    m.add_lora(&LoraConfig::new(8, 16.0, 0.0, "q_proj,v_proj", false).unwrap(), 0).unwrap();
+    let n: usize = m.lora_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    // q: 8*576 + 576*8, v: 8*576 + 192*8, 30 layers: PEFT's count for SmolLM2-135M, r=8, q/v.
+    assert_eq!(n, 460_800);
+    let names: Vec<String> = m.lora_vars().into_iter().map(|(n, _)| n).take(2).collect();
+    assert_eq!(
+        names,
+        [
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        ]
+    );
+    m.add_lora(&LoraConfig::new(8, 16.0, 0.0, "all-linear", false).unwrap(), 0).unwrap();
+    let n: usize = m.lora_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    let per_layer = 8 * (576 + 576)
+        + 2 * 8 * (576 + 192)
+        + 8 * (576 + 576)
+        + 2 * 8 * (576 + 1536)
+        + 8 * (1536 + 576);
+    assert_eq!(n, 30 * per_layer);
+}
+
+#[test]
+fn fresh_adapter_is_the_base_and_merged_equals_unmerged() {
+    let base = tiny(DType::F32);
+    let want = base.model.forward(&ids(), None).unwrap();
+    let mut m = base.model.clone();
+    m.add_lora(&LoraConfig::new(4, 8.0, 0.0, "all-linear", false).unwrap(), 1).unwrap();
+    assert_eq!(max_diff(&m.forward(&ids(), None).unwrap(), &want), 0.0, "B = 0: nothing changes");
+    perturb_b(&m, 2);
+    let adapted = m.forward(&ids(), None).unwrap();
+    assert!(max_diff(&adapted, &want) > 1e-3, "the adapter changes the output");
+    m.merge_lora().unwrap();
+    assert!(m.lora_vars().is_empty());
+    let merged = m.forward(&ids(), None).unwrap();
+    assert!(max_diff(&merged, &adapted) < 1e-4, "merged {}", max_diff(&merged, &adapted));
+}
+
+#[test]
+fn training_path_equals_inference_path() {
+    let mut m = tiny(DType::F32).model;
+    m.add_lora(&LoraConfig::new(4, 8.0, 0.0, "q_proj,v_proj,down_proj", false).unwrap(), 1)
+        .unwrap();
+    perturb_b(&m, 3);
+    let infer = m.forward(&ids(), None).unwrap();
+    m.set_training(true);
+    let train = m.forward(&ids(), None).unwrap();
+    assert!(max_diff(&infer, &train) < 1e-4, "{}", max_diff(&infer, &train));
+}
+
+/// Every LoRA parameter kind (A and B of q, k, v, o, gate, up, down) gets the gradient finite
+/// differences give, in f64, through the training path; frozen weights get none.
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let mut m = tiny(DType::F64).model;
+    m.add_lora(&LoraConfig::new(2, 4.0, 0.0, "all-linear", false).unwrap(), 5).unwrap();
+    perturb_b(&m, 4);
+    m.set_training(true);
+    let ids = ids();
+    let mask =
+        Tensor::new(&[[0u8, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 1, 1]], &Device::Cpu).unwrap();
+    let loss = |m: &whet_model::Llama| -> f64 {
+        let logits = m.forward(&ids, None).unwrap();
+        masked_cross_entropy(&logits, &ids, &mask).unwrap().0.to_scalar::<f64>().unwrap()
+    };
+    let logits = m.forward(&ids, None).unwrap();
+    let grads = masked_cross_entropy(&logits, &ids, &mask).unwrap().0.backward().unwrap();
+    let vars = m.lora_vars();
+    assert_eq!(vars.len(), 2 * 7 * 2);
+    for (name, var) in vars
+        .iter()
+        .filter(|(n, _)| n.contains("layers.1.") || n.contains("layers.0.self_attn.q_proj"))
+    {
+        let g = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for idx in [0, orig.len() / 2, orig.len() - 1] {
+            let eps = 1e-5;
+            let set = |delta: f64| {
+                let mut v = orig.clone();
+                v[idx] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            };
+            set(eps);
+            let up = loss(&m);
+            set(-eps);
+            let down = loss(&m);
+            set(0.0);
+            let fd = (up - down) / (2.0 * eps);
+            assert!(
+                (fd - g[idx]).abs() < 1e-6 + 1e-4 * fd.abs(),
+                "{name}[{idx}]: autograd {} vs finite difference {fd}",
+                g[idx]
+            );
+        }
+    }
+}
