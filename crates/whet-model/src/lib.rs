@@ -2,6 +2,7 @@
 //! it — GGUF files, Hugging Face directories, hub ids, random presets — with its tokenizer.
 #![warn(missing_docs)]
 
+pub mod adapter;
 pub mod config;
 pub mod device;
 pub mod error;

@@ -281,7 +281,8 @@ pub fn preset(name: &str) -> Option<Config> {
 
 /// Random weights for `cfg`, reproducible from `seed` on any device (candle's CPU RNG cannot be
 /// seeded, so values come from whet's own ChaCha generator): linear weights uniform with the
-/// standard deviation 0.02 that Llama's initializer uses, norms at one.
+/// standard deviation 0.02 that Llama's initializer uses (embedding and head wider, see
+/// below), norms at one.
 pub fn random_weights(
     cfg: &Config,
     dtype: DType,
@@ -323,14 +324,17 @@ pub fn random_weights(
             shapes.push((p("self_attn.o_proj.bias"), vec![c], false));
         }
     }
+    // Embedding and head rows get std 2/sqrt(C) rather than 0.02: with RMS-normalised hidden
+    // states, 0.02 caps every logit near 0.02 * C, and a random model could then never become
+    // confident — not even the overfit test could drive its loss down.
+    let wide = 2.0 / (cfg.hidden_size as f32).sqrt() * 3f32.sqrt();
     let mut out = HashMap::new();
     for (name, shape, ones) in shapes {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if ones {
-            vec![1.0; n]
-        } else {
-            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
-        };
+        let b =
+            if name.contains("embed_tokens") || name.starts_with("lm_head") { wide } else { bound };
+        let data: Vec<f32> =
+            if ones { vec![1.0; n] } else { (0..n).map(|_| rng.random_range(-b..b)).collect() };
         let t = Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?;
         out.insert(name, t);
     }

@@ -1,0 +1,267 @@
+//! Training settings: one serde struct with the names users write in `train.toml` (PEFT's for
+//! the adapter), defaults in one place ([`TrainConfig::default`]), validated once by
+//! [`TrainConfig::validate`] into the values the loop uses.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use whet_model::lora::LoraConfig;
+
+/// Everything that shapes a run. Written to `RUN_DIR/whet.toml` before the first step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Base model (`--model` forms).
+    pub model: String,
+    /// Dataset file or directory, or a `whet data prepare` output directory.
+    pub data: String,
+    /// Base weight dtype.
+    pub dtype: String,
+    /// Device.
+    pub device: String,
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha.
+    pub lora_alpha: f64,
+    /// LoRA dropout.
+    pub lora_dropout: f64,
+    /// Wrapped modules, comma-separated, or `all-linear`.
+    pub target_modules: String,
+    /// rsLoRA scaling.
+    pub use_rslora: bool,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// `constant`, `linear` or `cosine` decay after warmup.
+    pub lr_schedule: String,
+    /// Linear warmup steps.
+    pub warmup_steps: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Examples (or packed rows) per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Longest sequence in tokens.
+    pub max_seq_len: usize,
+    /// Pack several examples per row.
+    pub pack: bool,
+    /// Which tokens are trained: all, last, inputs.
+    pub train_on: String,
+    /// Share of train held out when there is no validation file.
+    pub valid_fraction: f64,
+    /// AdamW weight decay (decoupled).
+    pub weight_decay: f64,
+    /// AdamW beta1.
+    pub beta1: f64,
+    /// AdamW beta2.
+    pub beta2: f64,
+    /// AdamW epsilon.
+    pub eps: f64,
+    /// Clip the global gradient norm to this (0 = off).
+    pub max_grad_norm: f64,
+    /// Validate every this many steps (0 = only at the end).
+    pub eval_every: usize,
+    /// Checkpoint every this many steps (0 = only at the end).
+    pub save_every: usize,
+    /// Stop after this many evaluations without a better validation loss (0 = never).
+    pub patience: usize,
+    /// Seed of adapter initialisation, data order and dropout.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: whet_model::DEFAULT_MODEL.into(),
+            data: String::new(),
+            dtype: "f32".into(),
+            device: "auto".into(),
+            r: 8,
+            lora_alpha: 16.0,
+            lora_dropout: 0.0,
+            target_modules: "q_proj,v_proj".into(),
+            use_rslora: false,
+            learning_rate: 2e-4,
+            lr_schedule: "cosine".into(),
+            warmup_steps: 10,
+            steps: 200,
+            batch_size: 4,
+            grad_accum: 1,
+            max_seq_len: 512,
+            pack: false,
+            train_on: "all".into(),
+            valid_fraction: 0.1,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            eval_every: 50,
+            save_every: 100,
+            patience: 0,
+            seed: 0,
+        }
+    }
+}
+
+/// The learning-rate schedule after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// Flat.
+    Constant,
+    /// Linear decay to zero at the last step.
+    Linear,
+    /// Cosine decay to zero at the last step.
+    Cosine,
+}
+
+/// A configuration problem, naming the field and value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl TrainConfig {
+    /// Read a `train.toml`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.message())))
+    }
+
+    /// As TOML, for `whet.toml`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_default()
+    }
+
+    /// Check every value once; returns the LoRA settings and the schedule.
+    pub fn validate(&self) -> Result<(LoraConfig, Schedule), ConfigError> {
+        let bad = |field: &str, value: String, want: &str| {
+            Err(ConfigError(format!("`{field}` = `{value}`: {want}")))
+        };
+        if self.data.is_empty() {
+            return Err(ConfigError("no training data; hint: pass --data DIR".into()));
+        }
+        let lora = LoraConfig::new(
+            self.r,
+            self.lora_alpha,
+            self.lora_dropout,
+            &self.target_modules,
+            self.use_rslora,
+        )
+        .map_err(|e| ConfigError(e.to_string().trim_start_matches("--lora: ").to_string()))?;
+        let schedule = match self.lr_schedule.as_str() {
+            "constant" => Schedule::Constant,
+            "linear" => Schedule::Linear,
+            "cosine" => Schedule::Cosine,
+            other => {
+                return bad("lr_schedule", other.into(), "expected constant, linear or cosine")
+            }
+        };
+        if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
+            return bad("learning_rate", self.learning_rate.to_string(), "must be in (0, 1)");
+        }
+        for (field, v) in [
+            ("steps", self.steps),
+            ("batch_size", self.batch_size),
+            ("grad_accum", self.grad_accum),
+        ] {
+            if v == 0 {
+                return bad(field, "0".into(), "must be at least 1");
+            }
+        }
+        if self.max_seq_len < 2 {
+            return bad("max_seq_len", self.max_seq_len.to_string(), "must be at least 2");
+        }
+        for (field, v) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(field, v.to_string(), "must be in [0, 1)");
+            }
+        }
+        if !(self.eps > 0.0) || self.weight_decay < 0.0 || self.max_grad_norm < 0.0 {
+            return bad(
+                "eps/weight_decay/max_grad_norm",
+                format!("{}/{}/{}", self.eps, self.weight_decay, self.max_grad_norm),
+                "eps must be positive, the others non-negative",
+            );
+        }
+        if whet_data::TrainOn::from_name(&self.train_on).is_none() {
+            return bad("train_on", self.train_on.clone(), "expected all, last or inputs");
+        }
+        Ok((lora, schedule))
+    }
+
+    /// The first field in which `self` and `other` differ, with both values.
+    pub fn first_difference(&self, other: &TrainConfig) -> Option<(String, String, String)> {
+        let a = toml::Table::try_from(self).ok()?;
+        let b = toml::Table::try_from(other).ok()?;
+        for (k, v) in &a {
+            if b.get(k) != Some(v) {
+                let theirs = b.get(k).map(|x| x.to_string()).unwrap_or_else(|| "(absent)".into());
+                return Some((k.clone(), v.to_string(), theirs));
+            }
+        }
+        None
+    }
+}
+
+/// Learning rate at `step` (0-based): linear warmup, then the schedule down to zero.
+pub fn learning_rate(
+    schedule: Schedule,
+    peak: f64,
+    warmup: usize,
+    total: usize,
+    step: usize,
+) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = ((step - warmup) as f64 / span).min(1.0);
+    match schedule {
+        Schedule::Constant => peak,
+        Schedule::Linear => peak * (1.0 - progress),
+        Schedule::Cosine => peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_warm_up_then_decay() {
+        let lr = |s, step| learning_rate(s, 1.0, 10, 110, step);
+        assert_eq!(lr(Schedule::Cosine, 0), 0.1);
+        assert_eq!(lr(Schedule::Cosine, 9), 1.0);
+        assert_eq!(lr(Schedule::Cosine, 10), 1.0);
+        assert!((lr(Schedule::Cosine, 60) - 0.5).abs() < 1e-12);
+        assert!((lr(Schedule::Linear, 60) - 0.5).abs() < 1e-12);
+        assert_eq!(lr(Schedule::Constant, 100), 1.0);
+        assert!(lr(Schedule::Cosine, 109) < 0.01);
+    }
+
+    #[test]
+    fn validation_names_the_field_and_value() {
+        let c = TrainConfig { data: "d".into(), lr_schedule: "step".into(), ..Default::default() };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "`lr_schedule` = `step`: expected constant, linear or cosine"
+        );
+        let c = TrainConfig {
+            data: "d".into(),
+            target_modules: "q_proj,qkv".into(),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("unknown target module `qkv`"));
+        let c = TrainConfig { data: "d".into(), r: 0, ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("rank must be at least 1"));
+        let a = TrainConfig { data: "d".into(), ..Default::default() };
+        let b = TrainConfig { learning_rate: 1e-3, ..a.clone() };
+        assert_eq!(
+            a.first_difference(&b),
+            Some(("learning_rate".into(), "0.0002".into(), "0.001".into()))
+        );
+        let toml = a.to_toml();
+        assert_eq!(toml::from_str::<TrainConfig>(&toml).unwrap(), a);
+    }
+}

@@ -1,0 +1,333 @@
+//! The training loop, readable top to bottom in [`train`]: batch -> forward -> masked loss ->
+//! backward -> clip -> AdamW step -> periodic validation and checkpoint (nanoGPT's `train.py`).
+
+use crate::checkpoint::{self, TrainState};
+use crate::config::{learning_rate, TrainConfig};
+use crate::optim::{AdamW, AdamWParams};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use whet_data::Tokenized;
+use whet_model::loss::masked_cross_entropy;
+use whet_model::Llama;
+
+/// Training and validation examples, already tokenized and masked.
+pub struct TrainData {
+    /// Training examples.
+    pub train: Vec<Tokenized>,
+    /// Validation examples (may be empty).
+    pub valid: Vec<Tokenized>,
+}
+
+/// Progress, for the command line to display.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An optimizer step finished.
+    Step {
+        /// 1-based step.
+        step: usize,
+        /// Mean training loss over the step's tokens.
+        loss: f64,
+        /// Learning rate used.
+        lr: f64,
+        /// Global gradient norm before clipping.
+        grad_norm: f64,
+        /// Trained tokens per second in this step (all tokens processed, prompts included).
+        tokens_per_sec: f64,
+        /// Peak resident memory so far, in MB.
+        peak_mb: f64,
+    },
+    /// A validation pass finished.
+    Eval {
+        /// Step it followed.
+        step: usize,
+        /// Mean validation loss.
+        val_loss: f64,
+        /// Whether it is the best so far (the best adapter was saved).
+        best: bool,
+    },
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Step it holds.
+        step: usize,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Steps completed.
+    pub steps: usize,
+    /// Last training loss.
+    pub final_loss: f64,
+    /// Best validation loss, if validated.
+    pub best_val_loss: Option<f64>,
+    /// Why it stopped early, if it did.
+    pub stopped: Option<String>,
+}
+
+/// Training failures.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A bad setting.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// Model or adapter trouble.
+    #[error(transparent)]
+    Model(#[from] whet_model::Error),
+    /// A tensor operation failed.
+    #[error("training step failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// The run directory is unusable.
+    #[error("{0}")]
+    Run(String),
+    /// Loss became NaN or infinite.
+    #[error("the loss became {loss} at step {step}; stopped. The last checkpoint ({checkpoint}) is intact; hint: lower --learning-rate")]
+    Diverged {
+        /// The offending loss.
+        loss: f64,
+        /// The step.
+        step: usize,
+        /// Which checkpoint survives.
+        checkpoint: String,
+    },
+}
+
+/// One row of a batch: an example, or several packed ones with their positions and segments.
+struct Row {
+    ids: Vec<u32>,
+    mask: Vec<u8>,
+    packed: Option<(Vec<u32>, Vec<u32>)>,
+}
+
+fn rows(examples: &[Tokenized], cfg: &TrainConfig) -> Vec<Row> {
+    if cfg.pack {
+        whet_data::pack::pack(examples, cfg.max_seq_len)
+            .into_iter()
+            .map(|r| Row { ids: r.ids, mask: r.mask, packed: Some((r.positions, r.segments)) })
+            .collect()
+    } else {
+        examples
+            .iter()
+            .map(|e| {
+                let n = e.ids.len().min(cfg.max_seq_len);
+                Row { ids: e.ids[..n].to_vec(), mask: e.mask[..n].to_vec(), packed: None }
+            })
+            .collect()
+    }
+}
+
+/// Loss of a batch of rows, right-padded to the longest (padding is masked out).
+fn batch_loss(
+    model: &Llama,
+    rows: &[&Row],
+    device: &Device,
+) -> Result<(Tensor, usize, usize), TrainError> {
+    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+    let b = rows.len();
+    let (mut ids, mut mask, mut pos, mut seg) =
+        (vec![0u32; b * t], vec![0u8; b * t], vec![0u32; b * t], vec![u32::MAX; b * t]);
+    for (i, r) in rows.iter().enumerate() {
+        let n = r.ids.len();
+        ids[i * t..i * t + n].copy_from_slice(&r.ids);
+        mask[i * t..i * t + n].copy_from_slice(&r.mask);
+        match &r.packed {
+            Some((p, s)) => {
+                pos[i * t..i * t + n].copy_from_slice(p);
+                seg[i * t..i * t + n].copy_from_slice(s);
+            }
+            None => {
+                pos[i * t..i * t + n].iter_mut().enumerate().for_each(|(k, x)| *x = k as u32);
+                seg[i * t..i * t + n].fill(0);
+            }
+        }
+    }
+    let ids_t = Tensor::from_vec(ids, (b, t), device)?;
+    let mask_t = Tensor::from_vec(mask, (b, t), device)?;
+    let logits = if rows.iter().any(|r| r.packed.is_some()) {
+        let pos = Tensor::from_vec(pos, (b, t), device)?;
+        let seg = Tensor::from_vec(seg, (b, t), &Device::Cpu)?;
+        model.forward_packed(&ids_t, &pos, &seg)?
+    } else {
+        model.forward(&ids_t, None)?
+    };
+    let (loss, n) = masked_cross_entropy(&logits, &ids_t, &mask_t)?;
+    Ok((loss, n, b * t))
+}
+
+/// The rows of micro-batch `g`: epochs are seeded shuffles of all rows, so the data order is a
+/// function of `(seed, g)` alone and a resumed run sees exactly what an uninterrupted one would.
+fn micro_batch<'a>(rows: &'a [Row], batch: usize, seed: u64, g: usize) -> Vec<&'a Row> {
+    let per_epoch = rows.len().div_ceil(batch);
+    let (epoch, i) = (g / per_epoch, g % per_epoch);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ));
+    order[i * batch..((i + 1) * batch).min(rows.len())].iter().map(|&k| &rows[k]).collect()
+}
+
+/// Mean validation loss over all validation rows.
+fn evaluate(model: &Llama, rows: &[Row], batch: usize, device: &Device) -> Result<f64, TrainError> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in rows.chunks(batch) {
+        let refs: Vec<&Row> = chunk.iter().collect();
+        let (loss, k, _) = batch_loss(model, &refs, device)?;
+        sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64;
+        n += k;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+/// Train LoRA adapters on `model` into `run`; with `resume`, continue from `run`'s checkpoint.
+/// `stop` (set by Ctrl-C) ends the run after the current step with a checkpoint.
+pub fn train(
+    model: &mut Llama,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    run: &Path,
+    resume: bool,
+    stop: &AtomicBool,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<Summary, TrainError> {
+    let (lora, schedule) = cfg.validate()?;
+    if data.train.is_empty() {
+        return Err(TrainError::Run("the training set is empty".into()));
+    }
+    let device = model.device().clone();
+    model.add_lora(&lora, cfg.seed)?;
+    checkpoint::prepare_run_dir(run, cfg, resume)?;
+    model.set_training(true);
+    let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
+    let params = AdamWParams {
+        beta1: cfg.beta1,
+        beta2: cfg.beta2,
+        eps: cfg.eps,
+        weight_decay: cfg.weight_decay,
+    };
+    let mut opt = AdamW::new(vars, params)?;
+    let mut state = TrainState::default();
+    if resume {
+        state = checkpoint::load(run, model, &mut opt)?;
+    }
+    let train_rows = rows(&data.train, cfg);
+    let valid_rows = rows(&data.valid, cfg);
+    let mut metrics = checkpoint::Metrics::open(run, state.step)?;
+    let mut last_loss = f64::NAN;
+    let mut stopped = None;
+
+    for step in state.step..cfg.steps {
+        let start = Instant::now();
+        let lr = learning_rate(schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps, step);
+        // Forward and backward over grad_accum micro-batches, summing gradients.
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.state.len()];
+        let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        for a in 0..cfg.grad_accum {
+            let g = step * cfg.grad_accum + a;
+            model.set_dropout_seed(cfg.seed.wrapping_mul(31).wrapping_add(g as u64));
+            let batch = micro_batch(&train_rows, cfg.batch_size, cfg.seed, g);
+            let (loss, _, n_tokens) = batch_loss(model, &batch, &device)?;
+            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            tokens += n_tokens;
+            let store = (loss / cfg.grad_accum as f64)?.backward()?;
+            for (acc, (var, _, _)) in grads.iter_mut().zip(&opt.state) {
+                // Every adapter must receive a gradient: a missing one means the graph was cut.
+                let g = store.get(var).ok_or_else(|| {
+                    TrainError::Run(format!(
+                        "internal error: an adapter got no gradient at step {}",
+                        step + 1
+                    ))
+                })?;
+                *acc = Some(match acc.take() {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        let loss = loss_sum / cfg.grad_accum as f64;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                loss,
+                step: step + 1,
+                checkpoint: checkpoint::describe(run),
+            });
+        }
+        let mut grads: Vec<Tensor> = grads.into_iter().flatten().collect();
+        // Clip by global norm.
+        let norm_sq: f64 = grads
+            .iter()
+            .map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>())
+            .sum::<candle_core::Result<f64>>()?;
+        let grad_norm = norm_sq.sqrt();
+        if cfg.max_grad_norm > 0.0 && grad_norm > cfg.max_grad_norm {
+            let scale = cfg.max_grad_norm / (grad_norm + 1e-6);
+            grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
+        }
+        opt.step(&grads, lr)?;
+        last_loss = loss;
+        state.step = step + 1;
+        let event = Event::Step {
+            step: state.step,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_sec: tokens as f64 / start.elapsed().as_secs_f64(),
+            peak_mb: peak_rss_mb(),
+        };
+        metrics.write(&event)?;
+        on_event(&event);
+
+        let last = state.step == cfg.steps;
+        if !valid_rows.is_empty()
+            && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last)
+        {
+            let val_loss = evaluate(model, &valid_rows, cfg.batch_size, &device)?;
+            let best = state.best_val.is_none_or(|b| val_loss < b);
+            if best {
+                state.best_val = Some(val_loss);
+                state.bad_evals = 0;
+                checkpoint::save_adapter_atomically(model, &run.join("best"), &cfg.model)?;
+            } else {
+                state.bad_evals += 1;
+            }
+            let event = Event::Eval { step: state.step, val_loss, best };
+            metrics.write(&event)?;
+            on_event(&event);
+            if cfg.patience > 0 && state.bad_evals >= cfg.patience {
+                stopped = Some(format!(
+                    "early stop: no better validation loss in {} evaluations",
+                    cfg.patience
+                ));
+            }
+        }
+        let interrupted = stop.load(Ordering::SeqCst);
+        if interrupted && stopped.is_none() {
+            stopped = Some("interrupted".into());
+        }
+        if (cfg.save_every > 0 && state.step % cfg.save_every == 0) || last || stopped.is_some() {
+            checkpoint::save(run, model, &opt, &state)?;
+            on_event(&Event::Checkpoint { step: state.step });
+        }
+        if stopped.is_some() {
+            break;
+        }
+    }
+    checkpoint::save_adapter_atomically(model, &run.join("adapter"), &cfg.model)?;
+    model.set_training(false);
+    Ok(Summary { steps: state.step, final_loss: last_loss, best_val_loss: state.best_val, stopped })
+}
+
+/// Peak resident memory of this process in MB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
