@@ -30,6 +30,13 @@ pub enum Command {
     ///
     /// Example: whet info random:tiny
     Info(InfoArgs),
+    /// Train a LoRA adapter.
+    ///
+    /// Example: whet train --data data/support-style --out runs/style --steps 100
+    ///
+    /// Settings come from --config (a TOML file with the same names as whet.toml), then the
+    /// flags; a resumed run reads RUN_DIR/whet.toml and refuses settings that differ.
+    Train(TrainArgs),
     /// Check, preview and prepare datasets.
     #[command(subcommand)]
     Data(DataCommand),
@@ -124,6 +131,38 @@ pub enum BenchCommand {
     ///
     /// Example: whet bench data --examples 100000
     Data(BenchDataArgs),
+    /// LoRA training speed and memory: tokens/s (median over steps) and peak RSS.
+    ///
+    /// Example: whet bench train --steps 5   (random:smollm2-135m, r8 on q,v, batch 4 x 128)
+    Train(BenchTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    /// Model; the default has SmolLM2-135M's shapes with random weights.
+    #[arg(short, long, default_value = "random:smollm2-135m")]
+    pub model: String,
+    /// Base weight dtype.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Device.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// Wrapped modules.
+    #[arg(long, default_value = "q_proj,v_proj")]
+    pub targets: String,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Tokens per sequence (all trained).
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Measured steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +193,10 @@ pub struct ModelArgs {
     /// reads every weight per token, so this is what makes CPU decoding fast.
     #[arg(long)]
     pub quantize: Option<String>,
+    /// A LoRA adapter directory (PEFT format, e.g. RUN_DIR/adapter) to apply; it is merged into
+    /// the weights, so generation runs at base-model speed.
+    #[arg(long)]
+    pub adapter: Option<std::path::PathBuf>,
 }
 
 /// How to sample and when to stop.
@@ -238,4 +281,93 @@ pub struct BenchGenerateArgs {
     /// Measured runs (after one warm-up run).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+}
+
+/// `whet train`. Unset flags keep the config file's value (or the default shown).
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Base model [default: models/SmolLM2-135M-Instruct.Q4_1.gguf].
+    #[arg(short, long, env = "WHET_MODEL")]
+    pub model: Option<String>,
+    /// Dataset (file, directory, or `whet data prepare` output).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Run directory: whet.toml, metrics.jsonl, loss.svg, checkpoint/, best/, adapter/.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// TOML file with settings (names as in whet.toml).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long, conflicts_with = "overwrite")]
+    pub resume: bool,
+    /// Replace a previous run in --out.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Base weight dtype: f32, f16, bf16 [default: f32].
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Device: auto, cpu, cuda, cuda:N, metal [default: auto].
+    #[arg(long)]
+    pub device: Option<String>,
+    /// LoRA rank [default: 8].
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha/rank [default: 16].
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// LoRA dropout [default: 0].
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Wrapped modules: comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, or all-linear [default: q_proj,v_proj].
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// rsLoRA scaling, alpha/sqrt(rank).
+    #[arg(long)]
+    pub rslora: bool,
+    /// Peak learning rate [default: 2e-4].
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+    /// constant, linear or cosine [default: cosine].
+    #[arg(long)]
+    pub lr_schedule: Option<String>,
+    /// Warmup steps [default: 10].
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Optimizer steps [default: 200].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Examples per micro-batch [default: 4].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Longest example in tokens [default: 512].
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    /// Pack several examples per row.
+    #[arg(long)]
+    pub pack: bool,
+    /// all, last or inputs [default: all].
+    #[arg(long)]
+    pub train_on: Option<String>,
+    /// AdamW weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Clip the global gradient norm (0 = off) [default: 1].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Validate every N steps [default: 50].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Checkpoint every N steps [default: 100].
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Early-stopping patience in evaluations (0 = off) [default: 0].
+    #[arg(long)]
+    pub patience: Option<usize>,
+    /// Seed [default: 0].
+    #[arg(long)]
+    pub seed: Option<u64>,
 }

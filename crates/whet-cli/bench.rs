@@ -44,3 +44,84 @@ pub fn generate(args: BenchGenerateArgs) -> Result<()> {
     )?;
     Ok(())
 }
+
+pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
+    use rand::{Rng, SeedableRng};
+    anyhow::ensure!(
+        args.steps > 0 && args.seq_len > 1 && args.batch_size > 0,
+        "--steps, --seq-len and --batch-size must be positive"
+    );
+    let load_before = load_average();
+    let device = whet_model::parse_device(&args.device)?;
+    let dtype = whet_model::parse_dtype(&args.dtype)?;
+    let mut m = model::load_spec(&args.model, dtype, &device, 0)?;
+    let vocab = m.config.vocab_size as u32;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let n = args.batch_size * (args.steps + 1);
+    let train: Vec<whet_data::Tokenized> = (0..n)
+        .map(|_| whet_data::Tokenized {
+            ids: (0..args.seq_len).map(|_| rng.random_range(3..vocab)).collect(),
+            mask: vec![1; args.seq_len],
+        })
+        .collect();
+    let data = whet_train::TrainData { train, valid: vec![] };
+    let cfg = whet_train::TrainConfig {
+        model: args.model.clone(),
+        data: "synthetic".into(),
+        r: args.rank,
+        target_modules: args.targets.clone(),
+        steps: args.steps + 1,
+        batch_size: args.batch_size,
+        max_seq_len: args.seq_len,
+        eval_every: 0,
+        save_every: 0,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir()?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut speeds = vec![];
+    whet_train::train(
+        &mut m.model,
+        &data,
+        &cfg,
+        &dir.path().join("run"),
+        false,
+        &stop,
+        &mut |e| {
+            if let whet_train::Event::Step { step, tokens_per_sec, .. } = e {
+                if *step > 1 {
+                    speeds.push(*tokens_per_sec);
+                }
+            }
+        },
+    )?;
+    let fmt_load = |l: Option<f64>| l.map_or("n/a".to_string(), |l| format!("{l:.2}"));
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "model:      {}", m.source)?;
+    writeln!(
+        out,
+        "device:     {} ({} threads)",
+        whet_model::device_name(&device),
+        candle_core::utils::get_num_threads()
+    )?;
+    writeln!(
+        out,
+        "lora:       r{} on {}, batch {} x {} tokens",
+        args.rank, args.targets, args.batch_size, args.seq_len
+    )?;
+    writeln!(
+        out,
+        "train:      {:.1} tokens/s (median of {} steps after 1 warm-up; {})",
+        median(speeds.clone()),
+        speeds.len(),
+        speeds.iter().map(|s| format!("{s:.0}")).collect::<Vec<_>>().join(", ")
+    )?;
+    writeln!(out, "peak RSS:   {:.0} MB", whet_train::trainer::peak_rss_mb())?;
+    writeln!(
+        out,
+        "load avg:   {} before, {} after (1 min)",
+        fmt_load(load_before),
+        fmt_load(load_average())
+    )?;
+    Ok(())
+}

@@ -12,7 +12,7 @@ use whet_data::{ChatTemplate, Format, Overlong, Renderer, TrainOn};
 use whet_model::{ModelSource, ModelTokenizer};
 
 /// The model's tokenizer and chat template, loaded without its weights.
-struct ModelText {
+pub(crate) struct ModelText {
     tokenizer: ModelTokenizer,
     template: ChatTemplate,
     end_of_turn: Vec<String>,
@@ -26,6 +26,11 @@ impl ModelText {
         }
         let tokenizer = whet_model::load_tokenizer(&ModelSource::parse(&spec)?)
             .with_context(|| format!("cannot load the tokenizer of `{spec}`"))?;
+        Self::from_tokenizer(tokenizer)
+    }
+
+    /// Around a tokenizer already loaded with its model.
+    pub(crate) fn from_tokenizer(tokenizer: ModelTokenizer) -> Result<Self> {
         let template = whet_infer::chat_template(&tokenizer)?;
         let end_of_turn = tokenizer
             .stop_ids
@@ -35,12 +40,23 @@ impl ModelText {
         Ok(Self { tokenizer, template, end_of_turn })
     }
 
+    /// sha256 of the tokenizer and of the chat template: what a prepared dataset must match.
+    pub(crate) fn hashes(&self) -> Result<(String, String)> {
+        let json = self
+            .tokenizer
+            .tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
+        let template = self.tokenizer.chat_template.as_deref().unwrap_or(whet_data::CHATML);
+        Ok((sha256_hex(json.as_bytes()), sha256_hex(template.as_bytes())))
+    }
+
     fn renderer(&self, train_on: TrainOn) -> Renderer<'_> {
         Renderer::new(&self.tokenizer.tokenizer, &self.template, train_on, self.end_of_turn.clone())
     }
 }
 
-struct Settings {
+pub(crate) struct Settings {
     format: Option<Format>,
     train_on: TrainOn,
     overlong: Overlong,
@@ -71,7 +87,7 @@ fn settings(a: &DataArgs) -> Result<Settings> {
 }
 
 /// Read, split, render, mask and tokenize.
-fn run_pipeline(a: &DataArgs, m: &ModelText) -> Result<(Settings, Vec<PreparedSplit>)> {
+pub(crate) fn run_pipeline(a: &DataArgs, m: &ModelText) -> Result<(Settings, Vec<PreparedSplit>)> {
     let s = settings(a)?;
     let mut splits = dataset::read(&a.path, s.format)?;
     dataset::split_valid(&mut splits, a.valid_fraction, a.seed);
@@ -270,11 +286,7 @@ fn manifest(
     s: &Settings,
     splits: &[PreparedSplit],
 ) -> Result<Manifest> {
-    let tok_json = m
-        .tokenizer
-        .tokenizer
-        .to_string(false)
-        .map_err(|e| anyhow::anyhow!("cannot serialise the tokenizer: {e}"))?;
+    let (tokenizer_sha256, template_sha256) = m.hashes()?;
     let settings: BTreeMap<String, String> = [
         ("model", model_spec(&a.data.model)),
         ("format", s.format.map_or("auto".into(), |f| f.name().into())),
@@ -305,10 +317,8 @@ fn manifest(
     }
     Ok(Manifest {
         version: CACHE_VERSION,
-        tokenizer_sha256: sha256_hex(tok_json.as_bytes()),
-        template_sha256: sha256_hex(
-            m.tokenizer.chat_template.as_deref().unwrap_or(whet_data::CHATML).as_bytes(),
-        ),
+        tokenizer_sha256,
+        template_sha256,
         settings,
         splits: infos,
     })

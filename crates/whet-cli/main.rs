@@ -7,6 +7,7 @@ mod data;
 mod generate;
 mod info;
 mod model;
+mod train;
 
 use clap::Parser;
 use std::io::Write;
@@ -18,11 +19,13 @@ fn main() {
         args::Command::Generate(a) => generate::run(a),
         args::Command::Chat(a) => chat::run(a),
         args::Command::Info(a) => info::run(a),
+        args::Command::Train(a) => train::run(a),
         args::Command::Data(args::DataCommand::Check(a)) => data::check(a),
         args::Command::Data(args::DataCommand::Preview(a)) => data::preview(a),
         args::Command::Data(args::DataCommand::Prepare(a)) => data::prepare(a),
         args::Command::Bench(args::BenchCommand::Generate(a)) => bench::generate(a),
         args::Command::Bench(args::BenchCommand::Data(a)) => data::bench(a),
+        args::Command::Bench(args::BenchCommand::Train(a)) => bench::train(a),
     };
     if let Err(err) = result {
         // Output piped into `head` closes early; that is not an error worth a message.

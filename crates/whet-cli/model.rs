@@ -17,6 +17,12 @@ pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
     let dtype = whet_model::parse_dtype(&args.dtype)?;
     let quantize = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
     let mut model = load_spec(&model_spec(&args.model), dtype, &device, seed)?;
+    if let Some(dir) = &args.adapter {
+        whet_model::adapter::load_adapter(&mut model.model, dir)
+            .with_context(|| format!("cannot apply the adapter in {}", dir.display()))?;
+        model.model.merge_lora()?;
+        model.source = format!("{} + adapter {}", model.source, dir.display());
+    }
     if let Some(q) = quantize {
         model.model.quantize(q).context("cannot quantize the model")?;
         model.source = format!("{}, linear layers quantized to {q:?}", model.source);

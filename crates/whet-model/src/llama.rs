@@ -590,6 +590,16 @@ impl Llama {
         positions: &Tensor,
         segments: &Tensor,
     ) -> Result<Tensor> {
+        self.logits(&self.hidden_packed(ids, positions, segments)?)
+    }
+
+    /// Final hidden states `[B, T, C]` of packed rows (see [`Llama::forward_packed`]).
+    pub fn hidden_packed(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        segments: &Tensor,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let seg = segments.to_vec2::<u32>()?;
         let mask: Vec<f32> = seg
@@ -603,8 +613,13 @@ impl Llama {
             })
             .collect();
         let mask = Tensor::from_vec(mask, (b, 1, t, t), self.device())?;
-        let h = self.run(ids, &Positions::Explicit(positions), Some(&mask), None)?;
-        self.head(&h)
+        self.run(ids, &Positions::Explicit(positions), Some(&mask), None)
+    }
+
+    /// Logits `[.., V]` from final hidden states `[.., C]`. Training computes them only at the
+    /// positions the loss uses: the `[T, V]` logits are the largest tensors of a step.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        self.head(h)
     }
 
     /// Logits `[B, T, V]` for every position.

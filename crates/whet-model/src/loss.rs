@@ -24,3 +24,9 @@ pub fn masked_cross_entropy(
     let loss = ((nll * weights)?.sum_all()? / n as f64)?;
     Ok((loss, n))
 }
+
+/// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?.mean_all()
+}

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use whet_data::Tokenized;
-use whet_model::loss::masked_cross_entropy;
+use whet_model::loss::cross_entropy;
 use whet_model::Llama;
 
 /// Training and validation examples, already tokenized and masked.
@@ -145,16 +145,31 @@ fn batch_loss(
             }
         }
     }
+    // Only positions whose next token is trained need logits: gather their hidden states.
+    let (mut at, mut targets) = (vec![], vec![]);
+    for i in 0..b {
+        for k in 1..t {
+            if mask[i * t + k] == 1 {
+                at.push((i * t + k - 1) as u32);
+                targets.push(ids[i * t + k]);
+            }
+        }
+    }
+    if at.is_empty() {
+        return Err(TrainError::Run("a batch without trained tokens".into()));
+    }
     let ids_t = Tensor::from_vec(ids, (b, t), device)?;
-    let mask_t = Tensor::from_vec(mask, (b, t), device)?;
-    let logits = if rows.iter().any(|r| r.packed.is_some()) {
+    let h = if rows.iter().any(|r| r.packed.is_some()) {
         let pos = Tensor::from_vec(pos, (b, t), device)?;
         let seg = Tensor::from_vec(seg, (b, t), &Device::Cpu)?;
-        model.forward_packed(&ids_t, &pos, &seg)?
+        model.hidden_packed(&ids_t, &pos, &seg)?
     } else {
-        model.forward(&ids_t, None)?
-    };
-    let (loss, n) = masked_cross_entropy(&logits, &ids_t, &mask_t)?;
+        model.hidden(&ids_t, None)?
+    }; // [B, T, C]
+    let n = at.len();
+    let h = h.reshape((b * t, h.dim(2)?))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?; // [N, C]
+    let logits = model.logits(&h)?; // [N, V]
+    let loss = cross_entropy(&logits, &Tensor::from_vec(targets, n, device)?)?;
     Ok((loss, n, b * t))
 }
 

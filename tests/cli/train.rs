@@ -1,0 +1,158 @@
+//! `whet train` end to end on the tiny random model: a run, its adapter used by `generate`,
+//! SIGKILL and resume equal to an uninterrupted run, and refused settings.
+
+use crate::*;
+use std::path::Path;
+
+fn dataset(dir: &Path) -> String {
+    let lines: String = (0..12)
+        .map(|i| format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}},{{\"role\":\"assistant\",\"content\":\"answer {}\"}}]}}\n", i % 3))
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), lines).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+fn train_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        "random:tiny",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        steps,
+        "--targets",
+        "all-linear",
+        "--learning-rate",
+        "1e-2",
+        "--eval-every",
+        "0",
+    ]
+}
+
+#[test]
+fn train_then_generate_with_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let out = dir.path().join("run");
+    let o = whet(&train_args(&data, out.to_str().unwrap(), "30"), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("adapter:        {}", out.join("adapter").display())),
+        "{}",
+        stdout(&o)
+    );
+    let toml = std::fs::read_to_string(out.join("whet.toml")).unwrap();
+    assert!(
+        toml.contains("target_modules = \"all-linear\"") && toml.contains("steps = 30"),
+        "{toml}"
+    );
+    let base = whet(
+        &["generate", "--model", "random:tiny", "--chat", "--prompt", "q1", "--max-tokens", "8"],
+        "",
+    );
+    let tuned = whet(
+        &[
+            "generate",
+            "--model",
+            "random:tiny",
+            "--adapter",
+            out.join("adapter").to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            "q1",
+            "--max-tokens",
+            "8",
+        ],
+        "",
+    );
+    assert!(tuned.status.success(), "{}", stderr(&tuned));
+    assert_ne!(stdout(&base), stdout(&tuned), "the adapter changes the output");
+    assert!(
+        stdout(&tuned).starts_with("answer"),
+        "learned the answer pattern: {:?}",
+        stdout(&tuned)
+    );
+}
+
+/// Kill a run with SIGKILL mid-way, resume it, and get the adapter an uninterrupted run gives.
+#[test]
+fn sigkill_and_resume_equals_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let steps = "300";
+    let straight = dir.path().join("straight");
+    let o = whet(&train_args(&data, straight.to_str().unwrap(), steps), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let killed = dir.path().join("killed");
+    let mut args = train_args(&data, killed.to_str().unwrap(), steps);
+    args.extend(["--save-every", "1"]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(&args)
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = killed.join("checkpoint/state.json");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let step = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64());
+        if step.is_some_and(|s| s >= 20) || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at: u64 =
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&state).unwrap())
+            .unwrap()["step"]
+            .as_u64()
+            .unwrap();
+    assert!(at < 300, "killed before the end (at step {at})");
+    let o = whet(&["train", "--out", killed.to_str().unwrap(), "--resume"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = std::fs::read(straight.join("adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed adapter differs from the uninterrupted one (killed at step {at})");
+}
+
+#[test]
+fn refused_settings_say_what_and_keep_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let mut args = train_args(&data, out_s, "3");
+    let at = args.iter().position(|a| *a == "all-linear").unwrap();
+    args[at] = "q_proj,attn";
+    assert!(assert_one_line_error(&whet(&args, "")).contains("unknown target module `attn`"));
+    assert!(!out.exists(), "nothing created for a refused run");
+    let mut args = train_args(&data, out_s, "3");
+    args.extend(["--rank", "0"]);
+    assert!(assert_one_line_error(&whet(&args, "")).contains("rank must be at least 1"));
+    let empty = tempfile::tempdir().unwrap();
+    let o = whet(&train_args(empty.path().to_str().unwrap(), out_s, "3"), "");
+    assert!(stderr(&o).contains("no `train.jsonl` in this directory"), "{}", stderr(&o));
+    assert!(whet(&train_args(&data, out_s, "3"), "").status.success());
+    let before = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let o = whet(&train_args(&data, out_s, "3"), "");
+    assert!(assert_one_line_error(&o).contains("already holds files; hint: pass --resume"));
+    let o = whet(&["train", "--out", out_s, "--resume", "--learning-rate", "0.5"], "");
+    assert!(
+        assert_one_line_error(&o).contains("`learning_rate` was 0.01 and is now 0.5"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(), before);
+    let mut args = train_args(&data, out_s, "3");
+    args.push("--overwrite");
+    assert!(whet(&args, "").status.success());
+}
