@@ -116,25 +116,36 @@ pub fn run(a: TrainArgs) -> Result<()> {
         }
         eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)");
     });
-    let quiet = tracing::enabled!(tracing::Level::WARN)
-        && !tracing::enabled!(tracing::Level::INFO)
-        && !std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(c.steps as u64) };
+    // A progress bar on a terminal; plain lines (every 10 steps and each evaluation) in logs.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let quiet = !tracing::enabled!(tracing::Level::WARN);
+    let bar = if tty && !quiet { ProgressBar::new(c.steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    let say = |line: String| {
+        if tty {
+            bar.println(line);
+        } else if !quiet {
+            eprintln!("{line}");
+        }
+    };
     let mut on_event = |e: &Event| match e {
         Event::Step { step, loss, lr, tokens_per_sec, peak_mb, .. } => {
-            bar.set_position(*step as u64);
-            bar.set_message(format!(
+            let msg = format!(
                 "loss {loss:.4} | lr {lr:.2e} | {tokens_per_sec:.0} tok/s | {peak_mb:.0} MB"
-            ));
+            );
+            bar.set_position(*step as u64);
+            if !tty && (step % 10 == 0 || *step == c.steps) {
+                say(format!("step {step}/{}: {msg}", c.steps));
+            }
+            bar.set_message(msg);
         }
         Event::Eval { step, val_loss, best } => {
-            bar.println(format!(
+            say(format!(
                 "step {step}: validation loss {val_loss:.4}{}",
                 if *best { " (best)" } else { "" }
             ));

@@ -156,3 +156,77 @@ fn refused_settings_say_what_and_keep_the_run() {
     args.push("--overwrite");
     assert!(whet(&args, "").status.success());
 }
+
+/// PEFT reads whet's adapter: Hugging Face PEFT on the same base gives the same greedy reply as
+/// `whet generate --adapter`. Needs Python with torch, transformers, gguf and peft
+/// (`WHET_PYTHON`, default `python3`); without them it says so and checks nothing.
+#[test]
+fn peft_loads_the_adapter_and_agrees() {
+    if !have_default_model() {
+        return;
+    }
+    let python = std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import torch, transformers, gguf, peft"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: {python} lacks torch/transformers/gguf/peft; set WHET_PYTHON to a Python that has them");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let data = root().join("data/support-style");
+    let o = whet(
+        &[
+            "train",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "4",
+            "--learning-rate",
+            "3e-3",
+            "--warmup-steps",
+            "0",
+            "--targets",
+            "all-linear",
+            "--eval-every",
+            "0",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let adapter = out.join("adapter");
+    let prompt = "Where is my order FJ-24680?";
+    let ours = whet(
+        &[
+            "generate",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--chat",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "30",
+        ],
+        "",
+    );
+    let script = root().join("scripts/check_peft.py");
+    let theirs = std::process::Command::new(&python)
+        .args([
+            script.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "30",
+        ])
+        .output()
+        .unwrap();
+    assert!(theirs.status.success(), "{}", String::from_utf8_lossy(&theirs.stderr));
+    let theirs = String::from_utf8_lossy(&theirs.stdout).trim().to_string();
+    eprintln!("whet: {}\npeft: {theirs}", stdout(&ours).trim());
+    assert_eq!(stdout(&ours).trim(), theirs);
+}
