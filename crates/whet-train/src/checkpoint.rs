@@ -176,6 +176,10 @@ pub fn load(run: &Path, model: &mut Llama, opt: &mut AdamW) -> Result<TrainState
 /// `metrics.jsonl`: one JSON object per step and per evaluation.
 pub struct Metrics {
     file: std::fs::File,
+    /// `(step, loss)` and `(step, validation loss)` so far, for `loss.svg`.
+    train: Vec<(usize, f64)>,
+    valid: Vec<(usize, f64)>,
+    svg: PathBuf,
 }
 
 impl Metrics {
@@ -199,9 +203,27 @@ impl Metrics {
             text.push('\n');
         }
         std::fs::write(&path, text).map_err(|e| err(&path, e))?;
+        let (mut train, mut valid) = (vec![], vec![]);
+        for line in &kept {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+            let step = v["step"].as_u64().unwrap_or(0) as usize;
+            if let Some(l) = v["loss"].as_f64() {
+                train.push((step, l));
+            }
+            if let Some(l) = v["val_loss"].as_f64() {
+                valid.push((step, l));
+            }
+        }
         let file =
             std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| err(&path, e))?;
-        Ok(Self { file })
+        Ok(Self { file, train, valid, svg: run.join("loss.svg") })
+    }
+
+    /// Redraw `loss.svg` (at each evaluation and at the end of the run).
+    pub fn plot(&self) {
+        if let Err(e) = crate::plot::loss_curve(&self.svg, &self.train, &self.valid) {
+            tracing::warn!("cannot draw {}: {e}", self.svg.display());
+        }
     }
 
     /// Append one event.

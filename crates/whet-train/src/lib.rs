@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod optim;
+pub mod plot;
 pub mod trainer;
 
 pub use config::TrainConfig;

@@ -310,6 +310,7 @@ pub fn train(
             }
             let event = Event::Eval { step: state.step, val_loss, best };
             metrics.write(&event)?;
+            metrics.plot();
             on_event(&event);
             if cfg.patience > 0 && state.bad_evals >= cfg.patience {
                 stopped = Some(format!(
@@ -331,6 +332,7 @@ pub fn train(
         }
     }
     checkpoint::save_adapter_atomically(model, &run.join("adapter"), &cfg.model)?;
+    metrics.plot();
     model.set_training(false);
     Ok(Summary { steps: state.step, final_loss: last_loss, best_val_loss: state.best_val, stopped })
 }
