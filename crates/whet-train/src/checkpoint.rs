@@ -228,6 +228,11 @@ impl Metrics {
 
     /// Append one event.
     pub fn write(&mut self, e: &Event) -> Result<(), TrainError> {
+        match e {
+            Event::Step { step, loss, .. } => self.train.push((*step, *loss)),
+            Event::Eval { step, val_loss, .. } => self.valid.push((*step, *val_loss)),
+            Event::Checkpoint { .. } => {}
+        }
         let v = match e {
             Event::Step { step, loss, lr, grad_norm, tokens_per_sec, peak_mb } => {
                 serde_json::json!({

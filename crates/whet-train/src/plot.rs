@@ -47,3 +47,15 @@ pub fn loss_curve(
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn draws_both_series() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.svg");
+        super::loss_curve(&path, &[(1, 3.0), (2, 2.0), (3, 1.5)], &[(3, 1.8)]).unwrap();
+        let svg = std::fs::read_to_string(path).unwrap();
+        assert!(svg.contains("<polyline") && svg.contains("validation"));
+    }
+}

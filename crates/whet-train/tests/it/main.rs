@@ -71,6 +71,11 @@ fn overfits_a_tiny_dataset() {
     ] {
         assert!(dir.path().join("run").join(f).exists(), "{f}");
     }
+    let svg = std::fs::read_to_string(dir.path().join("run/loss.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("validation") && svg.contains("<polyline"),
+        "loss curve drawn"
+    );
 }
 
 #[test]
