@@ -98,15 +98,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if data.train.is_empty() {
         bail!("{}: no training examples", c.data);
     }
-    eprintln!(
-        "training {} on {} ({} train / {} valid examples), {} on {}",
-        c.target_modules,
-        c.data,
-        data.train.len(),
-        data.valid.len(),
-        m.source,
-        whet_model::device_name(&device)
-    );
+    let quiet = !tracing::enabled!(tracing::Level::WARN);
+    if !quiet {
+        eprintln!(
+            "training {} on {} ({} train / {} valid examples), {} on {}",
+            c.target_modules,
+            c.data,
+            data.train.len(),
+            data.valid.len(),
+            m.source,
+            whet_model::device_name(&device)
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // First Ctrl-C: finish the step, checkpoint, exit. A second one kills as usual.
@@ -118,7 +121,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
     });
     // A progress bar on a terminal; plain lines (every 10 steps and each evaluation) in logs.
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let quiet = !tracing::enabled!(tracing::Level::WARN);
     let bar = if tty && !quiet { ProgressBar::new(c.steps as u64) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template(
