@@ -10,8 +10,8 @@
 use crate::config::Config;
 use crate::lora::{Lora, LoraConfig};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::Var;
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_core::{Var, D};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
 
@@ -259,7 +259,7 @@ impl Attention {
             None => att,
         };
         let att = if ctx.train {
-            candle_nn::ops::softmax(&att, D::Minus1)?
+            crate::ops::softmax(&att)?
         } else {
             candle_nn::ops::softmax_last_dim(&att)?
         };
