@@ -87,21 +87,26 @@ pub fn load(source: &ModelSource, dtype: DType, device: &Device, seed: u64) -> R
 /// preparation needs. The vocabulary is still checked against the model's configuration.
 pub fn load_tokenizer(source: &ModelSource) -> Result<ModelTokenizer> {
     match source {
-        ModelSource::Gguf(path) => {
-            let gguf = GgufFile::open(path)?;
-            let config = gguf.config_file()?.into_config(path)?;
-            let tokenizer = ModelTokenizer::from_gguf(&gguf)?;
-            tokenizer.check_fits(config.vocab_size, path)?;
-            Ok(tokenizer)
+        ModelSource::Gguf(path) => Ok(open_gguf(path)?.2),
+        ModelSource::HfDir(dir) => tokenizer_from_dir(dir, &read_config(dir)?),
+        ModelSource::Hub(id) => {
+            let dir = resolve_hub(id)?;
+            tokenizer_from_dir(&dir, &read_config(&dir)?)
         }
-        ModelSource::HfDir(dir) => tokenizer_from_dir(dir),
-        ModelSource::Hub(id) => tokenizer_from_dir(&resolve_hub(id)?),
         ModelSource::Random(_) => ModelTokenizer::byte_level(),
     }
 }
 
-fn tokenizer_from_dir(dir: &Path) -> Result<ModelTokenizer> {
-    let config = read_config(dir)?;
+/// A GGUF file's header, validated configuration and tokenizer (checked against each other).
+fn open_gguf(path: &Path) -> Result<(GgufFile, Config, ModelTokenizer)> {
+    let gguf = GgufFile::open(path)?;
+    let config = gguf.config_file()?.into_config(path)?;
+    let tokenizer = ModelTokenizer::from_gguf(&gguf)?;
+    tokenizer.check_fits(config.vocab_size, path)?;
+    Ok((gguf, config, tokenizer))
+}
+
+fn tokenizer_from_dir(dir: &Path, config: &Config) -> Result<ModelTokenizer> {
     let tokenizer = ModelTokenizer::from_dir(dir, &config.eos_token_ids)?;
     tokenizer.check_fits(config.vocab_size, &dir.join("tokenizer.json"))?;
     Ok(tokenizer)
@@ -119,10 +124,7 @@ fn read_config(dir: &Path) -> Result<Config> {
 }
 
 fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
-    let gguf = GgufFile::open(path)?;
-    let config = gguf.config_file()?.into_config(path)?;
-    let tokenizer = ModelTokenizer::from_gguf(&gguf)?;
-    tokenizer.check_fits(config.vocab_size, path)?;
+    let (gguf, config, tokenizer) = open_gguf(path)?;
     let mut tensors = gguf.tensors(config.num_heads, config.num_kv_heads, dtype, device)?;
     // Some converters store a tied head anyway; the embedding is the one used.
     if config.tie_word_embeddings {
@@ -139,7 +141,7 @@ fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> 
 
 fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let config = read_config(dir)?;
-    let tokenizer = tokenizer_from_dir(dir)?;
+    let tokenizer = tokenizer_from_dir(dir, &config)?;
     let files = safetensors_files(dir)?;
     for f in &files {
         // Parse every header first so a corrupt or truncated shard is named before use.
