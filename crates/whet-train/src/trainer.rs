@@ -35,7 +35,8 @@ pub enum Event {
         lr: f64,
         /// Global gradient norm before clipping.
         grad_norm: f64,
-        /// Trained tokens per second in this step (all tokens processed, prompts included).
+        /// Tokens per second in this step (every token run through the model, prompts included,
+        /// padding not).
         tokens_per_sec: f64,
         /// Peak resident memory so far, in MB.
         peak_mb: f64,
@@ -170,19 +171,29 @@ fn batch_loss(
     let h = h.reshape((b * t, h.dim(2)?))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?; // [N, C]
     let logits = model.logits(&h)?; // [N, V]
     let loss = cross_entropy(&logits, &Tensor::from_vec(targets, n, device)?)?;
-    Ok((loss, n, b * t))
+    Ok((loss, n, rows.iter().map(|r| r.ids.len()).sum()))
 }
 
 /// The rows of micro-batch `g`: epochs are seeded shuffles of all rows, so the data order is a
 /// function of `(seed, g)` alone and a resumed run sees exactly what an uninterrupted one would.
-fn micro_batch<'a>(rows: &'a [Row], batch: usize, seed: u64, g: usize) -> Vec<&'a Row> {
+/// `order` caches the current epoch's permutation.
+fn micro_batch<'a>(
+    rows: &'a [Row],
+    batch: usize,
+    seed: u64,
+    g: usize,
+    order: &mut (usize, Vec<usize>),
+) -> Vec<&'a Row> {
     let per_epoch = rows.len().div_ceil(batch);
     let (epoch, i) = (g / per_epoch, g % per_epoch);
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
-        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-    ));
-    order[i * batch..((i + 1) * batch).min(rows.len())].iter().map(|&k| &rows[k]).collect()
+    if order.1.len() != rows.len() || order.0 != epoch {
+        let mut perm: Vec<usize> = (0..rows.len()).collect();
+        perm.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        ));
+        *order = (epoch, perm);
+    }
+    order.1[i * batch..((i + 1) * batch).min(rows.len())].iter().map(|&k| &rows[k]).collect()
 }
 
 /// Mean validation loss over all validation rows.
@@ -233,6 +244,7 @@ pub fn train(
     let mut metrics = checkpoint::Metrics::open(run, state.step)?;
     let mut last_loss = f64::NAN;
     let mut stopped = None;
+    let mut order = (0, vec![]);
 
     for step in state.step..cfg.steps {
         let start = Instant::now();
@@ -243,7 +255,7 @@ pub fn train(
         for a in 0..cfg.grad_accum {
             let g = step * cfg.grad_accum + a;
             model.set_dropout_seed(cfg.seed.wrapping_mul(31).wrapping_add(g as u64));
-            let batch = micro_batch(&train_rows, cfg.batch_size, cfg.seed, g);
+            let batch = micro_batch(&train_rows, cfg.batch_size, cfg.seed, g, &mut order);
             let (loss, _, n_tokens) = batch_loss(model, &batch, &device)?;
             loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             tokens += n_tokens;
