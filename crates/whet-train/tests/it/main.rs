@@ -218,3 +218,27 @@ fn a_diverging_run_stops_with_its_last_checkpoint_intact() {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// A checkpoint that cannot be written (here a file squats on the temporary directory's name,
+/// as a full disk would make the write fail) is an error, and the previous checkpoint survives.
+#[test]
+fn a_failed_checkpoint_write_keeps_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let runp = dir.path().join("run");
+    let c = TrainConfig { save_every: 1, ..cfg(4) };
+    let blocker = runp.join("checkpoint.tmp");
+    let result = train(&mut tiny(), &data(), &c, &runp, false, &AtomicBool::new(false), &mut |e| {
+        if matches!(e, Event::Checkpoint { step: 2 }) {
+            std::fs::write(&blocker, b"in the way").unwrap();
+        }
+    });
+    let err = result.unwrap_err().to_string();
+    assert!(err.contains("checkpoint.tmp"), "{err}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(runp.join("checkpoint/state.json")).unwrap())
+            .unwrap();
+    assert_eq!(state["step"], 2, "the step-2 checkpoint is intact");
+    std::fs::remove_file(&blocker).unwrap();
+    let (summary, _) = run(&mut tiny(), &c, &runp, true).unwrap();
+    assert_eq!(summary.steps, 4, "and the run resumes from it");
+}
