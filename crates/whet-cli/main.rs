@@ -12,6 +12,12 @@ mod train;
 use clap::Parser;
 use std::io::Write;
 
+// Training allocates and frees tensors of tens of megabytes every step; glibc's malloc returns
+// such blocks to the kernel each time, and the page faults of getting them back cost ~15% of a
+// CPU training step. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = args::Cli::parse();
     init_logging(cli.verbose, cli.quiet);
