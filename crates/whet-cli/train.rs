@@ -68,27 +68,15 @@ fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> {
 pub fn run(a: TrainArgs) -> Result<()> {
     let c = config(&a)?;
     c.validate()?;
-    if a.overwrite && a.out.exists() {
-        if !a.out.join("whet.toml").exists() {
-            bail!(
-                "{} is not a whet run directory (no whet.toml); refusing to delete it",
-                a.out.display()
-            );
-        }
-        std::fs::remove_dir_all(&a.out)
-            .with_context(|| format!("cannot remove {}", a.out.display()))?;
+    if a.overwrite && a.out.exists() && !a.out.join("whet.toml").exists() {
+        bail!(
+            "{} is not a whet run directory (no whet.toml); refusing to delete it",
+            a.out.display()
+        );
     }
     // Fail before the slow model load when the run directory cannot be used.
-    let occupied = a.out.exists()
-        && std::fs::read_dir(&a.out).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if occupied && !a.resume {
-        bail!("{} already holds files; hint: pass --resume to continue that run, or --overwrite to replace it", a.out.display());
-    }
-    if a.resume {
-        let saved = TrainConfig::from_file(&a.out.join("whet.toml"))?;
-        if let Some((field, was, now)) = saved.first_difference(&c) {
-            bail!("cannot resume {}: `{field}` was {was} and is now {now}; hint: resume with the same settings, or start a new run", a.out.display());
-        }
+    if !a.overwrite {
+        whet_train::checkpoint::check_run_dir(&a.out, &c, a.resume)?;
     }
     let device = whet_model::parse_device(&c.device)?;
     let dtype = whet_model::parse_dtype(&c.dtype)?;
@@ -97,6 +85,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let data = load_data(&c, &text)?;
     if data.train.is_empty() {
         bail!("{}: no training examples", c.data);
+    }
+    // The previous run goes only now that model and data have loaded.
+    if a.overwrite && a.out.exists() {
+        std::fs::remove_dir_all(&a.out)
+            .with_context(|| format!("cannot remove {}", a.out.display()))?;
     }
     let quiet = !tracing::enabled!(tracing::Level::WARN);
     if !quiet {

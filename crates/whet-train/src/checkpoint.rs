@@ -28,14 +28,14 @@ fn err(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Run(format!("{}: {e}", path.display()))
 }
 
-/// Create `run` for a new run (refusing one that holds another run), or check that a resumed
-/// run's saved config equals `cfg`, naming the first field that differs.
-pub fn prepare_run_dir(run: &Path, cfg: &TrainConfig, resume: bool) -> Result<(), TrainError> {
-    let saved = run.join("whet.toml");
+/// Check, without touching anything, that `run` can take a new run (it is absent or empty) or,
+/// with `resume`, that it holds a checkpoint whose saved settings equal `cfg` (naming the first
+/// field that differs).
+pub fn check_run_dir(run: &Path, cfg: &TrainConfig, resume: bool) -> Result<(), TrainError> {
     if resume {
-        let old = TrainConfig::from_file(&saved)
+        let saved = TrainConfig::from_file(&run.join("whet.toml"))
             .map_err(|e| TrainError::Run(format!("cannot resume: {e}")))?;
-        if let Some((field, was, now)) = old.first_difference(cfg) {
+        if let Some((field, was, now)) = saved.first_difference(cfg) {
             return Err(TrainError::Run(format!(
                 "cannot resume {}: `{field}` was {was} and is now {now}; hint: resume with the same settings, or start a new run",
                 run.display()
@@ -55,8 +55,17 @@ pub fn prepare_run_dir(run: &Path, cfg: &TrainConfig, resume: bool) -> Result<()
             run.display()
         )));
     }
-    std::fs::create_dir_all(run).map_err(|e| err(run, e))?;
-    write_synced(&saved, cfg.to_toml().as_bytes())
+    Ok(())
+}
+
+/// [`check_run_dir`], then, for a new run, create `run` and write the resolved settings.
+pub fn prepare_run_dir(run: &Path, cfg: &TrainConfig, resume: bool) -> Result<(), TrainError> {
+    check_run_dir(run, cfg, resume)?;
+    if !resume {
+        std::fs::create_dir_all(run).map_err(|e| err(run, e))?;
+        write_synced(&run.join("whet.toml"), cfg.to_toml().as_bytes())?;
+    }
+    Ok(())
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
