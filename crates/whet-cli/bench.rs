@@ -17,14 +17,8 @@ pub fn generate(args: BenchGenerateArgs) -> Result<()> {
     let prefill = median(runs.iter().map(|r| r.prefill_tps).collect());
     let decode = median(runs.iter().map(|r| r.decode_tps).collect());
     let mut out = std::io::stdout().lock();
-    let fmt_load = |l: Option<f64>| l.map_or("n/a".to_string(), |l| format!("{l:.2}"));
     writeln!(out, "model:      {}", m.source)?;
-    writeln!(
-        out,
-        "device:     {} ({} threads)",
-        whet_model::device_name(&device),
-        candle_core::utils::get_num_threads()
-    )?;
+    writeln!(out, "{}", device_line(&device))?;
     writeln!(
         out,
         "runs:       {} (+1 warm-up), prompt {} tokens, {} generated",
@@ -36,12 +30,7 @@ pub fn generate(args: BenchGenerateArgs) -> Result<()> {
         "decode:     {decode:.1} tokens/s (median; runs: {})",
         runs.iter().map(|r| format!("{:.1}", r.decode_tps)).collect::<Vec<_>>().join(", ")
     )?;
-    writeln!(
-        out,
-        "load avg:   {} before, {} after (1 min)",
-        fmt_load(load_before),
-        fmt_load(load_average())
-    )?;
+    writeln!(out, "{}", whet_infer::bench::load_line(load_before))?;
     Ok(())
 }
 
@@ -95,15 +84,9 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
             }
         },
     )?;
-    let fmt_load = |l: Option<f64>| l.map_or("n/a".to_string(), |l| format!("{l:.2}"));
     let mut out = std::io::stdout().lock();
     writeln!(out, "model:      {}", m.source)?;
-    writeln!(
-        out,
-        "device:     {} ({} threads)",
-        whet_model::device_name(&device),
-        candle_core::utils::get_num_threads()
-    )?;
+    writeln!(out, "{}", device_line(&device))?;
     writeln!(
         out,
         "lora:       r{} on {}, batch {} x {} tokens",
@@ -117,11 +100,15 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         speeds.iter().map(|s| format!("{s:.0}")).collect::<Vec<_>>().join(", ")
     )?;
     writeln!(out, "peak RSS:   {:.0} MB", whet_train::trainer::peak_rss_mb())?;
-    writeln!(
-        out,
-        "load avg:   {} before, {} after (1 min)",
-        fmt_load(load_before),
-        fmt_load(load_average())
-    )?;
+    writeln!(out, "{}", whet_infer::bench::load_line(load_before))?;
     Ok(())
+}
+
+/// `device:` line of the reports: where it ran, with how many threads.
+fn device_line(device: &candle_core::Device) -> String {
+    format!(
+        "device:     {} ({} threads)",
+        whet_model::device_name(device),
+        candle_core::utils::get_num_threads()
+    )
 }

@@ -357,14 +357,9 @@ pub fn bench(a: BenchDataArgs) -> Result<()> {
         overwrite: false,
     })?;
     let secs = start.elapsed().as_secs_f64();
-    let fmt_load = |l: Option<f64>| l.map_or("n/a".to_string(), |l| format!("{l:.2}"));
     println!("examples:   {} two-turn chats, read + render + mask + tokenize + write", a.examples);
     println!("threads:    {}", std::thread::available_parallelism().map_or(1, |n| n.get()));
     println!("speed:      {:.0} examples/s ({secs:.2}s)", a.examples as f64 / secs);
-    println!(
-        "load avg:   {} before, {} after (1 min)",
-        fmt_load(load_before),
-        fmt_load(whet_infer::bench::load_average())
-    );
+    println!("{}", whet_infer::bench::load_line(load_before));
     Ok(())
 }

@@ -61,6 +61,12 @@ pub fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
+/// The closing line of every benchmark report: the 1-minute load average before and after.
+pub fn load_line(before: Option<f64>) -> String {
+    let fmt = |l: Option<f64>| l.map_or("n/a".to_string(), |l| format!("{l:.2}"));
+    format!("load avg:   {} before, {} after (1 min)", fmt(before), fmt(load_average()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
