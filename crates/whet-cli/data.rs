@@ -9,7 +9,7 @@ use std::time::Instant;
 use whet_data::cache::{sha256_hex, Manifest, SplitInfo, CACHE_VERSION};
 use whet_data::dataset::{self, PreparedSplit};
 use whet_data::{ChatTemplate, Format, Overlong, Renderer, TrainOn};
-use whet_model::{ModelSource, ModelTokenizer};
+use whet_model::ModelTokenizer;
 
 /// The model's tokenizer and chat template, loaded without its weights.
 pub(crate) struct ModelText {
@@ -21,10 +21,7 @@ pub(crate) struct ModelText {
 impl ModelText {
     fn load(model: &Option<String>) -> Result<Self> {
         let spec = model_spec(model);
-        if model.is_none() && !std::path::Path::new(&spec).exists() {
-            return Err(crate::model::DefaultModelMissing.into());
-        }
-        let tokenizer = whet_model::load_tokenizer(&ModelSource::parse(&spec)?)
+        let tokenizer = whet_model::load_tokenizer(&crate::model::source(&spec)?)
             .with_context(|| format!("cannot load the tokenizer of `{spec}`"))?;
         Self::from_tokenizer(tokenizer)
     }

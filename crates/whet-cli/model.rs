@@ -38,12 +38,16 @@ pub fn load_spec(
     device: &Device,
     seed: u64,
 ) -> Result<LoadedModel> {
-    let source = ModelSource::parse(spec)?;
+    whet_model::load(&source(spec)?, dtype, device, seed)
+        .with_context(|| format!("cannot load model `{spec}`"))
+}
+
+/// Classify a `--model` value; the default model missing gets its own error (and hint).
+pub fn source(spec: &str) -> Result<ModelSource> {
     if spec == DEFAULT_MODEL && !std::path::Path::new(spec).exists() {
         return Err(DefaultModelMissing.into());
     }
-    whet_model::load(&source, dtype, device, seed)
-        .with_context(|| format!("cannot load model `{spec}`"))
+    Ok(ModelSource::parse(spec)?)
 }
 
 /// The default model has not been fetched yet.
