@@ -163,6 +163,9 @@ pub struct BenchTrainArgs {
     /// Measured steps (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Gradient checkpointing, as `whet train --grad-checkpoint`.
+    #[arg(long)]
+    pub grad_checkpoint: bool,
 }
 
 #[derive(Debug, Args)]
@@ -349,6 +352,10 @@ pub struct TrainArgs {
     /// Pack several examples per row.
     #[arg(long)]
     pub pack: bool,
+    /// Gradient checkpointing: keep only each layer's input and recompute the layer in the
+    /// backward pass (about a third more compute for most of the activation memory).
+    #[arg(long)]
+    pub grad_checkpoint: bool,
     /// all, last or inputs [default: all].
     #[arg(long)]
     pub train_on: Option<String>,

@@ -62,6 +62,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         steps: args.steps + 1,
         batch_size: args.batch_size,
         max_seq_len: args.seq_len,
+        grad_checkpoint: args.grad_checkpoint,
         eval_every: 0,
         save_every: 0,
         ..Default::default()
@@ -89,8 +90,12 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
     writeln!(out, "{}", device_line(&device))?;
     writeln!(
         out,
-        "lora:       r{} on {}, batch {} x {} tokens",
-        args.rank, args.targets, args.batch_size, args.seq_len
+        "lora:       r{} on {}, batch {} x {} tokens{}",
+        args.rank,
+        args.targets,
+        args.batch_size,
+        args.seq_len,
+        if args.grad_checkpoint { ", gradient checkpointing" } else { "" }
     )?;
     writeln!(
         out,

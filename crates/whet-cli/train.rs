@@ -35,6 +35,7 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
          eval_every => eval_every, save_every => save_every, patience => patience, seed => seed);
     c.use_rslora |= a.rslora;
     c.pack |= a.pack;
+    c.grad_checkpoint |= a.grad_checkpoint;
     Ok(c)
 }
 

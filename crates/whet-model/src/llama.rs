@@ -9,11 +9,13 @@
 
 use crate::config::Config;
 use crate::lora::{Lora, LoraConfig};
+use candle_core::backprop::GradStore;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Var;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
+use std::sync::{Arc, Mutex};
 
 /// RMSNorm with a learned gain (Zhang & Sennrich, 2019).
 #[derive(Debug, Clone)]
@@ -192,11 +194,12 @@ impl Rope {
 }
 
 /// Where the tokens of a forward pass sit in their sequences.
-enum Positions<'a> {
+#[derive(Clone)]
+enum Positions {
     /// `offset..offset+T` for every row (plain and cached decoding).
     From(usize),
     /// Per-token positions `[B, T]` (u32), for packed rows.
-    Explicit(&'a Tensor),
+    Explicit(Tensor),
 }
 
 #[derive(Debug, Clone)]
@@ -245,37 +248,10 @@ impl Attention {
             Some(cache) => cache.append(&kk, &v)?, // [B, K, S, D]
             None => (kk, v),
         };
-        let kk = repeat_kv(kk, h / k)?; // [B, H, S, D]
-        let v = repeat_kv(v, h / k)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        // Scores and softmax in f32: f16/bf16 exponentials overflow and lose the small weights.
-        let att = (q.matmul(&kk.t()?)? * scale)?; // [B, H, T, S]
-        let att = match att.dtype() {
-            DType::F16 | DType::BF16 => att.to_dtype(DType::F32)?,
-            _ => att,
-        };
-        let att = match mask {
-            Some(mask) => att.broadcast_add(&mask.to_dtype(att.dtype())?)?,
-            None => att,
-        };
-        let att = if ctx.train {
-            crate::ops::softmax(&att)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&att)?
-        };
-        let y = att.to_dtype(v.dtype())?.matmul(&v)?; // [B, H, T, D]
+        let y = crate::ops::attention(&q, &kk, &v, mask, 1.0 / (d as f64).sqrt())?; // [B, H, T, D]
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
         self.o_proj.forward(&y, ctx)
     }
-}
-
-/// `[B, K, S, D]` -> `[B, K * n_rep, S, D]`, each key/value head shared by `n_rep` query heads.
-fn repeat_kv(x: Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x);
-    }
-    let (b, k, s, d) = x.dims4()?;
-    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, k * n_rep, s, d))
 }
 
 #[derive(Debug, Clone)]
@@ -344,6 +320,65 @@ impl Block {
     }
 }
 
+impl Block {
+    /// Training forward that keeps only the block's input for the backward pass, which runs
+    /// the block again from it (gradient checkpointing, Chen et al. 2016): one extra forward
+    /// per block buys the memory of all its activations. The adapters' gradients of the
+    /// recomputation go to `collected` (see [`Llama::backward`]); `input_grad` is false for the
+    /// first block, whose input (the embeddings) needs none.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_checkpointed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: &Positions,
+        mask: Option<&Tensor>,
+        ctx: &Ctx,
+        collected: &Collected,
+        input_grad: bool,
+    ) -> Result<Tensor> {
+        let xd = x.detach();
+        // The block's graph is dropped with this result's: nothing of it is kept.
+        let y = self.forward(&xd, rope, pos, mask, None, ctx)?.detach();
+        let (block, rope, pos, mask, ctx, collected) =
+            (self.clone(), rope.clone(), pos.clone(), mask.cloned(), *ctx, collected.clone());
+        crate::ops::attach(
+            x,
+            y,
+            "checkpointed-block",
+            Box::new(move |g, _| {
+                let input = if input_grad { Some(Var::from_tensor(&xd)?) } else { None };
+                let x = input.as_ref().map_or(&xd, |v| v.as_tensor());
+                let y = block.forward(x, &rope, &pos, mask.as_ref(), None, &ctx)?;
+                let grads = (y * g)?.sum_all()?.backward()?;
+                let mut collected = collected
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+                for lora in block.projs().into_iter().filter_map(|p| p.lora.as_ref()) {
+                    for var in [&lora.a, &lora.b] {
+                        if let Some(grad) = grads.get(var) {
+                            collected.push((var.as_tensor().clone(), grad.clone()));
+                        }
+                    }
+                }
+                match input.as_ref().and_then(|v| grads.get(v)) {
+                    Some(dx) => Ok(dx.clone()),
+                    None => xd.zeros_like(),
+                }
+            }),
+        )
+    }
+
+    fn projs(&self) -> [&Proj; 7] {
+        let (a, f) = (&self.self_attn, &self.mlp);
+        [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &f.gate_proj, &f.up_proj, &f.down_proj]
+    }
+}
+
+/// Adapter gradients (variable, gradient) computed inside checkpointed blocks during the
+/// backward pass, outside candle's gradient store.
+type Collected = Arc<Mutex<Vec<(Tensor, Tensor)>>>;
+
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -388,6 +423,8 @@ pub struct Llama {
     training: bool,
     dropout_seed: u64,
     lora: Option<LoraConfig>,
+    grad_checkpoint: bool,
+    collected: Collected,
 }
 
 impl Llama {
@@ -418,6 +455,8 @@ impl Llama {
             training: false,
             dropout_seed: 0,
             lora: None,
+            grad_checkpoint: false,
+            collected: Collected::default(),
         })
     }
 
@@ -480,9 +519,22 @@ impl Llama {
     ) -> Result<Tensor> {
         let ctx = Ctx { train: self.training, dropout_seed: self.dropout_seed };
         let mut x = self.embed_tokens.forward(ids)?; // [B, T, C]
+        let checkpoint = ctx.train && self.grad_checkpoint;
+        let embeddings_grad = x.track_op();
+        if checkpoint && !embeddings_grad {
+            // A checkpointed block joins the graph through its input, so the frozen embeddings
+            // must be part of it; their gradient is never computed (`input_grad` false).
+            x = Var::from_tensor(&x)?.as_tensor().clone();
+        }
         for (i, block) in self.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = block.forward(&x, &self.rope, pos, mask, layer_cache, &ctx)?;
+            x = if checkpoint {
+                let input_grad = i > 0 || embeddings_grad;
+                let c = &self.collected;
+                block.forward_checkpointed(&x, &self.rope, pos, mask, &ctx, c, input_grad)?
+            } else {
+                let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                block.forward(&x, &self.rope, pos, mask, layer_cache, &ctx)?
+            };
         }
         self.norm.forward(&x, &ctx)
     }
@@ -513,16 +565,41 @@ impl Llama {
     }
 
     fn projs(&self) -> impl Iterator<Item = &Proj> {
-        self.layers.iter().flat_map(|b| {
-            let (a, f) = (&b.self_attn, &b.mlp);
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &f.gate_proj, &f.up_proj, &f.down_proj]
-        })
+        self.layers.iter().flat_map(Block::projs)
     }
 
     /// Training mode: differentiable ops, frozen weights without weight gradients, adapter
     /// dropout. Inference mode (the default) uses candle's fused kernels.
     pub fn set_training(&mut self, training: bool) {
         self.training = training;
+    }
+
+    /// Gradient checkpointing per block in training: keep only each block's input and
+    /// recompute the block in the backward pass. Use [`Llama::backward`] for the gradients.
+    pub fn set_grad_checkpoint(&mut self, on: bool) {
+        self.grad_checkpoint = on;
+    }
+
+    /// Gradients of `loss` for every variable, the adapters of checkpointed blocks included
+    /// (whose gradients candle's backward pass cannot see: they are computed while it
+    /// recomputes each block).
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        self.collected.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?.clear();
+        let mut grads = loss.backward()?;
+        let collected = std::mem::take(
+            &mut *self
+                .collected
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?,
+        );
+        for (var, grad) in collected {
+            let sum = match grads.remove(&var) {
+                Some(prev) => (prev + grad)?,
+                None => grad,
+            };
+            grads.insert(&var, sum);
+        }
+        Ok(grads)
     }
 
     /// Seed of the next forward pass's dropout masks (the trainer sets one per step).
@@ -613,7 +690,7 @@ impl Llama {
             })
             .collect();
         let mask = Tensor::from_vec(mask, (b, 1, t, t), self.device())?;
-        self.run(ids, &Positions::Explicit(positions), Some(&mask), None)
+        self.run(ids, &Positions::Explicit(positions.clone()), Some(&mask), None)
     }
 
     /// Logits `[.., V]` from final hidden states `[.., C]`. Training computes them only at the
@@ -674,13 +751,5 @@ mod tests {
         let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 0.02 * scale, "max error {err} vs max logit {scale}");
         assert!(err > 0.0, "quantization changed nothing");
-    }
-
-    #[test]
-    fn repeat_kv_repeats_each_head_in_place() {
-        let x = Tensor::arange(0f32, 4., &Device::Cpu).unwrap().reshape((1, 2, 2, 1)).unwrap();
-        let y = repeat_kv(x, 2).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        // heads [0,1],[2,3] -> [0,1],[0,1],[2,3],[2,3]
-        assert_eq!(y, vec![0., 1., 0., 1., 2., 3., 2., 3.]);
     }
 }

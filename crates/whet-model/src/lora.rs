@@ -127,8 +127,16 @@ impl Lora {
             Some(m) => x.broadcast_mul(&m.to_dtype(x.dtype())?)?,
             None => x,
         };
-        let h = x.broadcast_matmul(&self.a.as_tensor().t()?)?; // [.., r]
-        h.broadcast_matmul(&self.b.as_tensor().t()?)? * self.scale
+        // 2-D matmuls over all tokens at once: batched ones would broadcast A and B per row.
+        let dims = x.dims().to_vec();
+        let x = x.flatten_to(dims.len() - 2)?; // [N, in]
+        let h = x.matmul(&self.a.as_tensor().t()?)?; // [N, r]
+                                                     // Scaling B ([out, r]) costs nothing; scaling the output would cost a pass over it.
+        let y = h.matmul(&(self.b.as_tensor() * self.scale)?.t()?)?; // [N, out]
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = y.dim(1)?;
+        y.reshape(out)
     }
 
     /// `scale * B A`, `[out, in]`: what merging adds to the base weight.

@@ -41,7 +41,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         logits,
         loss,
         "cross-entropy",
-        Box::new(move |g| {
+        Box::new(move |g, _| {
             let p = candle_nn::ops::softmax_last_dim(&ld)?;
             let ones = Tensor::ones((n, 1), DType::F32, ld.device())?;
             let onehot = p.zeros_like()?.scatter_add(&targets.unsqueeze(1)?, &ones, 1)?;

@@ -44,6 +44,8 @@ pub struct TrainConfig {
     pub max_seq_len: usize,
     /// Pack several examples per row.
     pub pack: bool,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    pub grad_checkpoint: bool,
     /// Which tokens are trained: all, last, inputs.
     pub train_on: String,
     /// Share of train held out when there is no validation file.
@@ -88,6 +90,7 @@ impl Default for TrainConfig {
             grad_accum: 1,
             max_seq_len: 512,
             pack: false,
+            grad_checkpoint: false,
             train_on: "all".into(),
             valid_fraction: 0.1,
             weight_decay: 0.0,

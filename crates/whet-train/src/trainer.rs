@@ -227,6 +227,7 @@ pub fn train(
     model.add_lora(&lora, cfg.seed)?;
     checkpoint::prepare_run_dir(run, cfg, resume)?;
     model.set_training(true);
+    model.set_grad_checkpoint(cfg.grad_checkpoint);
     let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
     let params = AdamWParams {
         beta1: cfg.beta1,
@@ -259,7 +260,7 @@ pub fn train(
             let (loss, _, n_tokens) = batch_loss(model, &batch, &device)?;
             loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
             tokens += n_tokens;
-            let store = (loss / cfg.grad_accum as f64)?.backward()?;
+            let store = model.backward(&(loss / cfg.grad_accum as f64)?)?;
             for (acc, (var, _, _)) in grads.iter_mut().zip(&opt.state) {
                 // Every adapter must receive a gradient: a missing one means the graph was cut.
                 let g = store.get(var).ok_or_else(|| {

@@ -155,6 +155,35 @@ fn lora_gradients_match_finite_differences() {
     }
 }
 
+/// Gradient checkpointing recomputes each block in the backward pass: with adapter dropout on
+/// (the recomputation must draw the same masks), every adapter's gradient equals the plain
+/// backward pass's.
+#[test]
+fn grad_checkpointing_gives_the_same_gradients() {
+    let mut m = tiny(DType::F64).model;
+    m.add_lora(&LoraConfig::new(2, 4.0, 0.1, "all-linear", false).unwrap(), 5).unwrap();
+    perturb_b(&m, 6);
+    m.set_training(true);
+    m.set_dropout_seed(9);
+    let ids = ids();
+    let mask =
+        Tensor::new(&[[0u8, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 1, 1]], &Device::Cpu).unwrap();
+    let grads = |m: &whet_model::Llama| {
+        let logits = m.forward(&ids, None).unwrap();
+        m.backward(&masked_cross_entropy(&logits, &ids, &mask).unwrap().0).unwrap()
+    };
+    let plain = grads(&m);
+    m.set_grad_checkpoint(true);
+    let checkpointed = grads(&m);
+    for (name, var) in m.lora_vars() {
+        let (a, b) = (plain.get(&var).unwrap(), checkpointed.get(&var));
+        let b = b.unwrap_or_else(|| panic!("no gradient for {name} with checkpointing"));
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(max_diff(a, b) <= 1e-12 * scale.max(1.0), "{name}: {}", max_diff(a, b));
+    }
+}
+
 /// One step against PyTorch + PEFT (`scripts/reference_lora.py`, tests/fixtures/lora_golden.json):
 /// same GGUF weights, LoRA r=4 alpha=8 on every linear layer, adapters filled with the same
 /// deterministic pattern; the masked loss and the adapter gradients of layers 0 and 29 agree.
