@@ -1,5 +1,5 @@
 //! `whet train` end to end on the tiny random model: a run, its adapter used by `generate`,
-//! SIGKILL and resume equal to an uninterrupted run, and refused settings.
+//! SIGKILL and resume equal to an uninterrupted run, a full disk, and refused settings.
 
 use crate::*;
 use std::path::Path;
@@ -155,6 +155,80 @@ fn refused_settings_say_what_and_keep_the_run() {
     let mut args = train_args(&data, out_s, "3");
     args.push("--overwrite");
     assert!(whet(&args, "").status.success());
+}
+
+/// Bytes a tmpfs charges for the files under `dir`: whole 4 KiB pages.
+fn pages(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len().div_ceil(4096) * 4096)
+        .sum()
+}
+
+/// Disk full while saving, on a real filesystem: the run lives on a small tmpfs mounted in a
+/// private mount namespace (`unshare`, no root needed), where a filler leaves room for the first
+/// checkpoint (step 4) but not for the second. The run stops with an error naming the write
+/// that failed, the step-4 checkpoint survives, and once space is freed `--resume` finishes with
+/// the adapter an uninterrupted run gives. Where namespaces are not allowed it says so and
+/// checks nothing.
+#[test]
+fn disk_full_while_saving_keeps_the_last_checkpoint() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "true"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED disk_full_while_saving_keeps_the_last_checkpoint: `unshare --user --mount` is not available here");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let straight = dir.path().join("straight");
+    let mut args = train_args(&data, straight.to_str().unwrap(), "8");
+    args.extend(["--save-every", "4"]);
+    let o = whet(&args, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let checkpoint = pages(&straight.join("checkpoint"));
+    let room = 8192 + checkpoint + checkpoint / 2; // whet.toml, metrics.jsonl, 1.5 checkpoints
+
+    let (mnt, logs) = (dir.path().join("mnt"), dir.path().join("logs"));
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::create_dir_all(&logs).unwrap();
+    let script = r#"
+        mount -t tmpfs -o size=16m tmpfs "$MNT" || exit 90
+        avail=$(df -B1 --output=avail "$MNT" | tail -1)
+        head -c $((avail - ROOM)) /dev/zero > "$MNT/filler"
+        "$WHET" "$@" > /dev/null 2> "$LOGS/full.err"; echo $? > "$LOGS/full.rc"
+        cp "$MNT/run/checkpoint/state.json" "$LOGS/state.json"
+        rm "$MNT/filler"
+        "$WHET" train --out "$MNT/run" --resume > /dev/null 2> "$LOGS/resume.err"
+        echo $? > "$LOGS/resume.rc"
+        cp "$MNT/run/adapter/adapter_model.safetensors" "$LOGS/"
+    "#;
+    let run = mnt.join("run");
+    let mut args = train_args(&data, run.to_str().unwrap(), "8");
+    args.extend(["--save-every", "4"]);
+    let o = std::process::Command::new("unshare")
+        .args(["--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"])
+        .args(&args)
+        .current_dir(root())
+        .env("WHET", env!("CARGO_BIN_EXE_whet"))
+        .env("MNT", &mnt)
+        .env("LOGS", &logs)
+        .env("ROOM", room.to_string())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |name: &str| std::fs::read_to_string(logs.join(name)).unwrap();
+    let err = read("full.err");
+    assert_eq!(read("full.rc").trim(), "1", "{err}");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains(run.to_str().unwrap()), "names the path: {err}");
+    let state: serde_json::Value = serde_json::from_str(&read("state.json")).unwrap();
+    assert_eq!(state["step"], 4, "the step-4 checkpoint survives");
+    assert_eq!(read("resume.rc").trim(), "0", "{}", read("resume.err"));
+    let a = std::fs::read(straight.join("adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(logs.join("adapter_model.safetensors")).unwrap();
+    assert!(a == b, "the resumed adapter differs from the uninterrupted run's");
 }
 
 /// PEFT reads whet's adapter: Hugging Face PEFT on the same base gives the same greedy reply as
