@@ -37,7 +37,9 @@ fn train_then_generate_with_the_adapter() {
     let dir = tempfile::tempdir().unwrap();
     let data = dataset(dir.path());
     let out = dir.path().join("run");
-    let o = whet(&train_args(&data, out.to_str().unwrap(), "30"), "");
+    let mut args = train_args(&data, out.to_str().unwrap(), "30");
+    args.push("--grad-checkpoint"); // learns the same way, recomputing each layer
+    let o = whet(&args, "");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stdout(&o).contains(&format!("adapter:        {}", out.join("adapter").display())),
@@ -46,7 +48,9 @@ fn train_then_generate_with_the_adapter() {
     );
     let toml = std::fs::read_to_string(out.join("whet.toml")).unwrap();
     assert!(
-        toml.contains("target_modules = \"all-linear\"") && toml.contains("steps = 30"),
+        toml.contains("target_modules = \"all-linear\"")
+            && toml.contains("steps = 30")
+            && toml.contains("grad_checkpoint = true"),
         "{toml}"
     );
     let base = whet(

@@ -36,7 +36,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let lse = (ld.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?; // [N, 1]
     let picked = ld.gather(&targets.unsqueeze(1)?, 1)?; // [N, 1]
     let loss = (lse - picked)?.mean_all()?;
-    let targets = targets.clone();
+    let (targets, dtype) = (targets.clone(), logits.dtype());
     crate::ops::attach(
         logits,
         loss,
@@ -45,7 +45,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
             let p = candle_nn::ops::softmax_last_dim(&ld)?;
             let ones = Tensor::ones((n, 1), DType::F32, ld.device())?;
             let onehot = p.zeros_like()?.scatter_add(&targets.unsqueeze(1)?, &ones, 1)?;
-            ((p - onehot)? / n as f64)?.broadcast_mul(&g.to_dtype(DType::F32)?)?.to_dtype(g.dtype())
+            ((p - onehot)? / n as f64)?.broadcast_mul(&g.to_dtype(DType::F32)?)?.to_dtype(dtype)
         }),
     )
 }

@@ -78,6 +78,28 @@ fn overfits_a_tiny_dataset() {
     );
 }
 
+/// The mixed-precision path (`--dtype bf16`, meant for GPUs): bf16 base weights, f32 adapters
+/// and optimizer state. On the CPU it must learn as well, and write f32 adapters. Regression:
+/// the cross-entropy's gradient came back in f32 for bf16 logits, and the first backward pass
+/// failed with a dtype mismatch.
+#[test]
+fn bf16_base_trains_f32_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m =
+        load(&ModelSource::Random("tiny".into()), DType::BF16, &Device::Cpu, 3).unwrap().model;
+    let cfg = TrainConfig { dtype: "bf16".into(), ..cfg(60) };
+    let (summary, events) = run(&mut m, &cfg, &dir.path().join("run"), false).unwrap();
+    let first = match &events[0] {
+        Event::Step { loss, .. } => *loss,
+        e => panic!("{e:?}"),
+    };
+    assert!(summary.final_loss < 0.2 * first, "learns: {first} -> {}", summary.final_loss);
+    let bytes = std::fs::read(dir.path().join("run/adapter/adapter_model.safetensors")).unwrap();
+    let (_, header) = safetensors_header(&bytes);
+    let key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    assert_eq!(header[key]["dtype"], "F32", "{header}");
+}
+
 #[test]
 fn resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
