@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod adapter;
+mod attention_cpu;
 pub mod config;
 pub mod device;
 pub mod error;

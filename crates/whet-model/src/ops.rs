@@ -37,6 +37,11 @@ impl Precomputed {
         Self(Mutex::new(Some(y)))
     }
 
+    /// Whether a result is waiting.
+    fn is_set(&self) -> bool {
+        self.0.lock().is_ok_and(|y| y.is_some())
+    }
+
     fn take(&self) -> Result<Tensor> {
         let y = self.0.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?.take();
         y.ok_or_else(|| candle_core::Error::Msg("precomputed result used twice".into()))
@@ -249,16 +254,75 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let qg = q.detach().contiguous()?.reshape((b, k.dim(1)?, h / k.dim(1)? * t, d))?;
-    let p = attention_weights(&qg, &k.detach().contiguous()?, mask, scale, t)?; // [B, K, R*T, S]
-    let v_ = v.detach().contiguous()?;
-    let y = p.to_dtype(v_.dtype())?.matmul(&v_)?.reshape((b, h, t, d))?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(y);
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let op = Attention { y: Precomputed(Mutex::new(None)), mask: mask.cloned(), scale };
+    if !cpu_f32(&q) {
+        // No kernel of whet's own here: candle's ops, outside the graph.
+        let (b, h, t, d) = q.dims4()?;
+        let qg = q.detach().reshape((b, k.dim(1)?, h / k.dim(1)? * t, d))?;
+        let p = attention_weights(&qg, &k.detach(), mask, scale, t)?; // [B, K, R*T, S]
+        let y = p.to_dtype(v.dtype())?.matmul(&v.detach())?.reshape((b, h, t, d))?;
+        if !(q.track_op() || k.track_op() || v.track_op()) {
+            return Ok(y);
+        }
+        *op.y.0.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? = Some(y);
     }
-    let mask = mask.cloned();
-    q.apply_op3(k, v, Attention { y: Precomputed::new(y), mask, scale })
+    q.apply_op3(&k, &v, op)
+}
+
+/// Whether whet's CPU attention kernel runs on `x`'s device and dtype.
+fn cpu_f32(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
+/// The f32 slices of contiguous CPU tensors, for `f`.
+pub(crate) fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = vec![];
+    for (storage, layout) in &guards {
+        let Storage::Cpu(CpuStorage::F32(v)) = &**storage else {
+            candle_core::bail!("expected f32 tensors on the CPU")
+        };
+        if !layout.is_contiguous() {
+            candle_core::bail!("expected contiguous tensors")
+        }
+        slices.push(&v[layout.start_offset()..][..layout.shape().elem_count()]);
+    }
+    f(&slices)
+}
+
+impl Attention {
+    /// The kernel's sizes for `q` `[B, H, T, D]` and `k` `[B, K, S, D]`.
+    fn dims(q: &[usize], k: &[usize]) -> Result<crate::attention_cpu::Dims> {
+        let ([b, h, t, d], [_, kv, s, _]) = (q, k) else {
+            candle_core::bail!("attention: q {q:?} and k {k:?} must have 4 dimensions")
+        };
+        Ok(crate::attention_cpu::Dims { b: *b, kv: *kv, rt: h / kv * t, t: *t, s: *s, d: *d })
+    }
+
+    /// The mask as the kernel takes it: f32 `[M, T, S]`, contiguous.
+    fn kernel_mask(&self) -> Result<Option<(Tensor, bool)>> {
+        let Some(mask) = &self.mask else { return Ok(None) };
+        let per_sequence = mask.rank() == 4 && mask.dim(0)? > 1;
+        Ok(Some((mask.to_dtype(DType::F32)?.contiguous()?, per_sequence)))
+    }
+
+    fn cpu_forward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        n: crate::attention_cpu::Dims,
+    ) -> Result<Vec<f32>> {
+        let scale = self.scale as f32;
+        match self.kernel_mask()? {
+            None => Ok(crate::attention_cpu::forward(q, k, v, None, scale, n)),
+            Some((mask, per_sequence)) => with_f32(&[&mask], |m| {
+                let mask = crate::attention_cpu::Mask { values: m[0], per_sequence };
+                Ok(crate::attention_cpu::forward(q, k, v, Some(mask), scale, n))
+            }),
+        }
+    }
 }
 
 /// `softmax(q k^T * scale + mask)` for grouped queries `qg` `[B, K, R*T, D]`: `[B, K, R*T, S]`,
@@ -308,14 +372,27 @@ impl CustomOp3 for Attention {
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu()
+        if self.y.is_set() {
+            return self.y.cpu();
+        }
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (q, k, v) else {
+            candle_core::bail!("attention kernel: f32 only")
+        };
+        let n = Self::dims(ql.dims(), kl.dims())?;
+        let (q, k, v) = (
+            &q[ql.start_offset()..][..ql.shape().elem_count()],
+            &k[kl.start_offset()..][..kl.shape().elem_count()],
+            &v[vl.start_offset()..][..vl.shape().elem_count()],
+        );
+        let y = self.cpu_forward(q, k, v, n)?;
+        Ok((CpuStorage::F32(y), ql.shape().clone()))
     }
 
     fn cuda_fwd(
@@ -350,6 +427,28 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if cpu_f32(q) {
+            let n = Self::dims(q.dims(), k.dims())?;
+            let dy = dy.contiguous()?;
+            let mask = self.kernel_mask()?;
+            let mut ts = vec![q, k, v, &dy];
+            if let Some((m, _)) = &mask {
+                ts.push(m);
+            }
+            let (dq, dk, dv) = with_f32(&ts, |s| {
+                let m = mask.as_ref().map(|(_, per_sequence)| crate::attention_cpu::Mask {
+                    values: s[4],
+                    per_sequence: *per_sequence,
+                });
+                Ok(crate::attention_cpu::backward(s[0], s[1], s[2], s[3], m, self.scale as f32, n))
+            })?;
+            let dev = q.device();
+            return Ok((
+                Some(Tensor::from_vec(dq, q.shape(), dev)?),
+                Some(Tensor::from_vec(dk, k.shape(), dev)?),
+                Some(Tensor::from_vec(dv, v.shape(), dev)?),
+            ));
+        }
         let (b, h, t, d) = q.dims4()?;
         let kv = k.dim(1)?;
         let grouped = |x: &Tensor| x.detach().contiguous()?.reshape((b, kv, h / kv * t, d));

@@ -1,0 +1,162 @@
+//! Attention on the CPU in f32, forward and backward, one task per (sequence, key/value head)
+//! spread over rayon's threads. candle runs the same computation as a dozen tensor ops whose
+//! batched matmuls dispatch threads per matrix; here each task runs its small matmuls
+//! single-threaded on slices, and the attention weights live only inside the task.
+//!
+//! Layouts (row-major): queries `[B, K, R*T, D]` (the `R` query heads sharing a key head stacked
+//! along time, which is `[B, H, T, D]` unchanged), keys and values `[B, K, S, D]`, an additive
+//! mask `[M, T, S]` with `M` 1 or `B`.
+
+use rayon::prelude::*;
+
+/// Sizes of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Dims {
+    /// Sequences `B`.
+    pub b: usize,
+    /// Key/value heads `K`.
+    pub kv: usize,
+    /// Query rows per key/value head, `R*T`.
+    pub rt: usize,
+    /// New tokens `T`.
+    pub t: usize,
+    /// Attended tokens `S`.
+    pub s: usize,
+    /// Head width `D`.
+    pub d: usize,
+}
+
+/// An additive mask `[M, T, S]`: one for all sequences (`M` = 1) or one per sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct Mask<'a> {
+    /// The values, `M * T * S`.
+    pub values: &'a [f32],
+    /// Whether there is one `[T, S]` mask per sequence.
+    pub per_sequence: bool,
+}
+
+/// A matrix operand: slice, row stride, column stride.
+type Operand<'a> = (&'a [f32], usize, usize);
+
+/// `dst [m, n] = lhs [m, k] @ rhs [k, n]` on this thread.
+fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
+    let fits = |(s, rs, cs): Operand, rows: usize, cols: usize| {
+        (rows - 1) * rs + (cols - 1) * cs < s.len()
+    };
+    assert!(dst.len() >= m * n && fits(lhs, m, k) && fits(rhs, k, n), "attention: operand sizes");
+    // SAFETY: the assertion keeps every index gemm computes from these strides in bounds, and
+    // `dst` does not overlap the operands (a `&mut` slice).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The attention weights `softmax(q k^T * scale + mask)` of one task into `p` `[R*T, S]`.
+fn weights(p: &mut [f32], q: &[f32], k: &[f32], mask: Option<&[f32]>, scale: f32, n: Dims) {
+    let (rt, s, d) = (n.rt, n.s, n.d);
+    matmul(p, rt, s, d, (q, d, 1), (k, 1, d));
+    for (r, row) in p.chunks_exact_mut(s).enumerate() {
+        let mask = mask.map(|m| &m[(r % n.t) * s..][..s]);
+        let mut max = f32::NEG_INFINITY;
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = *x * scale + mask.map_or(0.0, |m| m[j]);
+            max = max.max(*x);
+        }
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            // Masked entries are -inf: skip the exponential (half of a causal row).
+            *x = if *x == f32::NEG_INFINITY { 0.0 } else { (*x - max).exp() };
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+/// The task's slices: its queries (or query gradients), keys, values and mask.
+fn task_mask<'a>(mask: Option<Mask<'a>>, task: usize, n: Dims) -> Option<&'a [f32]> {
+    mask.map(|m| {
+        let b = if m.per_sequence { task / n.kv } else { 0 };
+        &m.values[b * n.t * n.s..][..n.t * n.s]
+    })
+}
+
+/// Output `[B, K, R*T, D]`.
+pub fn forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: Option<Mask>,
+    scale: f32,
+    n: Dims,
+) -> Vec<f32> {
+    let (qn, kn) = (n.rt * n.d, n.s * n.d);
+    let mut y = vec![0f32; n.b * n.kv * qn];
+    y.par_chunks_mut(qn).enumerate().for_each(|(task, y)| {
+        let mut p = vec![0f32; n.rt * n.s];
+        let (q, k, v) = (&q[task * qn..][..qn], &k[task * kn..][..kn], &v[task * kn..][..kn]);
+        weights(&mut p, q, k, task_mask(mask, task, n), scale, n);
+        matmul(y, n.rt, n.d, n.s, (&p, n.s, 1), (v, n.d, 1));
+    });
+    y
+}
+
+/// Gradients of `q`, `k`, `v` for the output gradient `dy` (shaped like `q`): with `P` the
+/// recomputed weights, `dV = P^T dy`, `dP = dy V^T`, `dS = P * (dP - rowsum(dP * P))`,
+/// `dQ = scale * dS K`, `dK = scale * dS^T Q`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dy: &[f32],
+    mask: Option<Mask>,
+    scale: f32,
+    n: Dims,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (qn, kn) = (n.rt * n.d, n.s * n.d);
+    let tasks = n.b * n.kv;
+    let (mut dq, mut dk, mut dv) =
+        (vec![0f32; tasks * qn], vec![0f32; tasks * kn], vec![0f32; tasks * kn]);
+    dq.par_chunks_mut(qn)
+        .zip(dk.par_chunks_mut(kn))
+        .zip(dv.par_chunks_mut(kn))
+        .enumerate()
+        .for_each(|(task, ((dq, dk), dv))| {
+            let (q, dy) = (&q[task * qn..][..qn], &dy[task * qn..][..qn]);
+            let (k, v) = (&k[task * kn..][..kn], &v[task * kn..][..kn]);
+            let (rt, s, d) = (n.rt, n.s, n.d);
+            let mut p = vec![0f32; rt * s];
+            weights(&mut p, q, k, task_mask(mask, task, n), scale, n);
+            matmul(dv, s, d, rt, (&p, 1, s), (dy, d, 1));
+            let mut ds = vec![0f32; rt * s];
+            matmul(&mut ds, rt, s, d, (dy, d, 1), (v, 1, d)); // dP
+            for (dp, p) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
+                let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+                dp.iter_mut().zip(p).for_each(|(x, p)| *x = p * (*x - dot) * scale);
+            }
+            matmul(dq, rt, d, s, (&ds, s, 1), (k, d, 1));
+            matmul(dk, s, d, rt, (&ds, 1, s), (q, d, 1));
+        });
+    (dq, dk, dv)
+}
