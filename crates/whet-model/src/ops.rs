@@ -471,7 +471,8 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let err = err.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
         assert!(err < tol, "max difference {err}");
     }
 
@@ -566,14 +567,21 @@ mod tests {
             .unwrap()
             .unsqueeze(1)
             .unwrap(); // [B, 1, T, S]
-        for mask in [causal, packed] {
-            let ours = attention(&q, &k, &v, Some(&mask), 0.5).unwrap();
-            let reference = attention_ref(&q, &k, &v, &mask, 0.5);
-            close(&ours, &reference, 1e-5);
-            let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for x in [&q, &k, &v] {
-                close(g1.get(x).unwrap(), g2.get(x).unwrap(), 1e-4);
+                       // f32 runs whet's CPU kernel; f64 the composed ops other devices use.
+        for dtype in [DType::F32, DType::F64] {
+            let cast = |x: &Var| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let (q, k, v) = (cast(&q), cast(&k), cast(&v));
+            let probe = probe.to_dtype(dtype).unwrap();
+            for mask in [&causal, &packed] {
+                let mask = mask.to_dtype(dtype).unwrap();
+                let ours = attention(&q, &k, &v, Some(&mask), 0.5).unwrap();
+                let reference = attention_ref(&q, &k, &v, &mask, 0.5);
+                close(&ours, &reference, 1e-5);
+                let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                for x in [&q, &k, &v] {
+                    close(g1.get(x).unwrap(), g2.get(x).unwrap(), 1e-4);
+                }
             }
         }
     }
