@@ -272,8 +272,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, ctx)?.silu()?; // [B, T, M]
-        self.down_proj.forward(&(gate * self.up_proj.forward(x, ctx)?)?, ctx)
+        let gate = self.gate_proj.forward(x, ctx)?; // [B, T, M]
+        let up = self.up_proj.forward(x, ctx)?;
+        self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?, ctx)
     }
 }
 
