@@ -15,6 +15,11 @@ fn ids() -> Tensor {
         .unwrap()
 }
 
+/// Which tokens of [`ids`] the loss trains.
+fn loss_mask() -> Tensor {
+    Tensor::new(&[[0u8, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 1, 1]], &Device::Cpu).unwrap()
+}
+
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b)
         .unwrap()
@@ -111,8 +116,7 @@ fn lora_gradients_match_finite_differences() {
     perturb_b(&m, 4);
     m.set_training(true);
     let ids = ids();
-    let mask =
-        Tensor::new(&[[0u8, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 1, 1]], &Device::Cpu).unwrap();
+    let mask = loss_mask();
     let loss = |m: &whet_model::Llama| -> f64 {
         let logits = m.forward(&ids, None).unwrap();
         masked_cross_entropy(&logits, &ids, &mask).unwrap().0.to_scalar::<f64>().unwrap()
@@ -166,8 +170,7 @@ fn grad_checkpointing_gives_the_same_gradients() {
     m.set_training(true);
     m.set_dropout_seed(9);
     let ids = ids();
-    let mask =
-        Tensor::new(&[[0u8, 0, 0, 1, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0, 1, 1]], &Device::Cpu).unwrap();
+    let mask = loss_mask();
     let grads = |m: &whet_model::Llama| {
         let logits = m.forward(&ids, None).unwrap();
         m.backward(&masked_cross_entropy(&logits, &ids, &mask).unwrap().0).unwrap()
