@@ -352,9 +352,7 @@ impl Block {
                 let x = input.as_ref().map_or(&xd, |v| v.as_tensor());
                 let y = block.forward(x, &rope, &pos, mask.as_ref(), None, &ctx)?;
                 let grads = (y * g)?.sum_all()?.backward()?;
-                let mut collected = collected
-                    .lock()
-                    .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?;
+                let mut collected = crate::ops::lock(&collected)?;
                 for lora in block.projs().into_iter().filter_map(|p| p.lora.as_ref()) {
                     for var in [&lora.a, &lora.b] {
                         if let Some(grad) = grads.get(var) {
@@ -585,14 +583,9 @@ impl Llama {
     /// (whose gradients candle's backward pass cannot see: they are computed while it
     /// recomputes each block).
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        self.collected.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?.clear();
+        crate::ops::lock(&self.collected)?.clear();
         let mut grads = loss.backward()?;
-        let collected = std::mem::take(
-            &mut *self
-                .collected
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?,
-        );
+        let collected = std::mem::take(&mut *crate::ops::lock(&self.collected)?);
         for (var, grad) in collected {
             let sum = match grads.remove(&var) {
                 Some(prev) => (prev + grad)?,

@@ -3,10 +3,12 @@
 //! and its matmul backward also computes the gradient of frozen weights — most of the backward
 //! cost of LoRA training.
 //!
-//! Each op here runs candle's fused kernel outside the graph and [`attach`]es the result to its
-//! input with a hand-written backward: fast forwards, few saved intermediates (composing the ops
-//! from differentiable primitives keeps five or six full-size tensors per norm or softmax alive
-//! until the backward pass), and, for frozen matmuls, no weight gradient at all.
+//! Each op here is one node of the graph with a hand-written backward: fast forwards, few saved
+//! intermediates (composing the ops from differentiable primitives keeps five or six full-size
+//! tensors per norm or softmax alive until the backward pass), and, for frozen matmuls, no
+//! weight gradient at all. On the CPU in f32, RMSNorm, SwiGLU and attention run whet's own
+//! kernels; elsewhere an op runs candle's kernels outside the graph and [`attach`]es the result
+//! to its input.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -28,6 +30,16 @@ pub fn attach(x: &Tensor, y: Tensor, name: &'static str, grad: GradFn) -> Result
     x.apply_op1(Attach { name, y: Precomputed::new(y), grad })
 }
 
+/// `m`, locked; a poisoned lock (a panic while it was held) is an error.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>> {
+    m.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))
+}
+
+/// The values of contiguous CPU storage `data` that `layout` covers.
+fn viewed<'a>(data: &'a [f32], layout: &Layout) -> &'a [f32] {
+    &data[layout.start_offset()..][..layout.shape().elem_count()]
+}
+
 /// A result computed before its op runs. The op's forward copies it and drops it, so the graph
 /// keeps only the copy (custom ops must return fresh storage).
 struct Precomputed(Mutex<Option<Tensor>>);
@@ -43,7 +55,7 @@ impl Precomputed {
     }
 
     fn take(&self) -> Result<Tensor> {
-        let y = self.0.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))?.take();
+        let y = lock(&self.0)?.take();
         y.ok_or_else(|| candle_core::Error::Msg("precomputed result used twice".into()))
     }
 
@@ -244,8 +256,7 @@ impl CustomOp2 for RmsNormCpu {
         if xl.dims().last() != Some(&c) || !xl.is_contiguous() || !wl.is_contiguous() {
             candle_core::bail!("rms-norm: input {:?} against weight {:?}", xl.shape(), wl.shape())
         }
-        let x = &x[xl.start_offset()..][..xl.shape().elem_count()];
-        let w = &w[wl.start_offset()..][..c];
+        let (x, w) = (viewed(x, xl), viewed(w, wl));
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
             let r = self.r(x);
@@ -347,7 +358,7 @@ impl CustomOp2 for SwiGlu {
             candle_core::bail!("swiglu: gate {:?} and up {:?} differ", gl.shape(), ul.shape())
         }
         let n = gl.shape().elem_count();
-        let (g, u) = (&g[gl.start_offset()..][..n], &u[ul.start_offset()..][..n]);
+        let (g, u) = (viewed(g, gl), viewed(u, ul));
         let mut y = vec![0f32; n];
         y.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(u.par_chunks(4096)).for_each(
             |((y, g), u)| {
@@ -408,18 +419,19 @@ pub fn attention(
     scale: f64,
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let op = Attention { y: Precomputed(Mutex::new(None)), mask: mask.cloned(), scale };
+    let mut y = None;
     if !cpu_f32(&q) {
         // No kernel of whet's own here: candle's ops, outside the graph.
         let (b, h, t, d) = q.dims4()?;
         let qg = q.detach().reshape((b, k.dim(1)?, h / k.dim(1)? * t, d))?;
         let p = attention_weights(&qg, &k.detach(), mask, scale, t)?; // [B, K, R*T, S]
-        let y = p.to_dtype(v.dtype())?.matmul(&v.detach())?.reshape((b, h, t, d))?;
+        let out = p.to_dtype(v.dtype())?.matmul(&v.detach())?.reshape((b, h, t, d))?;
         if !(q.track_op() || k.track_op() || v.track_op()) {
-            return Ok(y);
+            return Ok(out);
         }
-        *op.y.0.lock().map_err(|_| candle_core::Error::Msg("poisoned lock".into()))? = Some(y);
+        y = Some(out);
     }
+    let op = Attention { y: Precomputed(Mutex::new(y)), mask: mask.cloned(), scale };
     q.apply_op3(&k, &v, op)
 }
 
@@ -439,7 +451,7 @@ pub(crate) fn with_f32<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>
         if !layout.is_contiguous() {
             candle_core::bail!("expected contiguous tensors")
         }
-        slices.push(&v[layout.start_offset()..][..layout.shape().elem_count()]);
+        slices.push(viewed(v, layout));
     }
     f(&slices)
 }
@@ -539,11 +551,7 @@ impl CustomOp3 for Attention {
             candle_core::bail!("attention kernel: f32 only")
         };
         let n = Self::dims(ql.dims(), kl.dims())?;
-        let (q, k, v) = (
-            &q[ql.start_offset()..][..ql.shape().elem_count()],
-            &k[kl.start_offset()..][..kl.shape().elem_count()],
-            &v[vl.start_offset()..][..vl.shape().elem_count()],
-        );
+        let (q, k, v) = (viewed(q, ql), viewed(k, kl), viewed(v, vl));
         let y = self.cpu_forward(q, k, v, n)?;
         Ok((CpuStorage::F32(y), ql.shape().clone()))
     }
