@@ -8,7 +8,7 @@
 //! `H` query heads, `K` key/value heads, `D` head width, `M` MLP width, `V` vocabulary.
 
 use crate::config::Config;
-use crate::lora::{Lora, LoraConfig};
+use crate::lora::{Lora, LoraConfig, LoraTape};
 use candle_core::backprop::GradStore;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Var;
@@ -38,8 +38,8 @@ impl RmsNorm {
     }
 }
 
-/// What a forward pass is for: inference uses candle's fused kernels; training uses
-/// differentiable ops, frozen matmuls that skip weight gradients, and adapter dropout.
+/// What a forward pass is for: inference uses candle's fused kernels; training keeps what the
+/// hand-written backward passes need (see [`Block::backward`]) and applies adapter dropout.
 #[derive(Debug, Clone, Copy)]
 struct Ctx {
     train: bool,
@@ -90,6 +90,16 @@ impl Linear {
         }
     }
 
+    /// The input's gradient for output gradient `g` (the weight is frozen).
+    fn backward(&self, g: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Dense(l) => crate::ops::frozen_matmul_backward(g, l.weight()),
+            Linear::Quantized { .. } => {
+                candle_core::bail!("training through quantized weights is not supported")
+            }
+        }
+    }
+
     fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         if let Linear::Dense(l) = self {
             let w = l.weight().to_dtype(DType::F32)?;
@@ -128,9 +138,10 @@ impl Proj {
         self.path.rsplit('.').next().unwrap_or("")
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+    /// The output, and what [`Proj::backward`] needs (the adapter's tape; nothing without one).
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, Option<LoraTape>)> {
         let y = if ctx.train { self.base.forward_frozen(x)? } else { self.base.forward(x)? };
-        let Some(lora) = &self.lora else { return Ok(y) };
+        let Some(lora) = &self.lora else { return Ok((y, None)) };
         let mask = if ctx.train && lora.dropout > 0.0 {
             // A different mask per layer and step, all from the step's seed.
             let salt =
@@ -144,10 +155,42 @@ impl Proj {
         } else {
             None
         };
-        let delta = lora.forward(x, mask.as_ref())?.to_dtype(y.dtype())?;
-        y + delta
+        let (delta, tape) = lora.forward(x, mask.as_ref())?;
+        let delta = delta.to_dtype(y.dtype())?;
+        Ok(((y + delta)?, Some(tape)))
+    }
+
+    /// The input's gradient for output gradient `g`; the adapter's gradients go to `grads`.
+    fn backward(&self, tape: &Option<LoraTape>, g: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let dx = self.base.backward(g)?;
+        match self.adapter_backward(tape, g, true, grads)? {
+            Some(d) => {
+                let d = d.to_dtype(dx.dtype())?;
+                dx + d
+            }
+            None => Ok(dx),
+        }
+    }
+
+    /// The adapter's gradients, pushed to `grads`, and its part of the input's gradient when
+    /// `input_grad`.
+    fn adapter_backward(
+        &self,
+        tape: &Option<LoraTape>,
+        g: &Tensor,
+        input_grad: bool,
+        grads: &mut Grads,
+    ) -> Result<Option<Tensor>> {
+        let (Some(lora), Some(tape)) = (&self.lora, tape) else { return Ok(None) };
+        let d = lora.backward(tape, g, input_grad)?;
+        grads.push((lora.a.as_tensor().clone(), d.a));
+        grads.push((lora.b.as_tensor().clone(), d.b));
+        Ok(d.x)
     }
 }
+
+/// Adapter gradients: (variable, gradient).
+type Grads = Vec<(Tensor, Tensor)>;
 
 /// Rotary position embedding tables, `[max_positions, D/2]`.
 #[derive(Debug, Clone)]
@@ -168,10 +211,10 @@ impl Rope {
         Ok(Self { cos: freqs.cos()?.to_dtype(dtype)?, sin: freqs.sin()?.to_dtype(dtype)? })
     }
 
-    /// Rotate `x` `[B, heads, T, D]` (Hugging Face "half" layout) for its positions.
-    fn apply(&self, x: &Tensor, pos: &Positions, ctx: &Ctx) -> Result<Tensor> {
-        let (b, _, t, _) = x.dims4()?;
-        let (cos, sin) = match pos {
+    /// The cosines and sines for `B` rows of `T` tokens at `pos`: `[T, D/2]` or, for
+    /// per-token positions, `[B, T, D/2]`.
+    fn tables(&self, pos: &Positions, b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        Ok(match pos {
             Positions::From(offset) => {
                 (self.cos.narrow(0, *offset, t)?, self.sin.narrow(0, *offset, t)?)
             }
@@ -184,12 +227,12 @@ impl Rope {
                     self.sin.index_select(&flat, 0)?.reshape((b, t, half))?,
                 )
             }
-        };
-        if ctx.train {
-            crate::ops::rope(x, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
-        }
+        })
+    }
+
+    /// Rotate `x` `[B, heads, T, D]` (Hugging Face "half" layout) by [`Rope::tables`].
+    fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        crate::ops::rope(&x.contiguous()?, cos, sin)
     }
 }
 
@@ -227,6 +270,7 @@ impl Attention {
         })
     }
 
+    /// The output, and the queries, keys, values and adapter tapes a backward pass needs.
     fn forward(
         &self,
         x: &Tensor,
@@ -235,23 +279,87 @@ impl Attention {
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
         ctx: &Ctx,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, AttentionTape)> {
         let (b, t, _) = x.dims3()?;
         let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x, ctx)?.reshape((b, t, h, d))?.transpose(1, 2)?; // [B, H, T, D]
-        let kk = self.k_proj.forward(x, ctx)?.reshape((b, t, k, d))?.transpose(1, 2)?; // [B, K, T, D]
-        let v =
-            self.v_proj.forward(x, ctx)?.reshape((b, t, k, d))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, pos, ctx)?;
-        let kk = rope.apply(&kk, pos, ctx)?;
+        let (q, tq) = self.q_proj.forward(x, ctx)?;
+        let (kk, tk) = self.k_proj.forward(x, ctx)?;
+        let (v, tv) = self.v_proj.forward(x, ctx)?;
+        let (cos, sin) = rope.tables(pos, b, t)?;
+        let q = Rope::apply(&q.reshape((b, t, h, d))?.transpose(1, 2)?, &cos, &sin)?; // [B, H, T, D]
+        let kk = Rope::apply(&kk.reshape((b, t, k, d))?.transpose(1, 2)?, &cos, &sin)?; // [B, K, T, D]
+        let v = v.reshape((b, t, k, d))?.transpose(1, 2)?.contiguous()?;
         let (kk, v) = match cache {
             Some(cache) => cache.append(&kk, &v)?, // [B, K, S, D]
             None => (kk, v),
         };
-        let y = crate::ops::attention(&q, &kk, &v, mask, 1.0 / (d as f64).sqrt())?; // [B, H, T, D]
+        let y = crate::ops::attention(&q, &kk, &v, mask, self.scale())?; // [B, H, T, D]
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
-        self.o_proj.forward(&y, ctx)
+        let (out, to) = self.o_proj.forward(&y, ctx)?;
+        let tape =
+            AttentionTape { q, k: kk, v, cos, sin, mask: mask.cloned(), projs: [tq, tk, tv, to] };
+        Ok((out, tape))
     }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// The gradient of the input `x` of [`Attention::forward`] for output gradient `g`
+    /// `[B, T, C]`, or only the adapters' gradients when `input_grad` is false.
+    fn backward(
+        &self,
+        tape: &AttentionTape,
+        g: &Tensor,
+        input_grad: bool,
+        grads: &mut Grads,
+    ) -> Result<Option<Tensor>> {
+        let (b, t, _) = g.dims3()?;
+        let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let [tq, tk, tv, to] = &tape.projs;
+        let dy = self.o_proj.backward(to, g, grads)?; // [B, T, H*D]
+        let dy = dy.reshape((b, t, h, d))?.transpose(1, 2)?.contiguous()?;
+        let (dq, dk, dv) = crate::ops::attention_backward(
+            &tape.q,
+            &tape.k,
+            &tape.v,
+            &dy,
+            tape.mask.as_ref(),
+            self.scale(),
+        )?;
+        let unrotate = |x: &Tensor, heads: usize| {
+            crate::ops::rope_backward(x, &tape.cos, &tape.sin)?.transpose(1, 2)?.reshape((
+                b,
+                t,
+                heads * d,
+            ))
+        };
+        let dq = unrotate(&dq, h)?;
+        let dk = unrotate(&dk, k)?;
+        let dv = dv.transpose(1, 2)?.reshape((b, t, k * d))?;
+        if !input_grad {
+            self.q_proj.adapter_backward(tq, &dq, false, grads)?;
+            self.k_proj.adapter_backward(tk, &dk, false, grads)?;
+            self.v_proj.adapter_backward(tv, &dv, false, grads)?;
+            return Ok(None);
+        }
+        let dx = (self.q_proj.backward(tq, &dq, grads)? + self.k_proj.backward(tk, &dk, grads)?)?;
+        Ok(Some((dx + self.v_proj.backward(tv, &dv, grads)?)?))
+    }
+}
+
+/// What [`Attention::backward`] keeps from the forward pass.
+struct AttentionTape {
+    /// Rotated queries `[B, H, T, D]`, keys and values `[B, K, S, D]`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// The rotation's tables.
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    /// Adapter tapes of q, k, v and o.
+    projs: [Option<LoraTape>; 4],
 }
 
 #[derive(Debug, Clone)]
@@ -271,11 +379,29 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x, ctx)?; // [B, T, M]
-        let up = self.up_proj.forward(x, ctx)?;
-        self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?, ctx)
+    /// The output, and what [`Mlp::backward`] needs.
+    fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, MlpTape)> {
+        let (gate, tg) = self.gate_proj.forward(x, ctx)?; // [B, T, M]
+        let (up, tu) = self.up_proj.forward(x, ctx)?;
+        let (y, td) = self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?, ctx)?;
+        Ok((y, MlpTape { gate, up, projs: [tg, tu, td] }))
     }
+
+    /// The input's gradient for output gradient `g`.
+    fn backward(&self, tape: &MlpTape, g: &Tensor, grads: &mut Grads) -> Result<Tensor> {
+        let [tg, tu, td] = &tape.projs;
+        let da = self.down_proj.backward(td, g, grads)?;
+        let (dgate, dup) = crate::ops::swiglu_backward(&tape.gate, &tape.up, &da)?;
+        self.gate_proj.backward(tg, &dgate, grads)? + self.up_proj.backward(tu, &dup, grads)?
+    }
+}
+
+/// What [`Mlp::backward`] keeps from the forward pass.
+struct MlpTape {
+    gate: Tensor,
+    up: Tensor,
+    /// Adapter tapes of gate, up and down.
+    projs: [Option<LoraTape>; 3],
 }
 
 #[derive(Debug, Clone)]
@@ -304,6 +430,7 @@ impl Block {
         })
     }
 
+    /// The output, and what [`Block::backward`] needs.
     fn forward(
         &self,
         x: &Tensor,
@@ -312,60 +439,83 @@ impl Block {
         mask: Option<&Tensor>,
         cache: Option<&mut KvCache>,
         ctx: &Ctx,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tape)> {
         let normed = self.input_layernorm.forward(x, ctx)?;
-        let h = self.self_attn.forward(&normed, rope, pos, mask, cache, ctx)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x, ctx)?, ctx)?;
-        x + h
+        let (h, attention) = self.self_attn.forward(&normed, rope, pos, mask, cache, ctx)?;
+        let mid = (x + h)?;
+        let (h, mlp) = self.mlp.forward(&self.post_attention_layernorm.forward(&mid, ctx)?, ctx)?;
+        let y = (&mid + h)?;
+        Ok((y, Tape { x: x.clone(), mid, attention, mlp }))
     }
-}
 
-impl Block {
-    /// Training forward that keeps only the block's input for the backward pass, which runs
-    /// the block again from it (gradient checkpointing, Chen et al. 2016): one extra forward
-    /// per block buys the memory of all its activations. The adapters' gradients of the
-    /// recomputation go to `collected` (see [`Llama::backward`]); `input_grad` is false for the
-    /// first block, whose input (the embeddings) needs none.
+    /// Training forward: the block is one node of candle's graph, whose backward pass runs
+    /// [`Block::backward`] from the activations this forward keeps, or, with `checkpoint`
+    /// (Chen et al. 2016), from a recomputation of the block from its input: one extra forward
+    /// per block buys the memory of all its activations. Backward passes of whole blocks keep
+    /// candle's graph small: its backward zero-fills and adds every gradient it stores.
+    /// The adapters' gradients go to `collected` (see [`Llama::backward`]); `input_grad` is
+    /// false for the first block, whose input (the embeddings) needs none.
     #[allow(clippy::too_many_arguments)]
-    fn forward_checkpointed(
+    fn forward_train(
         &self,
         x: &Tensor,
         rope: &Rope,
         pos: &Positions,
         mask: Option<&Tensor>,
         ctx: &Ctx,
-        collected: &Collected,
+        checkpoint: bool,
         input_grad: bool,
+        collected: &Collected,
     ) -> Result<Tensor> {
         let xd = x.detach();
-        // The block's graph is dropped with this result's: nothing of it is kept.
-        let y = self.forward(&xd, rope, pos, mask, None, ctx)?.detach();
+        let (y, tape) = self.forward(&xd, rope, pos, mask, None, ctx)?;
+        let tape = if checkpoint { None } else { Some(tape) };
         let (block, rope, pos, mask, ctx, collected) =
             (self.clone(), rope.clone(), pos.clone(), mask.cloned(), *ctx, collected.clone());
         crate::ops::attach(
             x,
             y,
-            "checkpointed-block",
+            "block",
             Box::new(move |g, _| {
-                let input = if input_grad { Some(Var::from_tensor(&xd)?) } else { None };
-                let x = input.as_ref().map_or(&xd, |v| v.as_tensor());
-                let y = block.forward(x, &rope, &pos, mask.as_ref(), None, &ctx)?;
-                let grads = (y * g)?.sum_all()?.backward()?;
-                let mut collected = crate::ops::lock(&collected)?;
-                for lora in block.projs().into_iter().filter_map(|p| p.lora.as_ref()) {
-                    for var in [&lora.a, &lora.b] {
-                        if let Some(grad) = grads.get(var) {
-                            collected.push((var.as_tensor().clone(), grad.clone()));
-                        }
+                let recomputed;
+                let tape = match &tape {
+                    Some(tape) => tape,
+                    None => {
+                        recomputed = block.forward(&xd, &rope, &pos, mask.as_ref(), None, &ctx)?.1;
+                        &recomputed
                     }
-                }
-                match input.as_ref().and_then(|v| grads.get(v)) {
-                    Some(dx) => Ok(dx.clone()),
+                };
+                let mut grads = vec![];
+                let dx = block.backward(tape, g, input_grad, &mut grads)?;
+                crate::ops::lock(&collected)?.extend(grads);
+                match dx {
+                    Some(dx) => Ok(dx),
                     None => xd.zeros_like(),
                 }
             }),
         )
+    }
+
+    /// The gradient of the block's input for output gradient `g` (`None` when `input_grad` is
+    /// false); the adapters' gradients go to `grads`.
+    fn backward(
+        &self,
+        tape: &Tape,
+        g: &Tensor,
+        input_grad: bool,
+        grads: &mut Grads,
+    ) -> Result<Option<Tensor>> {
+        // y = mid + mlp(norm2(mid)), mid = x + attention(norm1(x))
+        let norm2 = &self.post_attention_layernorm;
+        let dn = self.mlp.backward(&tape.mlp, g, grads)?;
+        let dmid =
+            (g + crate::ops::rms_norm_backward(&tape.mid, &norm2.weight, norm2.eps as f64, &dn)?)?;
+        let Some(dn) = self.self_attn.backward(&tape.attention, &dmid, input_grad, grads)? else {
+            return Ok(None);
+        };
+        let norm1 = &self.input_layernorm;
+        let dx = crate::ops::rms_norm_backward(&tape.x, &norm1.weight, norm1.eps as f64, &dn)?;
+        Ok(Some((dmid + dx)?))
     }
 
     fn projs(&self) -> [&Proj; 7] {
@@ -374,9 +524,18 @@ impl Block {
     }
 }
 
-/// Adapter gradients (variable, gradient) computed inside checkpointed blocks during the
-/// backward pass, outside candle's gradient store.
-type Collected = Arc<Mutex<Vec<(Tensor, Tensor)>>>;
+/// What [`Block::backward`] keeps from the forward pass.
+struct Tape {
+    /// The block's input.
+    x: Tensor,
+    /// The input plus the attention's output: the second norm's input.
+    mid: Tensor,
+    attention: AttentionTape,
+    mlp: MlpTape,
+}
+
+/// Adapter gradients computed by the blocks' backward passes, outside candle's gradient store.
+type Collected = Arc<Mutex<Grads>>;
 
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Debug, Clone)]
@@ -518,21 +677,20 @@ impl Llama {
     ) -> Result<Tensor> {
         let ctx = Ctx { train: self.training, dropout_seed: self.dropout_seed };
         let mut x = self.embed_tokens.forward(ids)?; // [B, T, C]
-        let checkpoint = ctx.train && self.grad_checkpoint;
         let embeddings_grad = x.track_op();
-        if checkpoint && !embeddings_grad {
-            // A checkpointed block joins the graph through its input, so the frozen embeddings
+        if ctx.train && !embeddings_grad {
+            // A training block joins the graph through its input, so the frozen embeddings
             // must be part of it; their gradient is never computed (`input_grad` false).
             x = Var::from_tensor(&x)?.as_tensor().clone();
         }
         for (i, block) in self.layers.iter().enumerate() {
-            x = if checkpoint {
+            x = if ctx.train {
                 let input_grad = i > 0 || embeddings_grad;
-                let c = &self.collected;
-                block.forward_checkpointed(&x, &self.rope, pos, mask, &ctx, c, input_grad)?
+                let (c, ckpt) = (&self.collected, self.grad_checkpoint);
+                block.forward_train(&x, &self.rope, pos, mask, &ctx, ckpt, input_grad, c)?
             } else {
                 let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-                block.forward(&x, &self.rope, pos, mask, layer_cache, &ctx)?
+                block.forward(&x, &self.rope, pos, mask, layer_cache, &ctx)?.0
             };
         }
         self.norm.forward(&x, &ctx)

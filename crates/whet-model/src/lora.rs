@@ -115,34 +115,95 @@ impl Lora {
         Ok(Self { a, b, scale: cfg.scale(), dropout: cfg.dropout })
     }
 
-    /// `scale * B (A x)` for `x` `[.., in]`; `dropout_mask`, when training with dropout, is a
-    /// `{0, 1/(1-p)}` tensor shaped like `x`.
+    /// `scale * B (A x)` for `x` `[.., in]`, and what [`Lora::backward`] needs; `dropout_mask`,
+    /// when training with dropout, is a `{0, 1/(1-p)}` tensor shaped like `x`. The result is not
+    /// part of candle's graph: [`Lora::backward`] gives the gradients.
     pub fn forward(
         &self,
         x: &Tensor,
         dropout_mask: Option<&Tensor>,
-    ) -> candle_core::Result<Tensor> {
+    ) -> candle_core::Result<(Tensor, LoraTape)> {
         let x = x.to_dtype(self.a.dtype())?; // adapters stay f32 whatever the base dtype
-        let x = match dropout_mask {
-            Some(m) => x.broadcast_mul(&m.to_dtype(x.dtype())?)?,
-            None => x,
+        let mask = match dropout_mask {
+            Some(m) => Some(m.to_dtype(x.dtype())?.flatten_to(m.rank() - 2)?),
+            None => None,
         };
         // 2-D matmuls over all tokens at once: batched ones would broadcast A and B per row.
         let dims = x.dims().to_vec();
         let x = x.flatten_to(dims.len() - 2)?; // [N, in]
-        let h = x.matmul(&self.a.as_tensor().t()?)?; // [N, r]
-                                                     // Scaling B ([out, r]) costs nothing; scaling the output would cost a pass over it.
-        let y = h.matmul(&(self.b.as_tensor() * self.scale)?.t()?)?; // [N, out]
+        let x = match &mask {
+            Some(m) => (x * m)?,
+            None => x,
+        };
+        let h = x.matmul(&self.a.as_tensor().detach().t()?)?; // [N, r]
+                                                              // Scaling B ([out, r]) costs nothing; scaling the output would cost a pass over it.
+        let y = h.matmul(&self.scaled_b()?.t()?)?; // [N, out]
         let mut out = dims;
         let last = out.len() - 1;
         out[last] = y.dim(1)?;
-        y.reshape(out)
+        Ok((y.reshape(out)?, LoraTape { x, mask, h }))
+    }
+
+    /// For the gradient `g` `[.., out]` of [`Lora::forward`]'s output: the gradients of `A`
+    /// and `B`, and the input's (`[.., in]`, in the adapter's dtype) when `input_grad`.
+    /// With `h = A x`: `dB = scale g^T h`, `dh = scale g B`, `dA = dh^T x`, `dx = dh A`.
+    pub fn backward(
+        &self,
+        tape: &LoraTape,
+        g: &Tensor,
+        input_grad: bool,
+    ) -> candle_core::Result<LoraGrads> {
+        let dims = g.dims().to_vec();
+        let g = g.to_dtype(self.a.dtype())?.flatten_to(dims.len() - 2)?.contiguous()?; // [N, out]
+        let b = (g.t()?.matmul(&tape.h)? * self.scale)?; // [out, r]
+        let dh = g.matmul(&self.scaled_b()?)?; // [N, r]
+        let a = dh.t()?.matmul(&tape.x)?; // [r, in]
+        let x = if input_grad {
+            let dx = dh.matmul(&self.a.as_tensor().detach())?; // [N, in]
+            let dx = match &tape.mask {
+                Some(m) => (dx * m)?,
+                None => dx,
+            };
+            let mut shape = dims;
+            let last = shape.len() - 1;
+            shape[last] = dx.dim(1)?;
+            Some(dx.reshape(shape)?)
+        } else {
+            None
+        };
+        Ok(LoraGrads { a, b, x })
+    }
+
+    fn scaled_b(&self) -> candle_core::Result<Tensor> {
+        self.b.as_tensor().detach() * self.scale
     }
 
     /// `scale * B A`, `[out, in]`: what merging adds to the base weight.
     pub fn delta(&self) -> candle_core::Result<Tensor> {
         self.b.as_tensor().matmul(self.a.as_tensor())? * self.scale
     }
+}
+
+/// What an adapter's backward pass keeps from its forward pass.
+#[derive(Debug, Clone)]
+pub struct LoraTape {
+    /// The input after dropout, `[N, in]`.
+    x: Tensor,
+    /// The dropout mask, `[N, in]`.
+    mask: Option<Tensor>,
+    /// `A x`, `[N, r]`.
+    h: Tensor,
+}
+
+/// Gradients from [`Lora::backward`].
+#[derive(Debug)]
+pub struct LoraGrads {
+    /// Of `A`, `[r, in]`.
+    pub a: Tensor,
+    /// Of `B`, `[out, r]`.
+    pub b: Tensor,
+    /// Of the input, when asked for.
+    pub x: Option<Tensor>,
 }
 
 /// A `{0, 1/(1-p)}` inverted-dropout mask of `shape`, from whet's seeded generator.
@@ -189,7 +250,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let l = Lora::new(64, 32, &cfg, &mut rng, &Device::Cpu, DType::F32).unwrap();
         let x = Tensor::randn(0f32, 1., (2, 3, 64), &Device::Cpu).unwrap();
-        let y = l.forward(&x, None).unwrap();
+        let y = l.forward(&x, None).unwrap().0;
         assert_eq!(y.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
         let a = l.a.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(a.iter().all(|v| v.abs() <= 1.0 / 8.0) && a.iter().any(|v| v.abs() > 0.1));

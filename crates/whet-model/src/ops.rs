@@ -1,14 +1,12 @@
-//! Differentiable building blocks for training. candle 0.11.1's fused `rms_norm`,
-//! `softmax_last_dim` and `rope` kernels have no backward pass (gradients silently stop there),
-//! and its matmul backward also computes the gradient of frozen weights — most of the backward
-//! cost of LoRA training.
+//! Training building blocks, each a forward and its hand-written backward. candle 0.11.1's
+//! fused `rms_norm`, `softmax_last_dim` and `rope` kernels have no backward pass (gradients
+//! silently stop there), and its matmul backward also computes the gradient of frozen weights —
+//! most of the backward cost of LoRA training.
 //!
-//! Each op here is one node of the graph with a hand-written backward: fast forwards, few saved
-//! intermediates (composing the ops from differentiable primitives keeps five or six full-size
-//! tensors per norm or softmax alive until the backward pass), and, for frozen matmuls, no
-//! weight gradient at all. On the CPU in f32, RMSNorm, SwiGLU and attention run whet's own
-//! kernels; elsewhere an op runs candle's kernels outside the graph and [`attach`]es the result
-//! to its input.
+//! The model's blocks call the `*_backward` functions directly (see `Block::backward`); the ops
+//! that also serve as nodes of candle's graph (the final norm, the head, attention, SwiGLU)
+//! keep few saved intermediates and, for frozen matmuls, compute no weight gradient at all. On
+//! the CPU in f32, RMSNorm, SwiGLU and attention run whet's own kernels; elsewhere candle's ops.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -185,13 +183,19 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // One 2-D matmul over all tokens (a batched one would broadcast the weight per row).
-        let dims = grad.dims();
-        let g = grad.contiguous()?.flatten_to(dims.len() - 2)?; // [N, out]
-        let mut out = dims.to_vec();
-        out[dims.len() - 1] = w.dim(1)?;
-        Ok((Some(g.matmul(w)?.reshape(out)?), None))
+        Ok((Some(frozen_matmul_backward(grad, w)?), None))
     }
+}
+
+/// The input gradient of [`frozen_matmul`] for output gradient `grad` `[.., out]`:
+/// `grad @ weight`.
+pub fn frozen_matmul_backward(grad: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    // One 2-D matmul over all tokens (a batched one would broadcast the weight per row).
+    let dims = grad.dims();
+    let g = grad.contiguous()?.flatten_to(dims.len() - 2)?; // [N, out]
+    let mut out = dims.to_vec();
+    out[dims.len() - 1] = weight.dim(1)?;
+    g.matmul(weight)?.reshape(out)
 }
 
 /// RMSNorm `x * r * weight` with `r = 1/sqrt(mean(x^2) + eps)` over the last dimension `C`;
@@ -209,31 +213,50 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
             .broadcast_mul(weight)?,
     };
     let w = weight.clone();
-    attach(
-        x,
-        y,
-        "rms-norm",
-        Box::new(move |g, _| {
-            let c = xd.dim(D::Minus1)? as f64;
-            let r = (xd.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [.., 1]
-            let gw = g.broadcast_mul(&w)?;
-            let dot = (&gw * &xd)?.sum_keepdim(D::Minus1)?; // [.., 1]
-            let coef = ((r.powf(3.0)? * dot)? / c)?;
-            gw.broadcast_mul(&r)? - xd.broadcast_mul(&coef)?
-        }),
-    )
+    attach(x, y, "rms-norm", Box::new(move |g, _| rms_norm_backward(&xd, &w, eps, g)))
+}
+
+/// The input gradient of [`rms_norm`] for output gradient `g`:
+/// `r * (g*w) - x * r^3 / C * sum(g*w*x)` over the last dimension (the weight is frozen).
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
+    if cpu_f32(x) && weight.dtype() == DType::F32 {
+        let (x, g) = (x.contiguous()?, g.contiguous()?);
+        let c = weight.elem_count();
+        let eps = eps as f32;
+        let dx = with_f32(&[&x, &weight.contiguous()?, &g], |s| {
+            use rayon::prelude::*;
+            let (x, w, g) = (s[0], s[1], s[2]);
+            let mut dx = vec![0f32; x.len()];
+            dx.par_chunks_mut(c).zip(x.par_chunks(c).zip(g.par_chunks(c))).for_each(
+                |(dx, (x, g))| {
+                    let r = rms_recip(x, eps);
+                    let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| g * w * x).sum();
+                    let coef = r * r * r / c as f32 * dot;
+                    for i in 0..c {
+                        dx[i] = r * g[i] * w[i] - x[i] * coef;
+                    }
+                },
+            );
+            Ok(dx)
+        })?;
+        return Tensor::from_vec(dx, x.shape(), x.device());
+    }
+    let c = x.dim(D::Minus1)? as f64;
+    let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?; // [.., 1]
+    let gw = g.broadcast_mul(weight)?;
+    let dot = (&gw * x)?.sum_keepdim(D::Minus1)?; // [.., 1]
+    let coef = ((r.powf(3.0)? * dot)? / c)?;
+    gw.broadcast_mul(&r)? - x.broadcast_mul(&coef)?
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row.
+fn rms_recip(x: &[f32], eps: f32) -> f32 {
+    1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + eps).sqrt()
 }
 
 /// The CPU f32 kernel of [`rms_norm`], one pass over the rows each way.
 struct RmsNormCpu {
     eps: f32,
-}
-
-impl RmsNormCpu {
-    /// `1 / sqrt(mean(x^2) + eps)` of one row.
-    fn r(&self, x: &[f32]) -> f32 {
-        1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + self.eps).sqrt()
-    }
 }
 
 impl CustomOp2 for RmsNormCpu {
@@ -259,13 +282,12 @@ impl CustomOp2 for RmsNormCpu {
         let (x, w) = (viewed(x, xl), viewed(w, wl));
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(c).zip(x.par_chunks(c)).for_each(|(y, x)| {
-            let r = self.r(x);
+            let r = rms_recip(x, self.eps);
             y.iter_mut().zip(x).zip(w).for_each(|((y, x), w)| *y = x * r * w);
         });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    /// `dx = r (g w) - x r^3 / C * sum(g w x)` per row; the weight is frozen.
     fn bwd(
         &self,
         x: &Tensor,
@@ -273,38 +295,20 @@ impl CustomOp2 for RmsNormCpu {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        use rayon::prelude::*;
-        let g = g.contiguous()?;
-        let c = w.elem_count();
-        let dx = with_f32(&[x, w, &g], |s| {
-            let (x, w, g) = (s[0], s[1], s[2]);
-            let mut dx = vec![0f32; x.len()];
-            dx.par_chunks_mut(c).zip(x.par_chunks(c).zip(g.par_chunks(c))).for_each(
-                |(dx, (x, g))| {
-                    let r = self.r(x);
-                    let dot: f32 = x.iter().zip(g).zip(w).map(|((x, g), w)| g * w * x).sum();
-                    let coef = r * r * r / c as f32 * dot;
-                    for i in 0..c {
-                        dx[i] = r * g[i] * w[i] - x[i] * coef;
-                    }
-                },
-            );
-            Ok(dx)
-        })?;
-        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), None))
+        Ok((Some(rms_norm_backward(x, w, self.eps as f64, g)?), None))
     }
 }
 
-/// Rotary embedding (Hugging Face "half" layout) of `x` `[B, heads, T, D]` with `cos`/`sin`
-/// `[T, D/2]` or `[B, T, D/2]`. A rotation's gradient is the inverse rotation: RoPE with `-sin`.
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let y = rope_any(&x.detach().contiguous()?, cos, sin)?;
-    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
-    attach(x, y, "rope", Box::new(move |g, _| rope_any(&g.contiguous()?, &cos, &neg_sin)))
+/// The input gradient of [`rope`] for output gradient `g`: a rotation's gradient is the
+/// inverse rotation, RoPE with `-sin`.
+pub fn rope_backward(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope(&g.contiguous()?, cos, &sin.neg()?)
 }
 
-/// candle's fused RoPE, or the same rotation composed where it has no kernel (f64).
-fn rope_any(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// Rotary embedding (Hugging Face "half" layout) of contiguous `x` `[B, heads, T, D]` with
+/// `cos`/`sin` `[T, D/2]` or `[B, T, D/2]`: candle's fused kernel, or the same rotation composed
+/// where it has none (f64). Not differentiable; see [`rope_backward`].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if let Ok(y) = candle_nn::rotary_emb::rope(x, cos, sin) {
         return Ok(y);
     }
@@ -377,29 +381,39 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        use rayon::prelude::*;
-        let dy = dy.contiguous()?;
-        let (dg, du) = with_f32(&[g, u, &dy], |s| {
-            let n = s[0].len();
-            let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-            dg.par_chunks_mut(4096)
-                .zip(du.par_chunks_mut(4096))
-                .zip(s[0].par_chunks(4096).zip(s[1].par_chunks(4096)).zip(s[2].par_chunks(4096)))
-                .for_each(|((dg, du), ((g, u), dy))| {
-                    for i in 0..g.len() {
-                        let sig = 1.0 / (1.0 + (-g[i]).exp());
-                        du[i] = dy[i] * g[i] * sig;
-                        dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
-                    }
-                });
-            Ok((dg, du))
-        })?;
-        let dev = g.device();
-        Ok((
-            Some(Tensor::from_vec(dg, g.shape(), dev)?),
-            Some(Tensor::from_vec(du, u.shape(), dev)?),
-        ))
+        let (dg, du) = swiglu_backward(g, u, dy)?;
+        Ok((Some(dg), Some(du)))
     }
+}
+
+/// The gradients of [`swiglu`]'s `gate` and `up` for output gradient `dy`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    if !(cpu_f32(gate) && up.dtype() == DType::F32) {
+        let sig = candle_nn::ops::sigmoid(gate)?;
+        let gs = (gate * &sig)?;
+        let du = (dy * &gs)?;
+        let dg = ((dy * up)? * ((&sig + &gs)? - (&gs * &sig)?)?)?;
+        return Ok((dg, du));
+    }
+    use rayon::prelude::*;
+    let (g, u, dy) = (gate.contiguous()?, up.contiguous()?, dy.contiguous()?);
+    let (dg, du) = with_f32(&[&g, &u, &dy], |s| {
+        let n = s[0].len();
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .zip(s[0].par_chunks(4096).zip(s[1].par_chunks(4096)).zip(s[2].par_chunks(4096)))
+            .for_each(|((dg, du), ((g, u), dy))| {
+                for i in 0..g.len() {
+                    let sig = 1.0 / (1.0 + (-g[i]).exp());
+                    du[i] = dy[i] * g[i] * sig;
+                    dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
+                }
+            });
+        Ok((dg, du))
+    })?;
+    let dev = gate.device();
+    Ok((Tensor::from_vec(dg, gate.shape(), dev)?, Tensor::from_vec(du, up.shape(), dev)?))
 }
 
 /// Scaled dot-product attention of `q` `[B, H, T, D]` over `k`, `v` `[B, K, S, D]`, each
@@ -465,13 +479,6 @@ impl Attention {
         Ok(crate::attention_cpu::Dims { b: *b, kv: *kv, rt: h / kv * t, t: *t, s: *s, d: *d })
     }
 
-    /// The mask as the kernel takes it: f32 `[M, T, S]`, contiguous.
-    fn kernel_mask(&self) -> Result<Option<(Tensor, bool)>> {
-        let Some(mask) = &self.mask else { return Ok(None) };
-        let per_sequence = mask.rank() == 4 && mask.dim(0)? > 1;
-        Ok(Some((mask.to_dtype(DType::F32)?.contiguous()?, per_sequence)))
-    }
-
     fn cpu_forward(
         &self,
         q: &[f32],
@@ -480,7 +487,7 @@ impl Attention {
         n: crate::attention_cpu::Dims,
     ) -> Result<Vec<f32>> {
         let scale = self.scale as f32;
-        match self.kernel_mask()? {
+        match kernel_mask(self.mask.as_ref())? {
             None => Ok(crate::attention_cpu::forward(q, k, v, None, scale, n)),
             Some((mask, per_sequence)) => with_f32(&[&mask], |m| {
                 let mask = crate::attention_cpu::Mask { values: m[0], per_sequence };
@@ -488,6 +495,14 @@ impl Attention {
             }),
         }
     }
+}
+
+/// `mask` as the CPU kernel takes it: f32 `[M, T, S]`, contiguous, and whether it has one
+/// `[T, S]` block per sequence.
+fn kernel_mask(mask: Option<&Tensor>) -> Result<Option<(Tensor, bool)>> {
+    let Some(mask) = mask else { return Ok(None) };
+    let per_sequence = mask.rank() == 4 && mask.dim(0)? > 1;
+    Ok(Some((mask.to_dtype(DType::F32)?.contiguous()?, per_sequence)))
 }
 
 /// `softmax(q k^T * scale + mask)` for grouped queries `qg` `[B, K, R*T, D]`: `[B, K, R*T, S]`,
@@ -521,9 +536,8 @@ fn attention_weights(
         .or_else(|_| candle_nn::ops::softmax(&scores, D::Minus1))
 }
 
-/// Forward: the precomputed attention output. Backward: from `dy`, with `P` the recomputed
-/// weights and `S` the scores: `dV = P^T dy`, `dP = dy V^T`, `dS = P * (dP - rowsum(dP * P))`,
-/// `dQ = scale * dS K`, `dK = scale * dS^T Q`.
+/// Forward: the precomputed attention output, or whet's CPU kernel. Backward:
+/// [`attention_backward`].
 struct Attention {
     y: Precomputed,
     mask: Option<Tensor>,
@@ -588,42 +602,57 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if cpu_f32(q) {
-            let n = Self::dims(q.dims(), k.dims())?;
-            let dy = dy.contiguous()?;
-            let mask = self.kernel_mask()?;
-            let mut ts = vec![q, k, v, &dy];
-            if let Some((m, _)) = &mask {
-                ts.push(m);
-            }
-            let (dq, dk, dv) = with_f32(&ts, |s| {
-                let m = mask.as_ref().map(|(_, per_sequence)| crate::attention_cpu::Mask {
-                    values: s[4],
-                    per_sequence: *per_sequence,
-                });
-                Ok(crate::attention_cpu::backward(s[0], s[1], s[2], s[3], m, self.scale as f32, n))
-            })?;
-            let dev = q.device();
-            return Ok((
-                Some(Tensor::from_vec(dq, q.shape(), dev)?),
-                Some(Tensor::from_vec(dk, k.shape(), dev)?),
-                Some(Tensor::from_vec(dv, v.shape(), dev)?),
-            ));
-        }
-        let (b, h, t, d) = q.dims4()?;
-        let kv = k.dim(1)?;
-        let grouped = |x: &Tensor| x.detach().contiguous()?.reshape((b, kv, h / kv * t, d));
-        let (qg, dyg) = (grouped(q)?, grouped(dy)?); // [B, K, R*T, D]
-        let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
-        let p = attention_weights(&qg, &k, self.mask.as_ref(), self.scale, t)?; // [B, K, R*T, S]
-        let dv = p.to_dtype(v.dtype())?.t()?.matmul(&dyg)?; // [B, K, S, D]
-        let dp = dyg.matmul(&v.t()?)?.to_dtype(p.dtype())?;
-        let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
-        let ds = (ds * self.scale)?.to_dtype(qg.dtype())?;
-        let dq = ds.matmul(&k)?.reshape((b, h, t, d))?;
-        let dk = ds.t()?.matmul(&qg)?; // sums over the R heads sharing each key head
+        let (dq, dk, dv) = attention_backward(q, k, v, dy, self.mask.as_ref(), self.scale)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
+}
+
+/// The gradients of [`attention`]'s `q`, `k` and `v` for output gradient `dy`, with `P` the
+/// recomputed weights and `S` the scores: `dV = P^T dy`, `dP = dy V^T`,
+/// `dS = P * (dP - rowsum(dP * P))`, `dQ = scale * dS K`, `dK = scale * dS^T Q`.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dy: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if cpu_f32(q) {
+        let n = Attention::dims(q.dims(), k.dims())?;
+        let (q, k, v, dy) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, dy.contiguous()?);
+        let mask = kernel_mask(mask)?;
+        let mut ts = vec![&q, &k, &v, &dy];
+        if let Some((m, _)) = &mask {
+            ts.push(m);
+        }
+        let (dq, dk, dv) = with_f32(&ts, |s| {
+            let m = mask.as_ref().map(|(_, per_sequence)| crate::attention_cpu::Mask {
+                values: s[4],
+                per_sequence: *per_sequence,
+            });
+            Ok(crate::attention_cpu::backward(s[0], s[1], s[2], s[3], m, scale as f32, n))
+        })?;
+        let dev = q.device();
+        return Ok((
+            Tensor::from_vec(dq, q.shape(), dev)?,
+            Tensor::from_vec(dk, k.shape(), dev)?,
+            Tensor::from_vec(dv, v.shape(), dev)?,
+        ));
+    }
+    let (b, h, t, d) = q.dims4()?;
+    let kv = k.dim(1)?;
+    let grouped = |x: &Tensor| x.detach().contiguous()?.reshape((b, kv, h / kv * t, d));
+    let (qg, dyg) = (grouped(q)?, grouped(dy)?); // [B, K, R*T, D]
+    let (k, v) = (k.detach().contiguous()?, v.detach().contiguous()?);
+    let p = attention_weights(&qg, &k, mask, scale, t)?; // [B, K, R*T, S]
+    let dv = p.to_dtype(v.dtype())?.t()?.matmul(&dyg)?; // [B, K, S, D]
+    let dp = dyg.matmul(&v.t()?)?.to_dtype(p.dtype())?;
+    let ds = (&p * dp.broadcast_sub(&(&dp * &p)?.sum_keepdim(D::Minus1)?)?)?;
+    let ds = (ds * scale)?.to_dtype(qg.dtype())?;
+    let dq = ds.matmul(&k)?.reshape((b, h, t, d))?;
+    let dk = ds.t()?.matmul(&qg)?; // sums over the R heads sharing each key head
+    Ok((dq, dk, dv))
 }
 
 #[cfg(test)]
@@ -691,7 +720,10 @@ mod tests {
         close(g1.get(&x64).unwrap(), g2.get(&x64).unwrap(), 1e-4);
         let cos = Tensor::randn(0f32, 1., (5, 4), &d).unwrap();
         let sin = Tensor::randn(0f32, 1., (5, 4), &d).unwrap();
-        check(rope(x.as_tensor(), &cos, &sin).unwrap(), rope_ref(x.as_tensor(), &cos, &sin));
+        let reference = rope_ref(x.as_tensor(), &cos, &sin);
+        close(&rope(x.as_tensor(), &cos, &sin).unwrap(), &reference, 1e-5);
+        let want = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        close(&rope_backward(&probe, &cos, &sin).unwrap(), want.get(&x).unwrap(), 1e-5);
         let m = Tensor::randn(0f32, 1., (6, 8), &d).unwrap();
         let ours = frozen_matmul(x.as_tensor(), &m).unwrap();
         let dense = x.as_tensor().broadcast_matmul(&m.t().unwrap()).unwrap();
