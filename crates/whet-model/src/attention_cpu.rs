@@ -36,10 +36,39 @@ pub struct Mask<'a> {
 }
 
 /// A matrix operand: slice, row stride, column stride.
-type Operand<'a> = (&'a [f32], usize, usize);
+pub(crate) type Operand<'a> = (&'a [f32], usize, usize);
 
 /// `dst [m, n] = lhs [m, k] @ rhs [k, n]` on this thread.
 fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
+    matmul_on(dst, m, n, k, lhs, rhs, gemm::Parallelism::None)
+}
+
+/// `dst [m, n] = lhs [m, k] @ rhs [k, n]` with the threads of the current rayon pool:
+/// training shards run in pools of their own (see whet-train's trainer).
+pub(crate) fn matmul_pooled(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    let par = match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    };
+    matmul_on(dst, m, n, k, lhs, rhs, par)
+}
+
+fn matmul_on(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    par: gemm::Parallelism,
+) {
     let fits = |(s, rs, cs): Operand, rows: usize, cols: usize| {
         (rows - 1) * rs + (cols - 1) * cs < s.len()
     };
@@ -66,7 +95,7 @@ fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Oper
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     }
 }

@@ -15,7 +15,6 @@ use candle_core::Var;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
 use candle_nn::{Embedding, VarBuilder};
-use std::sync::{Arc, Mutex};
 
 /// RMSNorm with a learned gain (Zhang & Sennrich, 2019).
 #[derive(Debug, Clone)]
@@ -44,6 +43,8 @@ impl RmsNorm {
 struct Ctx {
     train: bool,
     dropout_seed: u64,
+    /// Index of the first row in the whole batch (for per-row dropout masks).
+    first_row: usize,
 }
 
 /// A linear layer with frozen weights: dense, or block-quantized for fast CPU decoding, where
@@ -150,6 +151,7 @@ impl Proj {
                 x.dims(),
                 lora.dropout,
                 ctx.dropout_seed ^ salt,
+                ctx.first_row,
                 x.device(),
             )?)
         } else {
@@ -453,7 +455,7 @@ impl Block {
     /// (Chen et al. 2016), from a recomputation of the block from its input: one extra forward
     /// per block buys the memory of all its activations. Backward passes of whole blocks keep
     /// candle's graph small: its backward zero-fills and adds every gradient it stores.
-    /// The adapters' gradients go to `collected` (see [`Llama::backward`]); `input_grad` is
+    /// The adapters' gradients are collected for [`Llama::backward`]; `input_grad` is
     /// false for the first block, whose input (the embeddings) needs none.
     #[allow(clippy::too_many_arguments)]
     fn forward_train(
@@ -465,13 +467,12 @@ impl Block {
         ctx: &Ctx,
         checkpoint: bool,
         input_grad: bool,
-        collected: &Collected,
     ) -> Result<Tensor> {
         let xd = x.detach();
         let (y, tape) = self.forward(&xd, rope, pos, mask, None, ctx)?;
         let tape = if checkpoint { None } else { Some(tape) };
-        let (block, rope, pos, mask, ctx, collected) =
-            (self.clone(), rope.clone(), pos.clone(), mask.cloned(), *ctx, collected.clone());
+        let (block, rope, pos, mask, ctx) =
+            (self.clone(), rope.clone(), pos.clone(), mask.cloned(), *ctx);
         crate::ops::attach(
             x,
             y,
@@ -487,7 +488,7 @@ impl Block {
                 };
                 let mut grads = vec![];
                 let dx = block.backward(tape, g, input_grad, &mut grads)?;
-                crate::ops::lock(&collected)?.extend(grads);
+                COLLECTED.with_borrow_mut(|c| c.extend(grads));
                 match dx {
                     Some(dx) => Ok(dx),
                     None => xd.zeros_like(),
@@ -534,8 +535,12 @@ struct Tape {
     mlp: MlpTape,
 }
 
-/// Adapter gradients computed by the blocks' backward passes, outside candle's gradient store.
-type Collected = Arc<Mutex<Grads>>;
+thread_local! {
+    /// Adapter gradients computed by the blocks' backward passes, outside candle's gradient
+    /// store, for [`Llama::backward`] on this thread (training shards run side by side on
+    /// threads of their own; candle runs a backward pass on the calling thread).
+    static COLLECTED: std::cell::RefCell<Grads> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Per-layer key/value cache for incremental decoding.
 #[derive(Debug, Clone)]
@@ -580,9 +585,9 @@ pub struct Llama {
     cfg: Config,
     training: bool,
     dropout_seed: u64,
+    first_row: usize,
     lora: Option<LoraConfig>,
     grad_checkpoint: bool,
-    collected: Collected,
 }
 
 impl Llama {
@@ -612,9 +617,9 @@ impl Llama {
             cfg: cfg.clone(),
             training: false,
             dropout_seed: 0,
+            first_row: 0,
             lora: None,
             grad_checkpoint: false,
-            collected: Collected::default(),
         })
     }
 
@@ -675,7 +680,11 @@ impl Llama {
         mask: Option<&Tensor>,
         mut cache: Option<&mut Cache>,
     ) -> Result<Tensor> {
-        let ctx = Ctx { train: self.training, dropout_seed: self.dropout_seed };
+        let ctx = Ctx {
+            train: self.training,
+            dropout_seed: self.dropout_seed,
+            first_row: self.first_row,
+        };
         let mut x = self.embed_tokens.forward(ids)?; // [B, T, C]
         let embeddings_grad = x.track_op();
         if ctx.train && !embeddings_grad {
@@ -686,8 +695,8 @@ impl Llama {
         for (i, block) in self.layers.iter().enumerate() {
             x = if ctx.train {
                 let input_grad = i > 0 || embeddings_grad;
-                let (c, ckpt) = (&self.collected, self.grad_checkpoint);
-                block.forward_train(&x, &self.rope, pos, mask, &ctx, ckpt, input_grad, c)?
+                let ckpt = self.grad_checkpoint;
+                block.forward_train(&x, &self.rope, pos, mask, &ctx, ckpt, input_grad)?
             } else {
                 let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
                 block.forward(&x, &self.rope, pos, mask, layer_cache, &ctx)?.0
@@ -737,13 +746,14 @@ impl Llama {
         self.grad_checkpoint = on;
     }
 
-    /// Gradients of `loss` for every variable, the adapters of checkpointed blocks included
-    /// (whose gradients candle's backward pass cannot see: they are computed while it
-    /// recomputes each block).
+    /// Gradients of `loss` for every variable, the adapters included: in training the blocks
+    /// compute their adapters' gradients in their own backward passes (see
+    /// [`Block::backward`]), out of sight of candle's `Tensor::backward`.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
-        crate::ops::lock(&self.collected)?.clear();
-        let mut grads = loss.backward()?;
-        let collected = std::mem::take(&mut *crate::ops::lock(&self.collected)?);
+        COLLECTED.with_borrow_mut(Vec::clear);
+        let grads = loss.backward();
+        let collected = COLLECTED.take();
+        let mut grads = grads?;
         for (var, grad) in collected {
             let sum = match grads.remove(&var) {
                 Some(prev) => (prev + grad)?,
@@ -757,6 +767,13 @@ impl Llama {
     /// Seed of the next forward pass's dropout masks (the trainer sets one per step).
     pub fn set_dropout_seed(&mut self, seed: u64) {
         self.dropout_seed = seed;
+    }
+
+    /// Where the next forward pass's rows sit in the whole batch: each row's dropout masks come
+    /// from the seed and the row's index, so a batch split into shards draws the masks the
+    /// whole batch would.
+    pub fn set_first_row(&mut self, row: usize) {
+        self.first_row = row;
     }
 
     /// Wrap the targeted linear layers of every block with fresh LoRA adapters (`A` from

@@ -206,17 +206,24 @@ pub struct LoraGrads {
     pub x: Option<Tensor>,
 }
 
-/// A `{0, 1/(1-p)}` inverted-dropout mask of `shape`, from whet's seeded generator.
+/// A `{0, 1/(1-p)}` inverted-dropout mask of `shape` `[B, ..]`, from whet's seeded generator;
+/// row `i` is drawn from `seed` and `first_row + i` alone.
 pub fn dropout_mask(
     shape: &[usize],
     p: f64,
     seed: u64,
+    first_row: usize,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let keep = (1.0 / (1.0 - p)) as f32;
-    let n: usize = shape.iter().product();
-    let m: Vec<f32> = (0..n).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }).collect();
+    let per_row: usize = shape[1..].iter().product();
+    let mut m = Vec::with_capacity(shape[0] * per_row);
+    for row in first_row..first_row + shape[0] {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed ^ (row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        m.extend((0..per_row).map(|_| if rng.random::<f64>() < p { 0.0 } else { keep }));
+    }
     Tensor::from_vec(m, shape, &Device::Cpu)?.to_device(device)
 }
 

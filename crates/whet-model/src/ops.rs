@@ -153,7 +153,22 @@ impl CustomOp2 for FrozenMatmul {
         w: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::fwd(x, xl, w, wl)
+        let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) else {
+            return Self::fwd(x, xl, w, wl);
+        };
+        // f32: gemm on the current pool's threads (candle's matmul always uses all of them).
+        let (n, k) = wl.shape().dims2()?;
+        let dims = xl.dims();
+        if !xl.is_contiguous() || !wl.is_contiguous() || dims.last() != Some(&k) {
+            return Self::fwd(x, xl, w, wl);
+        }
+        let m = xl.shape().elem_count() / k;
+        let mut y = vec![0f32; m * n];
+        let (xs, ws) = (viewed(xs, xl), viewed(ws, wl));
+        crate::attention_cpu::matmul_pooled(&mut y, m, n, k, (xs, k, 1), (ws, 1, k));
+        let mut out = dims.to_vec();
+        out[dims.len() - 1] = n;
+        Ok((CpuStorage::F32(y), Shape::from(out)))
     }
 
     fn cuda_fwd(
@@ -194,8 +209,18 @@ pub fn frozen_matmul_backward(grad: &Tensor, weight: &Tensor) -> Result<Tensor> 
     let dims = grad.dims();
     let g = grad.contiguous()?.flatten_to(dims.len() - 2)?; // [N, out]
     let mut out = dims.to_vec();
-    out[dims.len() - 1] = weight.dim(1)?;
-    g.matmul(weight)?.reshape(out)
+    let (n, k) = weight.dims2()?;
+    out[dims.len() - 1] = k;
+    if !(cpu_f32(&g) && cpu_f32(weight) && weight.is_contiguous()) {
+        return g.matmul(weight)?.reshape(out);
+    }
+    let m = g.dim(0)?;
+    let dx = with_f32(&[&g, weight], |s| {
+        let mut dx = vec![0f32; m * k];
+        crate::attention_cpu::matmul_pooled(&mut dx, m, k, n, (s[0], n, 1), (s[1], k, 1));
+        Ok(dx)
+    })?;
+    Tensor::from_vec(dx, out, g.device())
 }
 
 /// RMSNorm `x * r * weight` with `r = 1/sqrt(mean(x^2) + eps)` over the last dimension `C`;

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod optim;
 pub mod plot;
+mod shards;
 pub mod trainer;
 
 pub use config::TrainConfig;

@@ -4,6 +4,7 @@
 use crate::checkpoint::{self, TrainState};
 use crate::config::{learning_rate, TrainConfig};
 use crate::optim::{AdamW, AdamWParams};
+use crate::shards::Shards;
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -121,6 +122,11 @@ fn rows(examples: &[Tokenized], cfg: &TrainConfig) -> Vec<Row> {
     }
 }
 
+/// How many tokens of `rows` the loss trains (the first token of a row is never predicted).
+fn trained_tokens(rows: &[&Row]) -> usize {
+    rows.iter().map(|r| r.mask.iter().skip(1).filter(|&&m| m == 1).count()).sum()
+}
+
 /// Loss of a batch of rows, right-padded to the longest (padding is masked out).
 fn batch_loss(
     model: &Llama,
@@ -174,6 +180,57 @@ fn batch_loss(
     Ok((loss, n, rows.iter().map(|r| r.ids.len()).sum()))
 }
 
+/// Loss (mean over the trained tokens of `rows`) and adapter gradients of `weight * loss` for
+/// one micro-batch, and the number of tokens run. Shards of the rows run side by side (see
+/// [`Shards`]), each shard's loss weighted by its share of the trained tokens and the gradients
+/// summed in shard order, so that a run repeats bit for bit on the same machine.
+fn forward_backward(
+    model: &Llama,
+    rows: &[&Row],
+    dropout_seed: u64,
+    weight: f64,
+    vars: &[candle_core::Var],
+    shards: &Shards,
+    device: &Device,
+) -> Result<(f64, usize, Vec<Tensor>), TrainError> {
+    let total = trained_tokens(rows);
+    if total == 0 {
+        return Err(TrainError::Run("a batch without trained tokens".into()));
+    }
+    let parts = shards.run(rows, |shard, first_row| {
+        let share = trained_tokens(shard) as f64 / total as f64;
+        if share == 0.0 {
+            return Ok(None);
+        }
+        let mut model = model.clone(); // shares the weights and the adapters
+        model.set_dropout_seed(dropout_seed);
+        model.set_first_row(first_row);
+        let (loss, _, tokens) = batch_loss(&model, shard, device)?;
+        let store = model.backward(&(&loss * (weight * share))?)?;
+        let grads = vars
+            .iter()
+            .map(|var| {
+                // Every adapter must receive a gradient: a missing one means the graph was cut.
+                store.get(var).cloned().ok_or_else(|| {
+                    TrainError::Run("internal error: an adapter got no gradient".into())
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let loss = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        Ok(Some((loss * share, tokens, grads)))
+    })?;
+    let (mut loss, mut tokens, mut grads) = (0.0, 0, None::<Vec<Tensor>>);
+    for (l, t, g) in parts.into_iter().flatten() {
+        loss += l;
+        tokens += t;
+        grads = Some(match grads {
+            Some(sum) => sum.iter().zip(&g).map(|(a, b)| a + b).collect::<Result<_, _>>()?,
+            None => g,
+        });
+    }
+    Ok((loss, tokens, grads.unwrap_or_default()))
+}
+
 /// The rows of micro-batch `g`: epochs are seeded shuffles of all rows, so the data order is a
 /// function of `(seed, g)` alone and a resumed run sees exactly what an uninterrupted one would.
 /// `order` caches the current epoch's permutation.
@@ -196,14 +253,28 @@ fn micro_batch<'a>(
     order.1[i * batch..((i + 1) * batch).min(rows.len())].iter().map(|&k| &rows[k]).collect()
 }
 
-/// Mean validation loss over all validation rows.
-fn evaluate(model: &Llama, rows: &[Row], batch: usize, device: &Device) -> Result<f64, TrainError> {
+/// Mean validation loss over all validation rows (batches split into shards like training's).
+fn evaluate(
+    model: &Llama,
+    rows: &[Row],
+    batch: usize,
+    shards: &Shards,
+    device: &Device,
+) -> Result<f64, TrainError> {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(batch) {
         let refs: Vec<&Row> = chunk.iter().collect();
-        let (loss, k, _) = batch_loss(model, &refs, device)?;
-        sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64;
-        n += k;
+        let parts = shards.run(&refs, |shard, _| {
+            if trained_tokens(shard) == 0 {
+                return Ok((0.0, 0));
+            }
+            let (loss, k, _) = batch_loss(model, shard, device)?;
+            Ok((loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64, k))
+        })?;
+        for (s, k) in parts {
+            sum += s;
+            n += k;
+        }
     }
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
@@ -229,13 +300,14 @@ pub fn train(
     model.set_training(true);
     model.set_grad_checkpoint(cfg.grad_checkpoint);
     let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
+    let shards = Shards::new(&device, cfg.batch_size)?;
     let params = AdamWParams {
         beta1: cfg.beta1,
         beta2: cfg.beta2,
         eps: cfg.eps,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = AdamW::new(vars, params)?;
+    let mut opt = AdamW::new(vars.clone(), params)?;
     let mut state = TrainState::default();
     if resume {
         state = checkpoint::load(run, model, &mut opt)?;
@@ -255,23 +327,17 @@ pub fn train(
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
         for a in 0..cfg.grad_accum {
             let g = step * cfg.grad_accum + a;
-            model.set_dropout_seed(cfg.seed.wrapping_mul(31).wrapping_add(g as u64));
+            let seed = cfg.seed.wrapping_mul(31).wrapping_add(g as u64);
             let batch = micro_batch(&train_rows, cfg.batch_size, cfg.seed, g, &mut order);
-            let (loss, _, n_tokens) = batch_loss(model, &batch, &device)?;
-            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let weight = 1.0 / cfg.grad_accum as f64;
+            let (loss, n_tokens, micro_grads) =
+                forward_backward(model, &batch, seed, weight, &vars, &shards, &device)?;
+            loss_sum += loss;
             tokens += n_tokens;
-            let store = model.backward(&(loss / cfg.grad_accum as f64)?)?;
-            for (acc, (var, _, _)) in grads.iter_mut().zip(&opt.state) {
-                // Every adapter must receive a gradient: a missing one means the graph was cut.
-                let g = store.get(var).ok_or_else(|| {
-                    TrainError::Run(format!(
-                        "internal error: an adapter got no gradient at step {}",
-                        step + 1
-                    ))
-                })?;
+            for (acc, g) in grads.iter_mut().zip(micro_grads) {
                 *acc = Some(match acc.take() {
                     Some(prev) => (prev + g)?,
-                    None => g.clone(),
+                    None => g,
                 });
             }
         }
@@ -312,7 +378,7 @@ pub fn train(
         if !valid_rows.is_empty()
             && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last)
         {
-            let val_loss = evaluate(model, &valid_rows, cfg.batch_size, &device)?;
+            let val_loss = evaluate(model, &valid_rows, cfg.batch_size, &shards, &device)?;
             let best = state.best_val.is_none_or(|b| val_loss < b);
             if best {
                 state.best_val = Some(val_loss);

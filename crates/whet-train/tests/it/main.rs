@@ -139,6 +139,36 @@ fn resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     );
 }
 
+/// On the CPU a batch is split into shards that run side by side, one per thread (at most one
+/// per row). One shard (a one-thread pool) and four shards of one row each (a four-thread
+/// pool) must train the same adapter: the same dropout masks per row (0.1 here), the loss
+/// weighted by each shard's share of the trained tokens, only the summation order differs.
+#[test]
+fn sharded_batches_train_what_whole_batches_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(4);
+    c.lora_dropout = 0.1;
+    let adapter = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut model = tiny();
+        let out = dir.path().join(format!("threads-{threads}"));
+        pool.install(|| run(&mut model, &c, &out, false)).unwrap();
+        model
+            .lora_vars()
+            .into_iter()
+            .map(|(name, v)| (name, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let (whole, sharded) = (adapter(1), adapter(4));
+    for ((name, a), (_, b)) in whole.iter().zip(&sharded) {
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-4 * scale, "{name}: differs by {diff} (scale {scale})");
+    }
+    // B starts at zero: the runs trained.
+    assert!(whole.iter().any(|(n, b)| n.contains("lora_B") && b.iter().any(|v| *v != 0.0)));
+}
+
 #[test]
 fn adapters_are_in_peft_format() {
     let dir = tempfile::tempdir().unwrap();
