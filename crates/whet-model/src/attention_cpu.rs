@@ -40,28 +40,34 @@ pub(crate) type Operand<'a> = (&'a [f32], usize, usize);
 
 /// `dst [m, n] = lhs [m, k] @ rhs [k, n]` on this thread.
 fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
-    matmul_on(dst, m, n, k, lhs, rhs, gemm::Parallelism::None)
+    assert!(dst.len() >= m * n, "attention: output size");
+    // SAFETY: `dst` holds `m * n` values and does not overlap the operands (a `&mut` slice).
+    unsafe { gemm_into(dst.as_mut_ptr(), m, n, k, lhs, rhs, gemm::Parallelism::None) }
 }
 
-/// `dst [m, n] = lhs [m, k] @ rhs [k, n]` with the threads of the current rayon pool:
-/// training shards run in pools of their own (see whet-train's trainer).
-pub(crate) fn matmul_pooled(
-    dst: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    lhs: Operand,
-    rhs: Operand,
-) {
+/// `lhs [m, k] @ rhs [k, n]`, `[m, n]`, with the threads of the current rayon pool: training
+/// shards run in pools of their own (see whet-train's `shards` module).
+pub(crate) fn matmul_pooled(m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) -> Vec<f32> {
     let par = match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
     };
-    matmul_on(dst, m, n, k, lhs, rhs, par)
+    // Not zero-filled first: gemm writes every value without reading any (`read_dst` false).
+    let mut dst = Vec::with_capacity(m * n);
+    // SAFETY: `dst` has room for `m * n` values, all of which gemm writes, and is fresh memory.
+    unsafe {
+        gemm_into(dst.as_mut_ptr(), m, n, k, lhs, rhs, par);
+        dst.set_len(m * n);
+    }
+    dst
 }
 
-fn matmul_on(
-    dst: &mut [f32],
+/// `dst [m, n] = lhs [m, k] @ rhs [k, n]`, row-major `dst`.
+///
+/// # Safety
+/// `dst` must be valid for writing `m * n` values and not overlap the operands.
+unsafe fn gemm_into(
+    dst: *mut f32,
     m: usize,
     n: usize,
     k: usize,
@@ -70,17 +76,17 @@ fn matmul_on(
     par: gemm::Parallelism,
 ) {
     let fits = |(s, rs, cs): Operand, rows: usize, cols: usize| {
-        (rows - 1) * rs + (cols - 1) * cs < s.len()
+        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < s.len()
     };
-    assert!(dst.len() >= m * n && fits(lhs, m, k) && fits(rhs, k, n), "attention: operand sizes");
-    // SAFETY: the assertion keeps every index gemm computes from these strides in bounds, and
-    // `dst` does not overlap the operands (a `&mut` slice).
+    assert!(fits(lhs, m, k) && fits(rhs, k, n), "matmul: operand sizes");
+    // SAFETY: the assertion keeps every index gemm computes from these strides in bounds; the
+    // caller vouches for `dst`.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             n as isize,
             false,
