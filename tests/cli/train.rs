@@ -291,6 +291,7 @@ fn peft_loads_the_adapter_and_agrees() {
         "",
     );
     let script = root().join("scripts/check_peft.py");
+    let logits_file = dir.path().join("peft_logits.json");
     let theirs = std::process::Command::new(&python)
         .args([
             script.to_str().unwrap(),
@@ -300,6 +301,8 @@ fn peft_loads_the_adapter_and_agrees() {
             prompt,
             "--max-tokens",
             "30",
+            "--logits",
+            logits_file.to_str().unwrap(),
         ])
         .output()
         .unwrap();
@@ -307,4 +310,32 @@ fn peft_loads_the_adapter_and_agrees() {
     let theirs = String::from_utf8_lossy(&theirs.stdout).trim().to_string();
     eprintln!("whet: {}\npeft: {theirs}", stdout(&ours).trim());
     assert_eq!(stdout(&ours).trim(), theirs);
+
+    // The logits of the prompt's last position, PEFT's against whet's on the same token ids,
+    // with and without the adapter (which must make a difference).
+    let peft: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&logits_file).unwrap()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(peft["ids"].clone()).unwrap();
+    let want: Vec<f32> = serde_json::from_value(peft["logits"].clone()).unwrap();
+    let logits = |adapter: Option<&std::path::Path>| {
+        let gguf = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let source = whet_model::ModelSource::Gguf(gguf);
+        let cpu = candle_core::Device::Cpu;
+        let mut model = whet_model::load(&source, candle_core::DType::F32, &cpu, 0).unwrap().model;
+        if let Some(dir) = adapter {
+            whet_model::adapter::load_adapter(&mut model, dir).unwrap();
+        }
+        let n = ids.len();
+        let input = candle_core::Tensor::from_vec(ids.clone(), (1, n), &cpu).unwrap();
+        let out = model.forward_last(&input, None).unwrap();
+        out.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let max_diff =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let (ours, base) = (logits(Some(&adapter)), logits(None));
+    assert_eq!(ours.len(), want.len());
+    let (err, effect) = (max_diff(&ours, &want), max_diff(&base, &want));
+    eprintln!("max |whet - PEFT| logit: {err}; the adapter moves logits by up to {effect}");
+    assert!(err < 2e-3, "max |whet - PEFT| logit = {err}");
+    assert!(effect > 100.0 * err, "the adapter changes little: {effect}");
 }
