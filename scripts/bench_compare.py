@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""whet beside PyTorch on the same benchmark, runs alternated, medians and the ratio printed.
+
+    cargo build --release
+    python3 -m pip install torch transformers gguf accelerate peft
+    python3 scripts/bench_compare.py train [--rounds 3] [--steps 5]
+    python3 scripts/bench_compare.py generate [--rounds 3] [--whet-args "--quantize q8_0"]
+
+`train` runs `whet bench train` and scripts/bench_train_torch.py (PyTorch + PEFT, LoRA r8 on
+q,v, batch 4 x 128, f32); `generate` runs `whet bench generate` and
+scripts/bench_generate_torch.py (transformers on the default GGUF). Each round runs whet, then
+PyTorch, so that a change in the machine's load hits both; the load average is printed with the
+figures. The machines are shared and noisy: compare medians over rounds, not single runs.
+"""
+import argparse
+import os
+import pathlib
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+WHET = ROOT / "target" / "release" / "whet"
+
+# What each side prints, as "label:  <number> ..." lines.
+FIELDS = {
+    "train": {"tokens/s": r"^train:\s+([\d.]+)", "peak MB": r"^peak RSS:\s+([\d.]+)"},
+    "generate": {"prefill tok/s": r"^prefill:\s+([\d.]+)", "decode tok/s": r"^decode:\s+([\d.]+)"},
+}
+LOAD = r"^load avg:\s+([\d.]+) before, ([\d.]+) after"
+
+
+def run(cmd):
+    """Run `cmd`, return its stdout and stderr; stop with its output if it fails."""
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"error: `{shlex.join(cmd)}` failed:\n{p.stdout}{p.stderr}")
+    return p.stdout + p.stderr
+
+
+def parse(out, fields, cmd):
+    """The fields' numbers and the load averages in one run's output."""
+    values = {}
+    for name, pattern in list(fields.items()) + [("load", LOAD)]:
+        m = re.search(pattern, out, re.MULTILINE)
+        if not m:
+            sys.exit(f"error: no `{name}` line in the output of `{shlex.join(cmd)}`:\n{out}")
+        values[name] = tuple(float(g) for g in m.groups()) if name == "load" else float(m.group(1))
+    return values
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bench", choices=["train", "generate"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="train: optimizer steps per run")
+    ap.add_argument("--runs", type=int, default=5, help="generate: generations per run")
+    ap.add_argument("--python", default=sys.executable, help="a Python with torch (and peft)")
+    ap.add_argument("--whet-args", default="", help="more flags for `whet bench ...`")
+    ap.add_argument("--torch-args", default="", help="more flags for the PyTorch script")
+    a = ap.parse_args()
+    if not WHET.exists():
+        sys.exit(f"error: {WHET} not found; build it first: cargo build --release")
+    if a.rounds < 1:
+        sys.exit(f"error: --rounds must be at least 1, got {a.rounds}")
+    count = ["--steps", str(a.steps)] if a.bench == "train" else ["--runs", str(a.runs)]
+    sides = {
+        "whet": [str(WHET), "bench", a.bench, *count, *shlex.split(a.whet_args)],
+        "torch": [a.python, str(ROOT / "scripts" / f"bench_{a.bench}_torch.py"), *count,
+                  *shlex.split(a.torch_args)],
+    }
+    fields = FIELDS[a.bench]
+    results = {side: [] for side in sides}
+    for r in range(a.rounds):
+        for side, cmd in sides.items():
+            values = parse(run(cmd), fields, cmd)
+            results[side].append(values)
+            shown = ", ".join(f"{k} {v:g}" for k, v in values.items() if k != "load")
+            print(f"round {r + 1}/{a.rounds} {side:5}: {shown} (load {values['load'][0]:.2f})",
+                  flush=True)
+
+    print(f"\n{a.bench}, {a.rounds} rounds, medians ({os.cpu_count()} CPUs):")
+    medians = {}
+    for side, runs in results.items():
+        medians[side] = {k: statistics.median(v[k] for v in runs) for k in fields}
+        loads = [x for v in runs for x in v["load"]]
+        shown = ", ".join(f"{k} {v:g}" for k, v in medians[side].items())
+        print(f"  {side:5}: {shown}   load avg {min(loads):.2f}-{max(loads):.2f}")
+    for k in fields:
+        if medians["torch"][k] > 0:
+            print(f"  whet / torch {k}: {medians['whet'][k] / medians['torch'][k]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
