@@ -253,7 +253,8 @@ fn micro_batch<'a>(
     order.1[i * batch..((i + 1) * batch).min(rows.len())].iter().map(|&k| &rows[k]).collect()
 }
 
-/// Mean validation loss over all validation rows (batches split into shards like training's).
+/// Mean validation loss over all validation rows, in inference mode (no adapter dropout, no
+/// activations kept for a backward pass); batches are split into shards like training's.
 fn evaluate(
     model: &Llama,
     rows: &[Row],
@@ -261,6 +262,9 @@ fn evaluate(
     shards: &Shards,
     device: &Device,
 ) -> Result<f64, TrainError> {
+    let mut model = model.clone(); // shares the weights and the adapters
+    model.set_training(false);
+    let model = &model;
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(batch) {
         let refs: Vec<&Row> = chunk.iter().collect();

@@ -169,6 +169,37 @@ fn sharded_batches_train_what_whole_batches_train() {
     assert!(whole.iter().any(|(n, b)| n.contains("lora_B") && b.iter().any(|v| *v != 0.0)));
 }
 
+/// Validation runs the model as inference does: with adapter dropout on in training (0.5
+/// here), the validation loss still equals the trained model's plain masked loss on the
+/// validation examples.
+#[test]
+fn validation_loss_is_measured_without_dropout() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(3);
+    c.lora_dropout = 0.5;
+    c.eval_every = 3;
+    let mut model = tiny();
+    let (_, events) = run(&mut model, &c, &dir.path().join("run"), false).unwrap();
+    let reported = events
+        .iter()
+        .find_map(|e| match e {
+            Event::Eval { val_loss, .. } => Some(*val_loss),
+            _ => None,
+        })
+        .unwrap();
+    let valid = data().valid;
+    let t = valid[0].ids.len();
+    let ids: Vec<u32> = valid.iter().flat_map(|e| e.ids.clone()).collect();
+    let mask: Vec<u8> = valid.iter().flat_map(|e| e.mask.clone()).collect();
+    let cpu = Device::Cpu;
+    let ids = candle_core::Tensor::from_vec(ids, (valid.len(), t), &cpu).unwrap();
+    let mask = candle_core::Tensor::from_vec(mask, (valid.len(), t), &cpu).unwrap();
+    let logits = model.forward(&ids, None).unwrap();
+    let (loss, _) = whet_model::loss::masked_cross_entropy(&logits, &ids, &mask).unwrap();
+    let want = loss.to_scalar::<f32>().unwrap() as f64;
+    assert!((reported - want).abs() < 1e-5 * want, "validation loss {reported}, plain loss {want}");
+}
+
 #[test]
 fn adapters_are_in_peft_format() {
     let dir = tempfile::tempdir().unwrap();
