@@ -37,11 +37,17 @@ fn keep_freed_memory() {
 /// about a sixth of each step to it: `whet bench train` on 2 cores, 300 -> 364 tokens/s with
 /// one thread per elementwise op. candle reads this setting when it first uses the pool; a
 /// user's own `CANDLE_NUM_THREADS` is kept.
-fn one_thread_per_elementwise_op() {
+///
+/// The shards take their threads from rayon's global pool, which is sized here as candle sizes
+/// its matmuls: one thread per physical core (or `RAYON_NUM_THREADS`), not per hyperthread.
+fn training_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // Sound: called before this process starts any other thread.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    let threads = candle_core::utils::get_num_threads();
+    // Fails only if the pool already exists, which nothing before this point creates.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
 }
 
 fn main() {
@@ -51,7 +57,7 @@ fn main() {
         cli.command,
         args::Command::Train(_) | args::Command::Bench(args::BenchCommand::Train(_))
     ) {
-        one_thread_per_elementwise_op();
+        training_threads();
     }
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
