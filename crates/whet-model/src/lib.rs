@@ -5,6 +5,7 @@
 pub mod adapter;
 mod attention_cpu;
 pub mod config;
+mod cpu_matmul;
 pub mod device;
 pub mod error;
 pub mod export;

@@ -136,7 +136,8 @@ impl Lora {
             None => x,
         };
         let h = x.matmul(&self.a.as_tensor().detach().t()?)?; // [N, r]
-                                                              // Scaling B ([out, r]) costs nothing; scaling the output would cost a pass over it.
+
+        // Scaling B ([out, r]) costs nothing; scaling the output would cost a pass over it.
         let y = h.matmul(&self.scaled_b()?.t()?)?; // [N, out]
         let mut out = dims;
         let last = out.len() - 1;

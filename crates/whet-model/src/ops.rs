@@ -164,7 +164,7 @@ impl CustomOp2 for FrozenMatmul {
         }
         let m = xl.shape().elem_count() / k;
         let (xs, ws) = (viewed(xs, xl), viewed(ws, wl));
-        let y = crate::attention_cpu::matmul_pooled(m, n, k, (xs, k, 1), (ws, 1, k));
+        let y = crate::cpu_matmul::matmul_pooled(m, n, k, (xs, k, 1), (ws, 1, k));
         let mut out = dims.to_vec();
         out[dims.len() - 1] = n;
         Ok((CpuStorage::F32(y), Shape::from(out)))
@@ -215,7 +215,7 @@ pub fn frozen_matmul_backward(grad: &Tensor, weight: &Tensor) -> Result<Tensor> 
     }
     let m = g.dim(0)?;
     let dx = with_f32(&[&g, weight], |s| {
-        Ok(crate::attention_cpu::matmul_pooled(m, k, n, (s[0], n, 1), (s[1], k, 1)))
+        Ok(crate::cpu_matmul::matmul_pooled(m, k, n, (s[0], n, 1), (s[1], k, 1)))
     })?;
     Tensor::from_vec(dx, out, g.device())
 }
