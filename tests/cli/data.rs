@@ -148,7 +148,12 @@ fn packed_rows_give_the_same_loss_as_unpacked_examples() {
         let ids = Tensor::from_vec(row.ids.clone(), (1, t), &Device::Cpu).unwrap();
         let pos = Tensor::from_vec(row.positions.clone(), (1, t), &Device::Cpu).unwrap();
         let seg = Tensor::from_vec(row.segments.clone(), (1, t), &Device::Cpu).unwrap();
-        let logits = m.model.forward_packed(&ids, &pos, &seg).unwrap().squeeze(0).unwrap();
+        let logits = m
+            .model
+            .forward_packed(&ids, whet_model::Packing { positions: &pos, segments: &seg })
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let mut start = 0;
         for &e in &row.examples {
             let ex = &examples[e];

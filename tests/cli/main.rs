@@ -64,11 +64,12 @@ pub fn have_default_model() -> bool {
 pub fn tiny_hf_dir(chat_template: Option<&str>) -> tempfile::TempDir {
     use candle_core::{DType, Device};
     let dir = tempfile::tempdir().unwrap();
-    let cfg = whet_model::load::preset("tiny").unwrap();
-    let tensors = whet_model::load::random_weights(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
+    let cfg = whet_model::io::presets::preset("tiny").unwrap();
+    let tensors =
+        whet_model::io::presets::random_weights(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
     let mut tok = whet_model::ModelTokenizer::byte_level().unwrap();
     tok.chat_template = chat_template.map(str::to_string);
-    whet_model::export::save_hf_dir(dir.path(), &cfg, &tensors, &tok, 1).unwrap();
+    whet_model::io::export::save_hf_dir(dir.path(), &cfg, &tensors, &tok, 1).unwrap();
     dir
 }
 

@@ -2,8 +2,8 @@
 //! `adapter_model.safetensors` — so PEFT, transformers, vLLM and llama.cpp's converter read them.
 
 use crate::error::{Error, Result};
-use crate::llama::Llama;
 use crate::lora::LoraConfig;
+use crate::models::llama::Llama;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -1,25 +1,27 @@
 //! whet-model: the one Llama implementation whet trains and runs, and everything needed to load
 //! it — GGUF files, Hugging Face directories, hub ids, random presets — with its tokenizer.
+//!
+//! Layout: [`config`] (file config -> validated runtime config), [`layers`] (each layer's
+//! struct, load, forward and backward), [`models`] (the wiring of blocks), [`lora`] and
+//! [`adapter`] (LoRA wrappers; PEFT adapter files), [`io`] (model files in and out), [`ops`]
+//! (differentiable ops with one backend dispatch each, CPU kernels, the composed reference).
 #![warn(missing_docs)]
 
 pub mod adapter;
-mod attention_cpu;
 pub mod config;
-mod cpu_matmul;
 pub mod device;
 pub mod error;
-pub mod export;
-pub mod gguf;
-pub mod llama;
-pub mod load;
+pub mod io;
+pub mod layers;
 pub mod lora;
 pub mod loss;
+pub mod models;
 pub mod ops;
-pub mod tokenizer;
 
 pub use config::{Arch, Config, ConfigFile};
 pub use device::{device_name, parse_device, parse_dtype, parse_quantization};
 pub use error::{Error, Result};
-pub use llama::{Cache, Llama};
-pub use load::{load, load_tokenizer, LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT};
-pub use tokenizer::ModelTokenizer;
+pub use io::tokenizer::ModelTokenizer;
+pub use io::{load, load_tokenizer, LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT};
+pub use layers::{GradCollector, TrainPass};
+pub use models::llama::{Cache, Llama, Packing};

@@ -3,8 +3,9 @@
 //! crash or a full disk leaves the previous one intact), `best/` and `adapter/` in PEFT format.
 
 use crate::config::TrainConfig;
+use crate::error::TrainError;
+use crate::events::Event;
 use crate::optim::AdamW;
-use crate::trainer::{Event, TrainError};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::io::Write;

@@ -1,14 +1,21 @@
 //! whet-train: LoRA training of the one Llama — the loop, AdamW, learning-rate schedules,
 //! gradient accumulation and clipping, validation and early stopping, atomic checkpoints with
 //! true resume, and adapters in PEFT's format.
+//!
+//! Modules depend one way: [`trainer`] (the loop) uses [`checkpoint`], `shards`, [`optim`] and
+//! [`config`]; all of them report through [`error`] and [`events`], which depend on nothing here.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod config;
+pub mod error;
+pub mod events;
 pub mod optim;
 pub mod plot;
 mod shards;
 pub mod trainer;
 
 pub use config::TrainConfig;
-pub use trainer::{train, Event, Summary, TrainData, TrainError};
+pub use error::TrainError;
+pub use events::{Event, Summary};
+pub use trainer::{train, TrainData};

@@ -4,7 +4,7 @@
 //! step); whole shards keep every core on work of its own instead. On a GPU, which
 //! parallelizes inside each op, a micro-batch is one shard.
 
-use crate::trainer::TrainError;
+use crate::error::TrainError;
 use candle_core::Device;
 
 /// The pools the shards of a micro-batch run in.

@@ -3,6 +3,8 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{learning_rate, TrainConfig};
+use crate::error::TrainError;
+use crate::events::{Event, Summary};
 use crate::optim::{AdamW, AdamWParams};
 use crate::shards::Shards;
 use candle_core::{Device, Tensor};
@@ -13,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use whet_data::Tokenized;
 use whet_model::loss::cross_entropy;
-use whet_model::Llama;
+use whet_model::{GradCollector, Llama, Packing, TrainPass};
 
 /// Training and validation examples, already tokenized and masked.
 pub struct TrainData {
@@ -21,81 +23,6 @@ pub struct TrainData {
     pub train: Vec<Tokenized>,
     /// Validation examples (may be empty).
     pub valid: Vec<Tokenized>,
-}
-
-/// Progress, for the command line to display.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// An optimizer step finished.
-    Step {
-        /// 1-based step.
-        step: usize,
-        /// Mean training loss over the step's tokens.
-        loss: f64,
-        /// Learning rate used.
-        lr: f64,
-        /// Global gradient norm before clipping.
-        grad_norm: f64,
-        /// Tokens per second in this step (every token run through the model, prompts included,
-        /// padding not).
-        tokens_per_sec: f64,
-        /// Peak resident memory so far, in MB.
-        peak_mb: f64,
-    },
-    /// A validation pass finished.
-    Eval {
-        /// Step it followed.
-        step: usize,
-        /// Mean validation loss.
-        val_loss: f64,
-        /// Whether it is the best so far (the best adapter was saved).
-        best: bool,
-    },
-    /// A checkpoint was written.
-    Checkpoint {
-        /// Step it holds.
-        step: usize,
-    },
-}
-
-/// How a run ended.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Summary {
-    /// Steps completed.
-    pub steps: usize,
-    /// Last training loss.
-    pub final_loss: f64,
-    /// Best validation loss, if validated.
-    pub best_val_loss: Option<f64>,
-    /// Why it stopped early, if it did.
-    pub stopped: Option<String>,
-}
-
-/// Training failures.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// A bad setting.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    /// Model or adapter trouble.
-    #[error(transparent)]
-    Model(#[from] whet_model::Error),
-    /// A tensor operation failed.
-    #[error("training step failed: {0}")]
-    Candle(#[from] candle_core::Error),
-    /// The run directory is unusable.
-    #[error("{0}")]
-    Run(String),
-    /// Loss became NaN or infinite.
-    #[error("the loss became {loss} at step {step}; stopped. The last checkpoint ({checkpoint}) is intact; hint: lower --learning-rate")]
-    Diverged {
-        /// The offending loss.
-        loss: f64,
-        /// The step.
-        step: usize,
-        /// Which checkpoint survives.
-        checkpoint: String,
-    },
 }
 
 /// One row of a batch: an example, or several packed ones with their positions and segments.
@@ -127,12 +54,15 @@ fn trained_tokens(rows: &[&Row]) -> usize {
     rows.iter().map(|r| r.mask.iter().skip(1).filter(|&&m| m == 1).count()).sum()
 }
 
-/// Loss of a batch of rows, right-padded to the longest (padding is masked out).
+/// Loss of a batch of rows, right-padded to the longest (padding is masked out), and the
+/// number of trained tokens and of tokens run. With `pass`, a training forward whose collector
+/// comes back for the backward pass; without, inference (validation).
 fn batch_loss(
     model: &Llama,
     rows: &[&Row],
+    pass: Option<&TrainPass>,
     device: &Device,
-) -> Result<(Tensor, usize, usize), TrainError> {
+) -> Result<(Tensor, Option<GradCollector>, usize, usize), TrainError> {
     let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
     let b = rows.len();
     let (mut ids, mut mask, mut pos, mut seg) =
@@ -166,28 +96,35 @@ fn batch_loss(
         return Err(TrainError::Run("a batch without trained tokens".into()));
     }
     let ids_t = Tensor::from_vec(ids, (b, t), device)?;
-    let h = if rows.iter().any(|r| r.packed.is_some()) {
-        let pos = Tensor::from_vec(pos, (b, t), device)?;
-        let seg = Tensor::from_vec(seg, (b, t), &Device::Cpu)?;
-        model.hidden_packed(&ids_t, &pos, &seg)?
-    } else {
-        model.hidden(&ids_t, None)?
+    let packed = rows.iter().any(|r| r.packed.is_some());
+    let pos = Tensor::from_vec(pos, (b, t), device)?;
+    let seg = Tensor::from_vec(seg, (b, t), &Device::Cpu)?;
+    let packing = packed.then_some(Packing { positions: &pos, segments: &seg });
+    let (h, collector) = match (pass, packing) {
+        (Some(pass), packing) => {
+            let (h, collector) = model.hidden_train(&ids_t, packing, pass)?;
+            (h, Some(collector))
+        }
+        (None, Some(packing)) => (model.hidden_packed(&ids_t, packing)?, None),
+        (None, None) => (model.hidden(&ids_t, None)?, None),
     }; // [B, T, C]
     let n = at.len();
     let h = h.reshape((b * t, h.dim(2)?))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?; // [N, C]
     let logits = model.logits(&h)?; // [N, V]
     let loss = cross_entropy(&logits, &Tensor::from_vec(targets, n, device)?)?;
-    Ok((loss, n, rows.iter().map(|r| r.ids.len()).sum()))
+    Ok((loss, collector, n, rows.iter().map(|r| r.ids.len()).sum()))
 }
 
 /// Loss (mean over the trained tokens of `rows`) and adapter gradients of `weight * loss` for
 /// one micro-batch, and the number of tokens run. Shards of the rows run side by side (see
 /// [`Shards`]), each shard's loss weighted by its share of the trained tokens and the gradients
 /// summed in shard order, so that a run repeats bit for bit on the same machine.
+#[allow(clippy::too_many_arguments)]
 fn forward_backward(
     model: &Llama,
     rows: &[&Row],
     dropout_seed: u64,
+    grad_checkpoint: bool,
     weight: f64,
     vars: &[candle_core::Var],
     shards: &Shards,
@@ -202,11 +139,11 @@ fn forward_backward(
         if share == 0.0 {
             return Ok(None);
         }
-        let mut model = model.clone(); // shares the weights and the adapters
-        model.set_dropout_seed(dropout_seed);
-        model.set_first_row(first_row);
-        let (loss, _, tokens) = batch_loss(&model, shard, device)?;
-        let store = model.backward(&(&loss * (weight * share))?)?;
+        let pass = TrainPass { dropout_seed, first_row, grad_checkpoint };
+        let (loss, collector, _, tokens) = batch_loss(model, shard, Some(&pass), device)?;
+        let collector =
+            collector.ok_or_else(|| TrainError::Run("internal error: no gradients".into()))?;
+        let store = collector.backward(&(&loss * (weight * share))?)?;
         let grads = vars
             .iter()
             .map(|var| {
@@ -262,9 +199,6 @@ fn evaluate(
     shards: &Shards,
     device: &Device,
 ) -> Result<f64, TrainError> {
-    let mut model = model.clone(); // shares the weights and the adapters
-    model.set_training(false);
-    let model = &model;
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(batch) {
         let refs: Vec<&Row> = chunk.iter().collect();
@@ -272,7 +206,7 @@ fn evaluate(
             if trained_tokens(shard) == 0 {
                 return Ok((0.0, 0));
             }
-            let (loss, k, _) = batch_loss(model, shard, device)?;
+            let (loss, _, k, _) = batch_loss(model, shard, None, device)?;
             Ok((loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64, k))
         })?;
         for (s, k) in parts {
@@ -301,8 +235,6 @@ pub fn train(
     let device = model.device().clone();
     model.add_lora(&lora, cfg.seed)?;
     checkpoint::prepare_run_dir(run, cfg, resume)?;
-    model.set_training(true);
-    model.set_grad_checkpoint(cfg.grad_checkpoint);
     let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
     let shards = Shards::new(&device, cfg.batch_size)?;
     let params = AdamWParams {
@@ -334,8 +266,16 @@ pub fn train(
             let seed = cfg.seed.wrapping_mul(31).wrapping_add(g as u64);
             let batch = micro_batch(&train_rows, cfg.batch_size, cfg.seed, g, &mut order);
             let weight = 1.0 / cfg.grad_accum as f64;
-            let (loss, n_tokens, micro_grads) =
-                forward_backward(model, &batch, seed, weight, &vars, &shards, &device)?;
+            let (loss, n_tokens, micro_grads) = forward_backward(
+                model,
+                &batch,
+                seed,
+                cfg.grad_checkpoint,
+                weight,
+                &vars,
+                &shards,
+                &device,
+            )?;
             loss_sum += loss;
             tokens += n_tokens;
             for (acc, g) in grads.iter_mut().zip(micro_grads) {
@@ -416,7 +356,6 @@ pub fn train(
     }
     checkpoint::save_adapter_atomically(model, &run.join("adapter"), &cfg.model)?;
     metrics.plot();
-    model.set_training(false);
     Ok(Summary { steps: state.step, final_loss: last_loss, best_val_loss: state.best_val, stopped })
 }
 

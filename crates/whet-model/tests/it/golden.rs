@@ -7,7 +7,7 @@ use whet_model::{load, ModelSource};
 #[test]
 fn tokenizer_ids_equal_transformers() {
     let Some(path) = default_model() else { return };
-    let gguf = whet_model::gguf::GgufFile::open(&path).unwrap();
+    let gguf = whet_model::io::gguf::GgufFile::open(&path).unwrap();
     let tok = whet_model::ModelTokenizer::from_gguf(&gguf).unwrap();
     let golden = fixture("tokenizer_golden.json");
     let cases = golden["cases"].as_array().unwrap();

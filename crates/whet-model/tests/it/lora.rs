@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use whet_model::lora::LoraConfig;
 use whet_model::loss::masked_cross_entropy;
-use whet_model::{load, LoadedModel, ModelSource};
+use whet_model::{load, LoadedModel, ModelSource, TrainPass};
 
 fn tiny(dtype: DType) -> LoadedModel {
     load(&ModelSource::Random("tiny".into()), dtype, &Device::Cpu, 21).unwrap()
@@ -102,8 +102,7 @@ fn training_path_equals_inference_path() {
         .unwrap();
     perturb_b(&m, 3);
     let infer = m.forward(&ids(), None).unwrap();
-    m.set_training(true);
-    let train = m.forward(&ids(), None).unwrap();
+    let (train, _) = m.forward_train(&ids(), &TrainPass::default()).unwrap();
     assert!(max_diff(&infer, &train) < 1e-4, "{}", max_diff(&infer, &train));
 }
 
@@ -115,15 +114,15 @@ fn lora_gradients_match_finite_differences() {
     let mut m = tiny(DType::F64).model;
     m.add_lora(&LoraConfig::new(2, 4.0, 0.1, "all-linear", false).unwrap(), 5).unwrap();
     perturb_b(&m, 4);
-    m.set_training(true);
     let ids = ids();
     let mask = loss_mask();
+    let pass = TrainPass::default();
     let loss = |m: &whet_model::Llama| -> f64 {
-        let logits = m.forward(&ids, None).unwrap();
+        let logits = m.forward_train(&ids, &pass).unwrap().0;
         masked_cross_entropy(&logits, &ids, &mask).unwrap().0.to_scalar::<f64>().unwrap()
     };
-    let logits = m.forward(&ids, None).unwrap();
-    let grads = m.backward(&masked_cross_entropy(&logits, &ids, &mask).unwrap().0).unwrap();
+    let (logits, collector) = m.forward_train(&ids, &pass).unwrap();
+    let grads = collector.backward(&masked_cross_entropy(&logits, &ids, &mask).unwrap().0).unwrap();
     let vars = m.lora_vars();
     assert_eq!(vars.len(), 2 * 7 * 2);
     for (name, var) in vars
@@ -168,17 +167,14 @@ fn grad_checkpointing_gives_the_same_gradients() {
     let mut m = tiny(DType::F64).model;
     m.add_lora(&LoraConfig::new(2, 4.0, 0.1, "all-linear", false).unwrap(), 5).unwrap();
     perturb_b(&m, 6);
-    m.set_training(true);
-    m.set_dropout_seed(9);
     let ids = ids();
     let mask = loss_mask();
-    let grads = |m: &whet_model::Llama| {
-        let logits = m.forward(&ids, None).unwrap();
-        m.backward(&masked_cross_entropy(&logits, &ids, &mask).unwrap().0).unwrap()
+    let grads = |pass: TrainPass| {
+        let (logits, collector) = m.forward_train(&ids, &pass).unwrap();
+        collector.backward(&masked_cross_entropy(&logits, &ids, &mask).unwrap().0).unwrap()
     };
-    let plain = grads(&m);
-    m.set_grad_checkpoint(true);
-    let checkpointed = grads(&m);
+    let plain = grads(TrainPass { dropout_seed: 9, ..TrainPass::default() });
+    let checkpointed = grads(TrainPass { dropout_seed: 9, grad_checkpoint: true, first_row: 0 });
     for (name, var) in m.lora_vars() {
         let (a, b) = (plain.get(&var).unwrap(), checkpointed.get(&var));
         let b = b.unwrap_or_else(|| panic!("no gradient for {name} with checkpointing"));
@@ -205,19 +201,18 @@ fn one_step_equals_pytorch_peft() {
             (0..var.elem_count()).map(|k| (0.02 * (0.1 * k as f64 + seed).sin()) as f32).collect();
         var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
     }
-    m.set_training(true);
     let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
     let from = golden["trained_from"].as_u64().unwrap() as usize;
     let mask: Vec<u8> = (0..ids.len()).map(|t| u8::from(t >= from)).collect();
     let n = ids.len();
     let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap();
     let mask = Tensor::from_vec(mask, (1, n), &Device::Cpu).unwrap();
-    let logits = m.forward(&ids, None).unwrap();
+    let (logits, collector) = m.forward_train(&ids, &TrainPass::default()).unwrap();
     let (loss, _) = masked_cross_entropy(&logits, &ids, &mask).unwrap();
     let want = golden["loss"].as_f64().unwrap();
     let got = loss.to_scalar::<f32>().unwrap() as f64;
     assert!((got - want).abs() < 1e-4 * want.abs(), "loss {got} vs PyTorch {want}");
-    let grads = m.backward(&loss).unwrap();
+    let grads = collector.backward(&loss).unwrap();
     let vars: std::collections::HashMap<String, candle_core::Var> =
         m.lora_vars().into_iter().collect();
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-7 + 2e-3 * b.abs().max(a.abs());

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use std::path::Path;
-use whet_model::load::{preset, random_weights};
+use whet_model::io::presets::{preset, random_weights};
 use whet_model::{load, ModelSource};
 
 /// Write `random:tiny` (seed 11) as a Hugging Face directory; `shards` > 1 writes an index.
@@ -14,7 +14,7 @@ pub fn write_tiny_hf_dir(dir: &Path, shards: usize) {
     let mut tok = whet_model::ModelTokenizer::byte_level().unwrap();
     tok.chat_template = Some("{{ messages[0]['content'] }}".into());
     tok.eos_token = Some("<|im_end|>".into());
-    whet_model::export::save_hf_dir(dir, &cfg, &tensors, &tok, shards).unwrap();
+    whet_model::io::export::save_hf_dir(dir, &cfg, &tensors, &tok, shards).unwrap();
 }
 
 fn logits(source: &ModelSource) -> Vec<f32> {
@@ -75,13 +75,13 @@ fn hub_id_resolves_from_an_offline_cache() {
     write_tiny_hf_dir(&snap, 1);
     std::env::set_var("HF_HOME", home.path());
     std::env::set_var("HF_HUB_OFFLINE", "1");
-    let dir = whet_model::load::resolve_hub("whet-test/tiny").unwrap();
+    let dir = whet_model::io::hub::resolve_hub("whet-test/tiny").unwrap();
     assert_eq!(dir, snap);
     assert_eq!(
         logits(&ModelSource::Hub("whet-test/tiny".into())),
         logits(&ModelSource::Random("tiny".into()))
     );
-    let err = whet_model::load::resolve_hub("whet-test/absent").unwrap_err().to_string();
+    let err = whet_model::io::hub::resolve_hub("whet-test/absent").unwrap_err().to_string();
     assert_eq!(
         err,
         "model `whet-test/absent`: `config.json` is not in the hub cache and HF_HUB_OFFLINE is set"
@@ -100,7 +100,7 @@ fn qwen2_loads_and_uses_qkv_biases() {
     let tok = whet_model::ModelTokenizer::byte_level().unwrap();
     let run = |tensors: &std::collections::HashMap<String, Tensor>| {
         let dir = tempfile::tempdir().unwrap();
-        whet_model::export::save_hf_dir(dir.path(), &cfg, tensors, &tok, 1).unwrap();
+        whet_model::io::export::save_hf_dir(dir.path(), &cfg, tensors, &tok, 1).unwrap();
         let m = load(&ModelSource::HfDir(dir.path().into()), DType::F32, &Device::Cpu, 0).unwrap();
         assert_eq!(m.config.arch, whet_model::Arch::Qwen2);
         let ids = Tensor::new(&[[3u32, 80, 81, 200]], &Device::Cpu).unwrap();

@@ -2,18 +2,33 @@
 //! thread (inside a task that is already one of many), or with the threads of the current rayon
 //! pool (training shards run in pools of their own, see whet-train's `shards` module).
 
+use candle_core::{CpuStorage, Layout, Shape};
+
 /// A matrix operand: slice, row stride, column stride.
-pub(crate) type Operand<'a> = (&'a [f32], usize, usize);
+pub(in crate::ops) type Operand<'a> = (&'a [f32], usize, usize);
 
 /// `dst [m, n] = lhs [m, k] @ rhs [k, n]` on this thread.
-pub(crate) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) {
+pub(in crate::ops) fn matmul(
+    dst: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+) {
     assert!(dst.len() >= m * n, "matmul: output size");
     // SAFETY: `dst` holds `m * n` values and does not overlap the operands (a `&mut` slice).
     unsafe { gemm_into(dst.as_mut_ptr(), m, n, k, lhs, rhs, gemm::Parallelism::None) }
 }
 
 /// `lhs [m, k] @ rhs [k, n]`, `[m, n]`, with the threads of the current rayon pool.
-pub(crate) fn matmul_pooled(m: usize, n: usize, k: usize, lhs: Operand, rhs: Operand) -> Vec<f32> {
+pub(in crate::ops) fn matmul_pooled(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+) -> Vec<f32> {
     let par = match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         n => gemm::Parallelism::Rayon(n),
@@ -26,6 +41,27 @@ pub(crate) fn matmul_pooled(m: usize, n: usize, k: usize, lhs: Operand, rhs: Ope
         dst.set_len(m * n);
     }
     dst
+}
+
+/// The frozen matmul `x [.., k] @ w^T` (`w` `[n, k]`) on the current pool's threads (candle's
+/// matmul always uses all of them); `None` when the layouts are not contiguous.
+pub(in crate::ops) fn frozen_matmul(
+    xs: &[f32],
+    xl: &Layout,
+    ws: &[f32],
+    wl: &Layout,
+) -> Option<(CpuStorage, Shape)> {
+    let (n, k) = wl.shape().dims2().ok()?;
+    let dims = xl.dims();
+    if !xl.is_contiguous() || !wl.is_contiguous() || dims.last() != Some(&k) {
+        return None;
+    }
+    let m = xl.shape().elem_count() / k;
+    let (xs, ws) = (super::viewed(xs, xl), super::viewed(ws, wl));
+    let y = matmul_pooled(m, n, k, (xs, k, 1), (ws, 1, k));
+    let mut out = dims.to_vec();
+    out[dims.len() - 1] = n;
+    Some((CpuStorage::F32(y), Shape::from(out)))
 }
 
 /// `dst [m, n] = lhs [m, k] @ rhs [k, n]`, row-major `dst`.

@@ -3,7 +3,7 @@
 
 use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
-use crate::tokenizer::ModelTokenizer;
+use crate::io::tokenizer::ModelTokenizer;
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;

@@ -7,12 +7,14 @@
 //! along time, which is `[B, H, T, D]` unchanged), keys and values `[B, K, S, D]`, an additive
 //! mask `[M, T, S]` with `M` 1 or `B`.
 
-use crate::cpu_matmul::matmul;
+use super::gemm::matmul;
+use super::{viewed, with_f32};
+use candle_core::{DType, Layout, Tensor};
 use rayon::prelude::*;
 
 /// Sizes of one call.
 #[derive(Debug, Clone, Copy)]
-pub struct Dims {
+pub(in crate::ops) struct Dims {
     /// Sequences `B`.
     pub b: usize,
     /// Key/value heads `K`.
@@ -29,7 +31,7 @@ pub struct Dims {
 
 /// An additive mask `[M, T, S]`: one for all sequences (`M` = 1) or one per sequence.
 #[derive(Debug, Clone, Copy)]
-pub struct Mask<'a> {
+pub(in crate::ops) struct Mask<'a> {
     /// The values, `M * T * S`.
     pub values: &'a [f32],
     /// Whether there is one `[T, S]` mask per sequence.
@@ -67,7 +69,7 @@ fn task_mask<'a>(mask: Option<Mask<'a>>, task: usize, n: Dims) -> Option<&'a [f3
 }
 
 /// Output `[B, K, R*T, D]`.
-pub fn forward(
+pub(in crate::ops) fn forward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -90,7 +92,7 @@ pub fn forward(
 /// recomputed weights, `dV = P^T dy`, `dP = dy V^T`, `dS = P * (dP - rowsum(dP * P))`,
 /// `dQ = scale * dS K`, `dK = scale * dS^T Q`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
+pub(in crate::ops) fn backward(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -124,4 +126,70 @@ pub fn backward(
             matmul(dk, s, d, rt, (&ds, 1, s), (q, d, 1));
         });
     (dq, dk, dv)
+}
+
+/// The kernel's sizes for `q` `[B, H, T, D]` and `k` `[B, K, S, D]`.
+fn dims(q: &[usize], k: &[usize]) -> candle_core::Result<Dims> {
+    let ([b, h, t, d], [_, kv, s, _]) = (q, k) else {
+        candle_core::bail!("attention: q {q:?} and k {k:?} must have 4 dimensions")
+    };
+    Ok(Dims { b: *b, kv: *kv, rt: h / kv * t, t: *t, s: *s, d: *d })
+}
+
+/// `mask` as the kernel takes it: f32 `[M, T, S]`, contiguous, and whether it has one `[T, S]`
+/// block per sequence.
+fn kernel_mask(mask: Option<&Tensor>) -> candle_core::Result<Option<(Tensor, bool)>> {
+    let Some(mask) = mask else { return Ok(None) };
+    let per_sequence = mask.rank() == 4 && mask.dim(0)? > 1;
+    Ok(Some((mask.to_dtype(DType::F32)?.contiguous()?, per_sequence)))
+}
+
+/// The forward kernel on the storage of `q`, `k`, `v` (what a custom op's `cpu_fwd` gets).
+pub(in crate::ops) fn forward_storage(
+    (q, ql): (&[f32], &Layout),
+    (k, kl): (&[f32], &Layout),
+    v: &[f32],
+    vl: &Layout,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Vec<f32>> {
+    let n = dims(ql.dims(), kl.dims())?;
+    let (q, k, v) = (viewed(q, ql), viewed(k, kl), viewed(v, vl));
+    let scale = scale as f32;
+    match kernel_mask(mask)? {
+        None => Ok(forward(q, k, v, None, scale, n)),
+        Some((mask, per_sequence)) => with_f32(&[&mask], |m| {
+            Ok(forward(q, k, v, Some(Mask { values: m[0], per_sequence }), scale, n))
+        }),
+    }
+}
+
+/// The gradients of `q`, `k` and `v` (see [`crate::ops::attention_backward`]).
+pub(in crate::ops) fn backward_tensors(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dy: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let n = dims(q.dims(), k.dims())?;
+    let (q, k, v, dy) = (q.contiguous()?, k.contiguous()?, v.contiguous()?, dy.contiguous()?);
+    let mask = kernel_mask(mask)?;
+    let mut ts = vec![&q, &k, &v, &dy];
+    if let Some((m, _)) = &mask {
+        ts.push(m);
+    }
+    let (dq, dk, dv) = with_f32(&ts, |s| {
+        let m = mask
+            .as_ref()
+            .map(|(_, per_sequence)| Mask { values: s[4], per_sequence: *per_sequence });
+        Ok(backward(s[0], s[1], s[2], s[3], m, scale as f32, n))
+    })?;
+    let dev = q.device();
+    Ok((
+        Tensor::from_vec(dq, q.shape(), dev)?,
+        Tensor::from_vec(dk, k.shape(), dev)?,
+        Tensor::from_vec(dv, v.shape(), dev)?,
+    ))
 }

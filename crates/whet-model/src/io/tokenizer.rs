@@ -2,7 +2,7 @@
 //! a GGUF file's `tokenizer.ggml.*` metadata, or a byte-level tokenizer for random presets.
 
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
+use crate::io::gguf::GgufFile;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,501 @@
+//! The one Llama implementation of whet: Llama 1-3, SmolLM and Qwen2 (q/k/v biases).
+//!
+//! Paper: Touvron et al., "LLaMA: Open and Efficient Foundation Language Models" (2023).
+//! Reference: Hugging Face transformers `models/llama/modeling_llama.py`; candle-transformers
+//! `models/llama.rs`. Tensor names follow Hugging Face and appear only in `vb.pp(...)`.
+//!
+//! Shapes: `B` batch, `T` new tokens, `S` tokens attended to (cache + new), `C` hidden size,
+//! `H` query heads, `K` key/value heads, `D` head width, `M` MLP width, `V` vocabulary.
+//!
+//! Gradient flow: [`Llama::hidden_train`] runs each block as one node of candle's graph whose
+//! backward is [`Block::backward`]; the adapters' gradients land in the [`GradCollector`] the
+//! pass returns, and [`GradCollector::backward`] is the only way to get them.
+
+use crate::config::Config;
+use crate::layers::attention::{Attention, AttentionTape};
+use crate::layers::linear::{Linear, Proj};
+use crate::layers::mlp::{Mlp, MlpTape};
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::{Positions, Rope};
+use crate::layers::{Ctx, GradCollector, Grads, TrainPass};
+use crate::lora::{Lora, LoraConfig};
+use candle_core::quantized::GgmlDType;
+use candle_core::Var;
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::kv_cache::KvCache;
+use candle_nn::{Embedding, Init, VarBuilder};
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// What [`Block::backward`] keeps from the forward pass.
+struct Tape {
+    /// The block's input.
+    x: Tensor,
+    /// The input plus the attention's output: the second norm's input.
+    mid: Tensor,
+    attention: AttentionTape,
+    mlp: MlpTape,
+}
+
+impl Block {
+    fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (c, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), c, eps)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(vb.pp("post_attention_layernorm"), c, eps)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+        })
+    }
+
+    /// The output, and what [`Block::backward`] needs.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: &Positions,
+        mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+        ctx: &Ctx,
+    ) -> Result<(Tensor, Tape)> {
+        let normed = self.input_layernorm.forward(x, ctx)?;
+        let (h, attention) = self.self_attn.forward(&normed, rope, pos, mask, cache, ctx)?;
+        let mid = (x + h)?;
+        let (h, mlp) = self.mlp.forward(&self.post_attention_layernorm.forward(&mid, ctx)?, ctx)?;
+        let y = (&mid + h)?;
+        Ok((y, Tape { x: x.clone(), mid, attention, mlp }))
+    }
+
+    /// Training forward: the block is one node of candle's graph, whose backward pass runs
+    /// [`Block::backward`] from the activations this forward keeps, or, with gradient
+    /// checkpointing (Chen et al. 2016), from a recomputation of the block from its input: one
+    /// extra forward per block buys the memory of all its activations. Backward passes of whole
+    /// blocks keep candle's graph small: its backward zero-fills and adds every gradient it
+    /// stores. The adapters' gradients go to `collector`; `input_grad` is false for the first
+    /// block, whose input (the embeddings) needs none.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_train(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: &Positions,
+        mask: Option<&Tensor>,
+        ctx: &Ctx,
+        input_grad: bool,
+        collector: &GradCollector,
+    ) -> Result<Tensor> {
+        let checkpoint = ctx.train.is_some_and(|p| p.grad_checkpoint);
+        let xd = x.detach();
+        let (y, tape) = self.forward(&xd, rope, pos, mask, None, ctx)?;
+        let tape = if checkpoint { None } else { Some(tape) };
+        let (block, rope, pos, mask, ctx, collector) =
+            (self.clone(), rope.clone(), pos.clone(), mask.cloned(), *ctx, collector.clone());
+        crate::ops::attach(
+            x,
+            y,
+            "block",
+            Box::new(move |g, _| {
+                let recomputed;
+                let tape = match &tape {
+                    Some(tape) => tape,
+                    None => {
+                        recomputed = block.forward(&xd, &rope, &pos, mask.as_ref(), None, &ctx)?.1;
+                        &recomputed
+                    }
+                };
+                let mut grads = vec![];
+                let dx = block.backward(tape, g, input_grad, &mut grads)?;
+                collector.extend(grads)?;
+                match dx {
+                    Some(dx) => Ok(dx),
+                    None => xd.zeros_like(),
+                }
+            }),
+        )
+    }
+
+    /// The gradient of the block's input for output gradient `g` (`None` when `input_grad` is
+    /// false); the adapters' gradients go to `grads`.
+    fn backward(
+        &self,
+        tape: &Tape,
+        g: &Tensor,
+        input_grad: bool,
+        grads: &mut Grads,
+    ) -> Result<Option<Tensor>> {
+        // y = mid + mlp(norm2(mid)), mid = x + attention(norm1(x))
+        let dn = self.mlp.backward(&tape.mlp, g, grads)?;
+        let dmid = (g + self.post_attention_layernorm.backward(&tape.mid, &dn)?)?;
+        let Some(dn) = self.self_attn.backward(&tape.attention, &dmid, input_grad, grads)? else {
+            return Ok(None);
+        };
+        let dx = self.input_layernorm.backward(&tape.x, &dn)?;
+        Ok(Some((dmid + dx)?))
+    }
+
+    fn projs(&self) -> impl Iterator<Item = &Proj> {
+        self.self_attn.projs().into_iter().chain(self.mlp.projs())
+    }
+
+    fn projs_mut(&mut self) -> impl Iterator<Item = &mut Proj> {
+        self.self_attn.projs_mut().into_iter().chain(self.mlp.projs_mut())
+    }
+}
+
+/// Per-layer key/value cache for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<KvCache>,
+    len: usize,
+}
+
+impl Cache {
+    /// An empty cache for `cfg`; it grows in chunks as tokens arrive.
+    pub fn new(cfg: &Config) -> Self {
+        // 512-token chunks: a chat turn rarely needs more, and growth is a cheap copy.
+        let chunk = cfg.max_position_embeddings.min(512);
+        Self { layers: (0..cfg.num_layers).map(|_| KvCache::new(2, chunk)).collect(), len: 0 }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forget everything.
+    pub fn reset(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::reset);
+        self.len = 0;
+    }
+}
+
+/// Packed rows: several examples per row, each restarting its positions.
+#[derive(Debug, Clone, Copy)]
+pub struct Packing<'a> {
+    /// Per-token positions `[B, T]` (u32), restarting at each example.
+    pub positions: &'a Tensor,
+    /// Per-token example numbers `[B, T]` (u32): no token attends across examples.
+    pub segments: &'a Tensor,
+}
+
+/// A Llama-family causal language model.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    cfg: Config,
+    lora: Option<LoraConfig>,
+}
+
+impl Llama {
+    /// Build the model from weights named as in Hugging Face checkpoints (`model.layers.0...`).
+    /// The initializers named here are what random presets draw (see [`crate::io::presets`]).
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let (c, v) = (cfg.hidden_size, cfg.vocab_size);
+        // Embedding and head rows get std 2/sqrt(C) rather than 0.02 in random presets: with
+        // RMS-normalised hidden states, 0.02 caps every logit near 0.02 * C, and a random model
+        // could then never become confident — not even the overfit test could drive its loss
+        // down.
+        let wide = 2.0 / (c as f64).sqrt();
+        let vb_m = vb.pp("model");
+        let embeddings = vb_m.pp("embed_tokens").get_with_hints(
+            (v, c),
+            "weight",
+            Init::Randn { mean: 0.0, stdev: wide },
+        )?;
+        let embed_tokens = Embedding::new(embeddings, c);
+        let layers = (0..cfg.num_layers)
+            .map(|i| Block::load(vb_m.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(vb_m.pp("norm"), c, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            Linear::load(vb.pp("lm_head"), c, v, false, wide)?
+        };
+        let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
+        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone(), lora: None })
+    }
+
+    /// The configuration the model was built with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.embeddings().device()
+    }
+
+    /// The dtype of the weights.
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.embeddings().dtype()
+    }
+
+    /// Quantize every linear layer (the tied head too; the embedding lookup stays dense) to
+    /// `dtype`, for inference: decoding reads every weight once per token, so smaller weights
+    /// decode faster. Block size 32 types (`Q8_0`, `Q4_0`) fit any width divisible by 32.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        let block = dtype.block_size();
+        let (c, m) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        if c % block != 0 || m % block != 0 || (self.cfg.num_heads * self.cfg.head_dim) % block != 0
+        {
+            candle_core::bail!("cannot quantize to {dtype:?}: layer widths {c} and {m} are not multiples of its block size {block}")
+        }
+        for p in self.projs_mut() {
+            p.base.quantize(dtype)?;
+        }
+        self.lm_head.quantize(dtype)
+    }
+
+    /// Final hidden states `[B, T, C]` for `ids` `[B, T]`, which continue `cache` when given.
+    pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len);
+        self.check_length(offset + t)?;
+        let mask = if t > 1 { Some(causal_mask(t, offset, self.device())?) } else { None };
+        let pos = Positions::From(offset);
+        let h = self.run(ids, &pos, mask.as_ref(), cache.as_deref_mut(), &Ctx::default(), None)?;
+        if let Some(cache) = cache {
+            cache.len += t;
+        }
+        Ok(h)
+    }
+
+    /// Final hidden states `[B, T, C]` of packed rows: attention is causal and block-diagonal,
+    /// so no token attends across examples.
+    pub fn hidden_packed(&self, ids: &Tensor, packing: Packing) -> Result<Tensor> {
+        let (pos, mask) = self.packed_layout(ids, packing)?;
+        self.run(ids, &pos, Some(&mask), None, &Ctx::default(), None)
+    }
+
+    /// Training forward: final hidden states `[B, T, C]` of `ids` `[B, T]` (packed rows with
+    /// `packing`) as part of candle's graph, and the collector the blocks' backward passes
+    /// fill with the adapters' gradients: take the loss's gradients with
+    /// [`GradCollector::backward`]. Frozen weights get no gradient.
+    pub fn hidden_train(
+        &self,
+        ids: &Tensor,
+        packing: Option<Packing>,
+        pass: &TrainPass,
+    ) -> Result<(Tensor, GradCollector)> {
+        let ctx = Ctx { train: Some(*pass) };
+        let collector = GradCollector::default();
+        let h = match packing {
+            Some(packing) => {
+                let (pos, mask) = self.packed_layout(ids, packing)?;
+                self.run(ids, &pos, Some(&mask), None, &ctx, Some(&collector))?
+            }
+            None => {
+                let t = ids.dim(1)?;
+                self.check_length(t)?;
+                let mask = if t > 1 { Some(causal_mask(t, 0, self.device())?) } else { None };
+                self.run(ids, &Positions::From(0), mask.as_ref(), None, &ctx, Some(&collector))?
+            }
+        };
+        Ok((h, collector))
+    }
+
+    /// Training forward to logits `[B, T, V]` at every position (see [`Llama::hidden_train`]).
+    pub fn forward_train(&self, ids: &Tensor, pass: &TrainPass) -> Result<(Tensor, GradCollector)> {
+        let (h, collector) = self.hidden_train(ids, None, pass)?;
+        Ok((self.logits(&h)?, collector))
+    }
+
+    fn check_length(&self, len: usize) -> Result<()> {
+        if len > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {len} tokens exceeds the model's context of {} tokens",
+                self.cfg.max_position_embeddings
+            )
+        }
+        Ok(())
+    }
+
+    /// Positions and the block-diagonal causal mask `[B, 1, T, T]` of packed rows.
+    fn packed_layout(&self, ids: &Tensor, packing: Packing) -> Result<(Positions, Tensor)> {
+        let (b, t) = ids.dims2()?;
+        let seg = packing.segments.to_vec2::<u32>()?;
+        let mask: Vec<f32> = seg
+            .iter()
+            .flat_map(|row| {
+                (0..t).flat_map(move |i| {
+                    (0..t).map(
+                        move |j| if j > i || row[j] != row[i] { f32::NEG_INFINITY } else { 0.0 },
+                    )
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, t, t), self.device())?;
+        Ok((Positions::Explicit(packing.positions.clone()), mask))
+    }
+
+    fn run(
+        &self,
+        ids: &Tensor,
+        pos: &Positions,
+        mask: Option<&Tensor>,
+        mut cache: Option<&mut Cache>,
+        ctx: &Ctx,
+        collector: Option<&GradCollector>,
+    ) -> Result<Tensor> {
+        let mut x = self.embed_tokens.forward(ids)?; // [B, T, C]
+        let embeddings_grad = x.track_op();
+        if let Some(collector) = collector {
+            if !embeddings_grad {
+                // A training block joins the graph through its input, so the frozen embeddings
+                // must be part of it; their gradient is never computed (`input_grad` false).
+                x = Var::from_tensor(&x)?.as_tensor().clone();
+            }
+            for (i, block) in self.layers.iter().enumerate() {
+                let input_grad = i > 0 || embeddings_grad;
+                x = block.forward_train(&x, &self.rope, pos, mask, ctx, input_grad, collector)?;
+            }
+        } else {
+            for (i, block) in self.layers.iter().enumerate() {
+                let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+                x = block.forward(&x, &self.rope, pos, mask, layer_cache, ctx)?.0;
+            }
+        }
+        self.norm.forward(&x, ctx)
+    }
+
+    fn projs_mut(&mut self) -> impl Iterator<Item = &mut Proj> {
+        self.layers.iter_mut().flat_map(Block::projs_mut)
+    }
+
+    fn projs(&self) -> impl Iterator<Item = &Proj> {
+        self.layers.iter().flat_map(Block::projs)
+    }
+
+    /// Wrap the targeted linear layers of every block with fresh LoRA adapters (`A` from
+    /// `seed`, `B` zero). Replaces adapters already there.
+    pub fn add_lora(&mut self, cfg: &LoraConfig, seed: u64) -> crate::Result<()> {
+        let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed);
+        let (device, dtype) = (self.device().clone(), self.dtype());
+        for p in self.projs_mut() {
+            p.lora = if cfg.targets.iter().any(|t| t == p.name()) {
+                Some(Lora::new(p.in_dim, p.out_dim, cfg, &mut rng, &device, dtype)?)
+            } else {
+                None
+            };
+        }
+        self.lora = Some(cfg.clone());
+        Ok(())
+    }
+
+    /// The adapter settings, when adapters are attached.
+    pub fn lora_config(&self) -> Option<&LoraConfig> {
+        self.lora.as_ref()
+    }
+
+    /// The trainable variables under PEFT's names
+    /// (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), in layer order.
+    pub fn lora_vars(&self) -> Vec<(String, Var)> {
+        self.projs()
+            .filter_map(|p| p.lora.as_ref().map(|l| (p, l)))
+            .flat_map(|(p, l)| {
+                [
+                    (format!("base_model.model.{}.lora_A.weight", p.path), l.a.clone()),
+                    (format!("base_model.model.{}.lora_B.weight", p.path), l.b.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Fold every adapter into its base weight (`W + scale * B A`) and drop the adapters; the
+    /// model then runs at base speed with the adapted behaviour.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for p in self.projs_mut() {
+            let Some(lora) = p.lora.take() else { continue };
+            let Linear::Dense(l) = &p.base else {
+                candle_core::bail!("cannot merge an adapter into quantized weights")
+            };
+            let delta = lora.delta()?;
+            let w = (l.weight().to_dtype(delta.dtype())? + delta)?.to_dtype(l.weight().dtype())?;
+            p.base = Linear::new(w, l.bias().cloned());
+        }
+        self.lora = None;
+        Ok(())
+    }
+
+    /// Logits `[B, T, V]` for packed rows (see [`Llama::hidden_packed`]).
+    pub fn forward_packed(&self, ids: &Tensor, packing: Packing) -> Result<Tensor> {
+        self.logits(&self.hidden_packed(ids, packing)?)
+    }
+
+    /// Logits `[.., V]` from final hidden states `[.., C]`; differentiable (frozen head) when
+    /// `h` comes from [`Llama::hidden_train`]. Training computes them only at the positions the
+    /// loss uses: the `[T, V]` logits are the largest tensors of a step.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(h)
+    }
+
+    /// Logits `[B, T, V]` for every position.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        self.logits(&self.hidden(ids, cache)?)
+    }
+
+    /// Logits `[B, V]` of the last position only: generation needs nothing else, and the
+    /// `[T, V]` head matmul dominates prefill for small models.
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
+        let h = self.hidden(ids, cache)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, C]
+        self.logits(&last)?.to_dtype(DType::F32)
+    }
+}
+
+/// Additive causal mask `[T, S]` (0 where allowed, -inf where the key lies in the future)
+/// for `T` new tokens after `offset` cached ones.
+fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+    let s = offset + t;
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (t, s), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causal_mask_lets_each_token_see_its_past_only() {
+        let m = causal_mask(2, 1, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[0], vec![0.0, 0.0, f32::NEG_INFINITY]);
+        assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn q8_0_quantized_model_tracks_the_dense_one() {
+        let cfg = crate::io::presets::preset("tiny").unwrap();
+        let w = crate::io::presets::random_weights(&cfg, DType::F32, &Device::Cpu, 2).unwrap();
+        let dense =
+            Llama::load(VarBuilder::from_tensors(w, DType::F32, &Device::Cpu), &cfg).unwrap();
+        let mut quant = dense.clone();
+        quant.quantize(GgmlDType::Q8_0).unwrap();
+        assert!(matches!(quant.lm_head, Linear::Quantized { .. }));
+        let ids = Tensor::new(&[[1u32, 50, 60, 70, 80]], &Device::Cpu).unwrap();
+        let a = dense.forward(&ids, None).unwrap();
+        let b = quant.forward(&ids, None).unwrap();
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 0.02 * scale, "max error {err} vs max logit {scale}");
+        assert!(err > 0.0, "quantization changed nothing");
+    }
+}

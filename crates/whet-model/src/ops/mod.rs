@@ -1,0 +1,184 @@
+//! Training building blocks, each a forward and its hand-written backward, with one backend
+//! dispatch per op: whet's CPU kernels (`cpu/`, f32) or the composed reference path
+//! (`composed.rs`) that CUDA, Metal, f64 and `WHET_KERNELS=portable` run.
+//!
+//! Why they exist: candle 0.11.1's fused `rms_norm`, `softmax_last_dim` and `rope` kernels have
+//! no backward pass (gradients silently stop there), and its matmul backward also computes the
+//! gradient of frozen weights — most of the backward cost of LoRA training.
+//!
+//! The model's layers call the `*_backward` functions directly; the ops that also serve as
+//! nodes of candle's graph (the final norm, the head, attention, SwiGLU, cross-entropy) keep few
+//! saved intermediates and, for frozen matmuls, compute no weight gradient at all.
+//!
+//! This module imports nothing else from the crate, so it can become a crate of its own when
+//! the first CUDA kernel arrives (as candle keeps its kernels apart).
+
+mod composed;
+mod cpu;
+mod graph;
+#[cfg(test)]
+mod tests;
+
+pub use graph::attach;
+pub(crate) use graph::lock;
+use graph::{AttentionNode, FrozenMatmul, Precomputed};
+
+use candle_core::{DType, Result, Tensor};
+
+/// Maps the output gradient (and the op's output) to the input gradient.
+pub type GradFn = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// Whether whet's CPU kernels may run: not when `WHET_KERNELS=portable`, which forces the
+/// composed path other devices take, so that path is exercised on a machine without a GPU.
+pub fn kernels_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("WHET_KERNELS").map_or(true, |v| v != "portable"))
+}
+
+/// Whether whet's CPU kernels run on `x`'s device and dtype.
+fn kernel(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && kernels_enabled()
+}
+
+/// `x @ weight^T` for a frozen `weight` `[out, in]`: the backward yields `grad @ weight` for `x`
+/// and nothing for the weight, which a frozen weight never needs.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(weight, FrozenMatmul)
+}
+
+/// The input gradient of [`frozen_matmul`] for output gradient `grad` `[.., out]`:
+/// `grad @ weight`.
+pub fn frozen_matmul_backward(grad: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    // One 2-D matmul over all tokens (a batched one would broadcast the weight per row).
+    let dims = grad.dims();
+    let g = grad.contiguous()?.flatten_to(dims.len() - 2)?; // [N, out]
+    let mut out = dims.to_vec();
+    let (n, k) = weight.dims2()?;
+    out[dims.len() - 1] = k;
+    if !(kernel(&g) && kernel(weight) && weight.is_contiguous()) {
+        return g.matmul(weight)?.reshape(out);
+    }
+    let m = g.dim(0)?;
+    let dx = cpu::with_f32(&[&g, weight], |s| {
+        Ok(cpu::gemm::matmul_pooled(m, k, n, (s[0], n, 1), (s[1], k, 1)))
+    })?;
+    Tensor::from_vec(dx, out, g.device())
+}
+
+/// RMSNorm `x * r * weight` with `r = 1/sqrt(mean(x^2) + eps)` over the last dimension `C`,
+/// differentiable in `x` (the weight is frozen).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if kernel(x) && weight.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, cpu::norm::RmsNormCpu { eps: eps as f32 });
+    }
+    let xd = x.detach().contiguous()?;
+    let y = composed::rms_norm(&xd, weight, eps)?;
+    let w = weight.clone();
+    attach(x, y, "rms-norm", Box::new(move |g, _| rms_norm_backward(&xd, &w, eps, g)))
+}
+
+/// The input gradient of [`rms_norm`] for output gradient `g`:
+/// `r * (g*w) - x * r^3 / C * sum(g*w*x)` over the last dimension (the weight is frozen).
+pub fn rms_norm_backward(x: &Tensor, weight: &Tensor, eps: f64, g: &Tensor) -> Result<Tensor> {
+    if kernel(x) && weight.dtype() == DType::F32 {
+        return cpu::norm::backward(x, weight, eps, g);
+    }
+    composed::rms_norm_backward(x, weight, eps, g)
+}
+
+/// Rotary embedding (Hugging Face "half" layout) of contiguous `x` `[B, heads, T, D]` with
+/// `cos`/`sin` `[T, D/2]` or `[B, T, D/2]`: candle's fused kernel, or the same rotation composed
+/// where it has none (f64) or under `WHET_KERNELS=portable`. Not differentiable; see
+/// [`rope_backward`].
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if kernels_enabled() {
+        if let Ok(y) = candle_nn::rotary_emb::rope(x, cos, sin) {
+            return Ok(y);
+        }
+    }
+    composed::rope(x, cos, sin)
+}
+
+/// The input gradient of [`rope`] for output gradient `g`: a rotation's gradient is the
+/// inverse rotation, RoPE with `-sin`.
+pub fn rope_backward(g: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    rope(&g.contiguous()?, cos, &sin.neg()?)
+}
+
+/// SwiGLU's gate, `silu(gate) * up` (Shazeer, "GLU Variants Improve Transformer", 2020). On the
+/// CPU in f32 one pass each way (the composed form makes about fifteen passes over these, the
+/// widest activations of a block, in the backward pass); elsewhere candle's ops.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !(kernel(gate) && up.dtype() == DType::F32) {
+        return gate.silu()? * up;
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, cpu::swiglu::SwiGlu)
+}
+
+/// The gradients of [`swiglu`]'s `gate` and `up` for output gradient `dy`.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    if !(kernel(gate) && up.dtype() == DType::F32) {
+        return composed::swiglu_backward(gate, up, dy);
+    }
+    cpu::swiglu::backward(gate, up, dy)
+}
+
+/// Scaled dot-product attention of `q` `[B, H, T, D]` over `k`, `v` `[B, K, S, D]`, each
+/// key/value head shared by `R = H/K` query heads, with an additive `mask` `[T, S]` or
+/// `[B, 1, T, S]`; scores and softmax in f32 (f16/bf16 exponentials overflow). Output
+/// `[B, H, T, D]`.
+///
+/// The `R` query heads of a group are stacked along time (`[B, K, R*T, D]`), so keys and values
+/// are never copied per query head. The backward recomputes the attention weights from `q` and
+/// `k` instead of keeping the `[B, H, T, S]` scores and softmax for the whole forward pass: they
+/// are a block's largest activations at training lengths (the trade FlashAttention makes).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let mut y = None;
+    if !kernel(&q) {
+        // No kernel of whet's own here: the composed ops, outside the graph.
+        let out = composed::attention(&q, &k, &v, mask, scale)?;
+        if !(q.track_op() || k.track_op() || v.track_op()) {
+            return Ok(out);
+        }
+        y = Some(out);
+    }
+    let op = AttentionNode { y: Precomputed::new(y), mask: mask.cloned(), scale };
+    q.apply_op3(&k, &v, op)
+}
+
+/// The gradients of [`attention`]'s `q`, `k` and `v` for output gradient `dy`, with `P` the
+/// recomputed weights and `S` the scores: `dV = P^T dy`, `dP = dy V^T`,
+/// `dS = P * (dP - rowsum(dP * P))`, `dQ = scale * dS K`, `dK = scale * dS^T Q`.
+pub fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    dy: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if kernel(q) {
+        return cpu::attention::backward_tensors(q, k, v, dy, mask, scale);
+    }
+    composed::attention_backward(q, k, v, dy, mask, scale)
+}
+
+/// Mean cross-entropy of `logits` `[N, V]` against `targets` `[N]` (u32). Computed outside the
+/// graph and attached with its closed-form gradient `(softmax(logits) - onehot) / N`, so the
+/// log-softmax intermediates — each as large as the logits, the biggest tensors of a step — are
+/// not kept for the backward pass.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    if kernel(logits) {
+        return cpu::cross_entropy::cross_entropy(logits, targets);
+    }
+    composed::cross_entropy(logits, targets)
+}

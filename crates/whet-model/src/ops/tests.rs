@@ -1,0 +1,199 @@
+use super::*;
+use candle_core::{DType, Device, Tensor, Var, D};
+
+fn close(a: &Tensor, b: &Tensor, tol: f32) {
+    let err = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let err = err.to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap();
+    assert!(err < tol, "max difference {err}");
+}
+
+/// Reference versions composed of candle's differentiable primitives.
+fn rms_norm_ref(x: &Tensor, w: &Tensor, eps: f64) -> Tensor {
+    let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+    x.broadcast_div(&(ms + eps).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w).unwrap()
+}
+
+fn rope_ref(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let cos =
+        Tensor::cat(&[cos, cos], D::Minus1).unwrap().unsqueeze(0).unwrap().unsqueeze(0).unwrap();
+    let sin =
+        Tensor::cat(&[sin, sin], D::Minus1).unwrap().unsqueeze(0).unwrap().unsqueeze(0).unwrap();
+    let half = x.dim(D::Minus1).unwrap() / 2;
+    let x1 = x.narrow(D::Minus1, 0, half).unwrap();
+    let x2 = x.narrow(D::Minus1, half, half).unwrap();
+    let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+    (x.broadcast_mul(&cos).unwrap() + rotated.broadcast_mul(&sin).unwrap()).unwrap()
+}
+
+/// Each op's value and input gradient equal the composed reference's.
+#[test]
+fn ops_and_their_gradients_equal_composed_references() {
+    let d = Device::Cpu;
+    let x = Var::randn(0f32, 1., (2, 3, 5, 8), &d).unwrap();
+    let w = Tensor::randn(1f32, 0.1, 8, &d).unwrap();
+    let probe = Tensor::randn(0f32, 1., (2, 3, 5, 8), &d).unwrap(); // a random output gradient
+    let check = |ours: Tensor, reference: Tensor| {
+        close(&ours, &reference, 1e-5);
+        let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        close(g1.get(&x).unwrap(), g2.get(&x).unwrap(), 1e-4);
+    };
+    check(rms_norm(x.as_tensor(), &w, 1e-5).unwrap(), rms_norm_ref(x.as_tensor(), &w, 1e-5));
+    // f64 takes the composed path other devices use.
+    let (x64, w64) = (
+        Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap(),
+        w.to_dtype(DType::F64).unwrap(),
+    );
+    let (ours, reference) = (rms_norm(&x64, &w64, 1e-5).unwrap(), rms_norm_ref(&x64, &w64, 1e-5));
+    close(&ours, &reference, 1e-5);
+    let probe64 = probe.to_dtype(DType::F64).unwrap();
+    let g1 = (ours * &probe64).unwrap().sum_all().unwrap().backward().unwrap();
+    let g2 = (reference * &probe64).unwrap().sum_all().unwrap().backward().unwrap();
+    close(g1.get(&x64).unwrap(), g2.get(&x64).unwrap(), 1e-4);
+    let cos = Tensor::randn(0f32, 1., (5, 4), &d).unwrap();
+    let sin = Tensor::randn(0f32, 1., (5, 4), &d).unwrap();
+    let reference = rope_ref(x.as_tensor(), &cos, &sin);
+    close(&rope(x.as_tensor(), &cos, &sin).unwrap(), &reference, 1e-5);
+    let want = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+    close(&rope_backward(&probe, &cos, &sin).unwrap(), want.get(&x).unwrap(), 1e-5);
+    let m = Tensor::randn(0f32, 1., (6, 8), &d).unwrap();
+    let ours = frozen_matmul(x.as_tensor(), &m).unwrap();
+    let dense = x.as_tensor().broadcast_matmul(&m.t().unwrap()).unwrap();
+    close(&ours, &dense, 1e-5);
+    let g = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(g.get(&m).is_none(), "no gradient computed for the frozen weight");
+    let want = dense.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    close(g.get(&x).unwrap(), want.get(&x).unwrap(), 1e-3);
+}
+
+/// Composed attention with the keys and values copied per query head, as Hugging Face's
+/// `repeat_kv` does.
+fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Tensor {
+    let rep = q.dim(1).unwrap() / k.dim(1).unwrap();
+    let repeat = |x: &Tensor| {
+        let (b, kv, s, d) = x.dims4().unwrap();
+        Tensor::cat(&vec![x; rep], 2).unwrap().reshape((b, kv * rep, s, d)).unwrap()
+    };
+    let att = (q.matmul(&repeat(k).t().unwrap()).unwrap() * scale).unwrap();
+    let att = att.broadcast_add(mask).unwrap();
+    candle_nn::ops::softmax(&att, D::Minus1).unwrap().matmul(&repeat(v)).unwrap()
+}
+
+/// Grouped-query attention (6 query heads on 2 key/value heads) with a causal mask, plain
+/// and packed (per-row mask): values and the gradients of q, k and v equal the composed
+/// reference's.
+#[test]
+fn attention_and_its_gradients_equal_the_composed_reference() {
+    let d = Device::Cpu;
+    let q = Var::randn(0f32, 1., (2, 6, 5, 4), &d).unwrap();
+    let k = Var::randn(0f32, 1., (2, 2, 5, 4), &d).unwrap();
+    let v = Var::randn(0f32, 1., (2, 2, 5, 4), &d).unwrap();
+    let probe = Tensor::randn(0f32, 1., (2, 6, 5, 4), &d).unwrap();
+    let causal: Vec<f32> = (0..5)
+        .flat_map(|i| (0..5).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. }))
+        .collect();
+    let causal = Tensor::from_vec(causal, (5, 5), &d).unwrap();
+    // Row 1 holds two packed examples, positions 0-2 and 3-4.
+    let cut = Tensor::from_vec(
+        (0..25).map(|n| if n / 5 >= 3 && n % 5 < 3 { f32::NEG_INFINITY } else { 0. }).collect(),
+        (5, 5),
+        &d,
+    )
+    .unwrap();
+    let packed = Tensor::stack(&[causal.clone(), (&causal + cut).unwrap()], 0)
+        .unwrap()
+        .unsqueeze(1)
+        .unwrap(); // [B, 1, T, S]
+                   // f32 runs whet's CPU kernel; f64 the composed ops other devices use.
+    for dtype in [DType::F32, DType::F64] {
+        let cast = |x: &Var| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let (q, k, v) = (cast(&q), cast(&k), cast(&v));
+        let probe = probe.to_dtype(dtype).unwrap();
+        for mask in [&causal, &packed] {
+            let mask = mask.to_dtype(dtype).unwrap();
+            let ours = attention(&q, &k, &v, Some(&mask), 0.5).unwrap();
+            let reference = attention_ref(&q, &k, &v, &mask, 0.5);
+            close(&ours, &reference, 1e-5);
+            let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            for x in [&q, &k, &v] {
+                close(g1.get(x).unwrap(), g2.get(x).unwrap(), 1e-4);
+            }
+        }
+    }
+}
+
+/// The CPU kernel (f32) and the composed fallback (f64) equal `silu(gate) * up`, values and
+/// gradients.
+#[test]
+fn swiglu_and_its_gradients_equal_silu_times_up() {
+    for dtype in [DType::F32, DType::F64] {
+        let rand = |s: f32| {
+            let t = Tensor::randn(0f32, s, (3, 7, 10), &Device::Cpu).unwrap();
+            Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap()
+        };
+        let (g, u) = (rand(3.0), rand(1.0));
+        let probe = rand(1.0);
+        let ours = swiglu(&g, &u).unwrap();
+        let reference = (g.silu().unwrap() * u.as_tensor()).unwrap();
+        close(&ours, &reference, 1e-5);
+        let g1 = (ours * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (reference * probe.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        for x in [&g, &u] {
+            close(g1.get(x).unwrap(), g2.get(x).unwrap(), 1e-5);
+        }
+    }
+}
+
+/// The trap these ops exist for: candle's fused kernels silently cut the graph.
+#[test]
+fn fused_kernels_alone_cut_the_graph() {
+    let x = Var::randn(0f32, 1., (2, 8), &Device::Cpu).unwrap();
+    let w = Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let fused = candle_nn::ops::rms_norm(x.as_tensor(), &w, 1e-5)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(fused.get(&x).is_none());
+    let ours = rms_norm(x.as_tensor(), &w, 1e-5).unwrap().sum_all().unwrap().backward().unwrap();
+    assert!(ours.get(&x).is_some());
+}
+
+/// Both paths: the CPU f32 kernel, and the composed fallback (taken here by f64 logits)
+/// that other devices use.
+#[test]
+fn cross_entropy_and_its_gradient_equal_the_composed_version() {
+    for dtype in [DType::F32, DType::F64] {
+        let x = Tensor::randn(0f32, 3., (6, 11), &Device::Cpu).unwrap();
+        let logits = Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+        let targets = Tensor::new(&[0u32, 10, 3, 3, 7, 1], &Device::Cpu).unwrap();
+        let ours = cross_entropy(logits.as_tensor(), &targets).unwrap();
+        let logp = candle_nn::ops::log_softmax(logits.as_tensor(), D::Minus1).unwrap();
+        let reference = logp
+            .gather(&targets.unsqueeze(1).unwrap(), 1)
+            .unwrap()
+            .neg()
+            .unwrap()
+            .mean_all()
+            .unwrap();
+        let scalar = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        let (a, b) = (scalar(&ours), scalar(&reference));
+        assert!((a - b).abs() < 1e-5, "{dtype:?}: {a} vs {b}");
+        let g1 = (ours * 3.0).unwrap().backward().unwrap();
+        let g2 = (reference * 3.0).unwrap().backward().unwrap();
+        let (g1, g2) = (g1.get(&logits).unwrap(), g2.get(&logits).unwrap());
+        assert_eq!(g1.dtype(), dtype);
+        let diff = (g1 - g2).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(scalar(&diff) < 1e-5, "{dtype:?}: {}", scalar(&diff));
+    }
+}
+
+#[test]
+fn a_target_outside_the_vocabulary_is_an_error() {
+    let logits = Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[1u32, 5], &Device::Cpu).unwrap();
+    let e = cross_entropy(&logits, &targets).unwrap_err().to_string();
+    assert!(e.contains("target token 5 is outside the vocabulary of 5"), "{e}");
+}

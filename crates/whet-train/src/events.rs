@@ -1,0 +1,49 @@
+//! What a training run reports as it goes ([`Event`]) and when it ends ([`Summary`]).
+
+/// Progress, for the command line to display.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An optimizer step finished.
+    Step {
+        /// 1-based step.
+        step: usize,
+        /// Mean training loss over the step's tokens.
+        loss: f64,
+        /// Learning rate used.
+        lr: f64,
+        /// Global gradient norm before clipping.
+        grad_norm: f64,
+        /// Tokens per second in this step (every token run through the model, prompts included,
+        /// padding not).
+        tokens_per_sec: f64,
+        /// Peak resident memory so far, in MB.
+        peak_mb: f64,
+    },
+    /// A validation pass finished.
+    Eval {
+        /// Step it followed.
+        step: usize,
+        /// Mean validation loss.
+        val_loss: f64,
+        /// Whether it is the best so far (the best adapter was saved).
+        best: bool,
+    },
+    /// A checkpoint was written.
+    Checkpoint {
+        /// Step it holds.
+        step: usize,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    /// Steps completed.
+    pub steps: usize,
+    /// Last training loss.
+    pub final_loss: f64,
+    /// Best validation loss, if validated.
+    pub best_val_loss: Option<f64>,
+    /// Why it stopped early, if it did.
+    pub stopped: Option<String>,
+}
