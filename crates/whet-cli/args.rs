@@ -71,24 +71,49 @@ pub struct DataArgs {
     /// The model whose tokenizer and chat template are used (same forms as elsewhere).
     #[arg(short, long, env = "WHET_MODEL")]
     pub model: Option<String>,
-    /// Record format; detected per file when absent: chat, completion, text, alpaca, sharegpt.
-    #[arg(long)]
-    pub format: Option<String>,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// Which tokens the loss covers: `all` assistant turns, the `last` one, or `inputs` too.
     #[arg(long, default_value = "all")]
     pub train_on: String,
     /// Longest example in tokens.
     #[arg(long, default_value_t = 2048)]
     pub max_seq_len: usize,
-    /// Examples over --max-seq-len: `truncate` them or `drop` them.
-    #[arg(long, default_value = "truncate")]
-    pub overlong: String,
     /// Share of train.jsonl held out for validation when there is no valid.jsonl.
     #[arg(long, default_value_t = 0.1)]
     pub valid_fraction: f64,
     /// Seed of the train/validation split.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// How records are read and what happens to overlong examples: one definition for `whet data`
+/// and `whet train`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ShapeArgs {
+    /// Record format; detected per file when absent: chat, completion, text, alpaca, sharegpt.
+    #[arg(long)]
+    pub format: Option<String>,
+    /// Examples over --max-seq-len: `truncate` them or `drop` them [default: truncate].
+    #[arg(long)]
+    pub overlong: Option<String>,
+}
+
+impl ShapeArgs {
+    /// `--overlong`, or its default.
+    pub fn overlong(&self) -> &str {
+        self.overlong.as_deref().unwrap_or(whet_data::Overlong::DEFAULT.name())
+    }
+}
+
+/// A boolean setting that a config file may have turned on: `--NAME` sets it, `--no-NAME`
+/// clears it, neither keeps the file's value.
+fn on_off(on: bool, off: bool) -> Option<bool> {
+    match (on, off) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Args)]
@@ -113,7 +138,8 @@ pub struct PrepareArgs {
     /// Directory to write the prepared dataset to.
     #[arg(long)]
     pub out: std::path::PathBuf,
-    /// Record that training should pack several examples per row (reports the packing efficiency).
+    /// Record that training should pack several examples per row: `whet train` on this
+    /// directory packs unless given --no-pack. Reports the packing efficiency.
     #[arg(long)]
     pub pack: bool,
     /// Replace --out if it already holds a prepared dataset.
@@ -325,9 +351,11 @@ pub struct TrainArgs {
     /// Wrapped modules: comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, or all-linear [default: q_proj,v_proj].
     #[arg(long)]
     pub targets: Option<String>,
-    /// rsLoRA scaling, alpha/sqrt(rank).
-    #[arg(long)]
+    /// rsLoRA scaling, alpha/sqrt(rank); --no-rslora turns it off.
+    #[arg(long, overrides_with = "no_rslora")]
     pub rslora: bool,
+    #[arg(long, hide = true, overrides_with = "rslora")]
+    pub no_rslora: bool,
     /// Peak learning rate [default: 2e-4].
     #[arg(long)]
     pub learning_rate: Option<f64>,
@@ -337,9 +365,13 @@ pub struct TrainArgs {
     /// Warmup steps [default: 10].
     #[arg(long)]
     pub warmup_steps: Option<usize>,
-    /// Optimizer steps [default: 200].
+    /// Optimizer steps [default: 200, or as many as --epochs takes].
     #[arg(long)]
     pub steps: Option<usize>,
+    /// Passes over the training data; sets the steps from the data size, batch size and
+    /// accumulation (fractions allowed). --steps wins when both are given.
+    #[arg(long)]
+    pub epochs: Option<f64>,
     /// Examples per micro-batch [default: 4].
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -349,13 +381,21 @@ pub struct TrainArgs {
     /// Longest example in tokens [default: 512].
     #[arg(long)]
     pub max_seq_len: Option<usize>,
-    /// Pack several examples per row.
-    #[arg(long)]
+    /// Pack several examples per row (the default when --data was prepared with --pack);
+    /// --no-pack turns it off.
+    #[arg(long, overrides_with = "no_pack")]
     pub pack: bool,
+    #[arg(long, hide = true, overrides_with = "pack")]
+    pub no_pack: bool,
     /// Gradient checkpointing: keep only each layer's input and recompute the layer in the
-    /// backward pass (about a third more compute for most of the activation memory).
-    #[arg(long)]
+    /// backward pass (about a third more compute for most of the activation memory);
+    /// --no-grad-checkpoint turns it off.
+    #[arg(long, overrides_with = "no_grad_checkpoint")]
     pub grad_checkpoint: bool,
+    #[arg(long, hide = true, overrides_with = "grad_checkpoint")]
+    pub no_grad_checkpoint: bool,
+    #[command(flatten)]
+    pub shape: ShapeArgs,
     /// all, last or inputs [default: all].
     #[arg(long)]
     pub train_on: Option<String>,
@@ -377,4 +417,21 @@ pub struct TrainArgs {
     /// Seed [default: 0].
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+impl TrainArgs {
+    /// `--pack` / `--no-pack`.
+    pub fn pack(&self) -> Option<bool> {
+        on_off(self.pack, self.no_pack)
+    }
+
+    /// `--grad-checkpoint` / `--no-grad-checkpoint`.
+    pub fn grad_checkpoint(&self) -> Option<bool> {
+        on_off(self.grad_checkpoint, self.no_grad_checkpoint)
+    }
+
+    /// `--rslora` / `--no-rslora`.
+    pub fn rslora(&self) -> Option<bool> {
+        on_off(self.rslora, self.no_rslora)
+    }
 }

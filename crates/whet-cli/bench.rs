@@ -53,7 +53,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
             mask: vec![1; args.seq_len],
         })
         .collect();
-    let data = whet_train::TrainData { train, valid: vec![] };
+    let data = whet_train::TrainData { train, ..Default::default() };
     let cfg = whet_train::TrainConfig {
         model: args.model.clone(),
         data: "synthetic".into(),

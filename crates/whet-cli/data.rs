@@ -60,7 +60,7 @@ pub(crate) struct Settings {
 }
 
 fn settings(a: &DataArgs) -> Result<Settings> {
-    let format = match &a.format {
+    let format = match &a.shape.format {
         None => None,
         Some(f) => Some(Format::from_name(f).with_context(|| {
             format!("unknown --format `{f}`; expected chat, completion, text, alpaca or sharegpt")
@@ -69,11 +69,9 @@ fn settings(a: &DataArgs) -> Result<Settings> {
     let train_on = TrainOn::from_name(&a.train_on).with_context(|| {
         format!("unknown --train-on `{}`; expected all, last or inputs", a.train_on)
     })?;
-    let overlong = match a.overlong.as_str() {
-        "truncate" => Overlong::Truncate,
-        "drop" => Overlong::Drop,
-        other => bail!("unknown --overlong `{other}`; expected truncate or drop"),
-    };
+    let overlong = Overlong::from_name(a.shape.overlong()).with_context(|| {
+        format!("unknown --overlong `{}`; expected truncate or drop", a.shape.overlong())
+    })?;
     anyhow::ensure!(a.max_seq_len > 1, "--max-seq-len must be at least 2, got `{}`", a.max_seq_len);
     anyhow::ensure!(
         (0.0..1.0).contains(&a.valid_fraction),
@@ -289,7 +287,7 @@ fn manifest(
         ("format", s.format.map_or("auto".into(), |f| f.name().into())),
         ("train_on", a.data.train_on.clone()),
         ("max_seq_len", a.data.max_seq_len.to_string()),
-        ("overlong", a.data.overlong.clone()),
+        ("overlong", a.data.shape.overlong().to_string()),
         ("valid_fraction", a.data.valid_fraction.to_string()),
         ("seed", a.data.seed.to_string()),
         ("pack", a.pack.to_string()),
@@ -342,10 +340,9 @@ pub fn bench(a: BenchDataArgs) -> Result<()> {
         data: DataArgs {
             path,
             model: a.model.clone(),
-            format: None,
+            shape: Default::default(),
             train_on: "all".into(),
             max_seq_len: 2048,
-            overlong: "truncate".into(),
             valid_fraction: 0.0,
             seed: 0,
         },

@@ -1,7 +1,7 @@
 //! `whet train`: settings from file and flags, data through whet-data, the loop in whet-train,
 //! progress on stderr, the run's outcome on stdout.
 
-use crate::args::{DataArgs, TrainArgs};
+use crate::args::{DataArgs, ShapeArgs, TrainArgs};
 use crate::data::{run_pipeline, ModelText};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -13,16 +13,16 @@ use whet_train::{Event, TrainConfig, TrainData};
 
 /// The settings: the resumed run's, or --config's, or the defaults; then the flags.
 fn config(a: &TrainArgs) -> Result<TrainConfig> {
-    let mut c = if a.resume {
+    let (mut c, file_sets_steps) = if a.resume {
         let saved = a.out.join("whet.toml");
         if !saved.exists() {
             bail!("cannot resume {}: no whet.toml there", a.out.display());
         }
-        TrainConfig::from_file(&saved)?
+        TrainConfig::from_file_with_steps(&saved)?
     } else if let Some(path) = &a.config {
-        TrainConfig::from_file(path)?
+        TrainConfig::from_file_with_steps(path)?
     } else {
-        TrainConfig::default()
+        (TrainConfig::default(), false)
     };
     macro_rules! set {
         ($($flag:ident => $field:ident),* $(,)?) => { $( if let Some(v) = a.$flag.clone() { c.$field = v; } )* };
@@ -33,9 +33,29 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
          batch_size => batch_size, grad_accum => grad_accum, max_seq_len => max_seq_len,
          train_on => train_on, weight_decay => weight_decay, max_grad_norm => max_grad_norm,
          eval_every => eval_every, save_every => save_every, patience => patience, seed => seed);
-    c.use_rslora |= a.rslora;
-    c.pack |= a.pack;
-    c.grad_checkpoint |= a.grad_checkpoint;
+    if a.epochs.is_some() {
+        c.epochs = a.epochs;
+    }
+    if let Some(f) = &a.shape.format {
+        c.format = f.clone();
+    }
+    if let Some(o) = &a.shape.overlong {
+        c.overlong = o.clone();
+    }
+    if let Some(v) = a.rslora() {
+        c.use_rslora = v;
+    }
+    if let Some(v) = a.pack() {
+        c.pack = v;
+    }
+    if let Some(v) = a.grad_checkpoint() {
+        c.grad_checkpoint = v;
+    }
+    // --epochs sets the steps unless they are given too (then --steps wins); the count needs
+    // the data, so it is resolved once the data is loaded.
+    if c.epochs.is_some() && a.steps.is_none() && !file_sets_steps {
+        c.steps = 0;
+    }
     Ok(c)
 }
 
@@ -43,19 +63,26 @@ fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> {
     let path = Path::new(&c.data);
     if path.join("manifest.json").exists() {
         let (tok, tmpl) = text.hashes()?;
-        let (_, splits) = whet_data::cache::load(path, &tok, &tmpl)?;
+        let (manifest, splits) = whet_data::cache::load(path, &tok, &tmpl)?;
         let get = |name: &str| {
             splits.iter().find(|(n, _)| n == name).map(|(_, e)| e.clone()).unwrap_or_default()
         };
-        return Ok(TrainData { train: get("train"), valid: get("valid") });
+        let sources = manifest
+            .splits
+            .iter()
+            .map(|s| (s.name.clone(), format!("{}, prepared in {}", s.source.display(), c.data)))
+            .collect();
+        return Ok(TrainData { train: get("train"), valid: get("valid"), sources });
     }
     let args = DataArgs {
         path: path.to_path_buf(),
         model: Some(c.model.clone()),
-        format: None,
+        shape: ShapeArgs {
+            format: (c.format != "auto").then(|| c.format.clone()),
+            overlong: Some(c.overlong.clone()),
+        },
         train_on: c.train_on.clone(),
         max_seq_len: c.max_seq_len,
-        overlong: "truncate".into(),
         valid_fraction: c.valid_fraction,
         seed: c.seed,
     };
@@ -63,11 +90,20 @@ fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> {
     let take = |name: &str| {
         splits.iter().find(|s| s.name == name).map(|s| s.examples.clone()).unwrap_or_default()
     };
-    Ok(TrainData { train: take("train"), valid: take("valid") })
+    let sources = splits.iter().map(|s| (s.name.clone(), s.path.display().to_string())).collect();
+    Ok(TrainData { train: take("train"), valid: take("valid"), sources })
+}
+
+/// Whether `dir` is a prepared dataset whose manifest asks for packing.
+fn prepared_with_pack(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("manifest.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<whet_data::cache::Manifest>(&t).ok())
+        .is_some_and(|m| m.settings.get("pack").is_some_and(|v| v == "true"))
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
-    let c = config(&a)?;
+    let mut c = config(&a)?;
     c.validate()?;
     if a.overwrite && a.out.exists() && !a.out.join("whet.toml").exists() {
         bail!(
@@ -87,6 +123,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if data.train.is_empty() {
         bail!("{}: no training examples", c.data);
     }
+    if a.pack().is_none() && prepared_with_pack(Path::new(&c.data)) && !c.pack {
+        tracing::warn!(
+            "packing examples: {} was prepared with --pack (--no-pack turns it off)",
+            c.data
+        );
+        c.pack = true;
+    }
+    c.resolve_steps(whet_train::trainer::training_rows(&data, &c));
     // The previous run goes only now that model and data have loaded.
     if a.overwrite && a.out.exists() {
         std::fs::remove_dir_all(&a.out)

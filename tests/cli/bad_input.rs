@@ -40,7 +40,7 @@ fn unsupported_architecture() {
     let err = assert_one_line_error(&o);
     assert!(
         err.ends_with(&format!(
-            "{}: unsupported architecture `mamba`; whet supports `llama` and `qwen2`",
+            "{}: unsupported architecture `mamba`; whet supports `llama`, `qwen2`",
             cfg.display()
         )),
         "{err}"

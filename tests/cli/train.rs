@@ -141,7 +141,7 @@ fn refused_settings_say_what_and_keep_the_run() {
     assert!(!out.exists(), "nothing created for a refused run");
     let mut args = train_args(&data, out_s, "3");
     args.extend(["--rank", "0"]);
-    assert!(assert_one_line_error(&whet(&args, "")).contains("rank must be at least 1"));
+    assert!(assert_one_line_error(&whet(&args, "")).contains("`r` (rank) must be at least 1"));
     let empty = tempfile::tempdir().unwrap();
     let o = whet(&train_args(empty.path().to_str().unwrap(), out_s, "3"), "");
     assert!(stderr(&o).contains("no `train.jsonl` in this directory"), "{}", stderr(&o));
@@ -338,4 +338,67 @@ fn peft_loads_the_adapter_and_agrees() {
     eprintln!("max |whet - PEFT| logit: {err}; the adapter moves logits by up to {effect}");
     assert!(err < 2e-3, "max |whet - PEFT| logit = {err}");
     assert!(effect > 100.0 * err, "the adapter changes little: {effect}");
+}
+
+/// Boolean settings a config file turns on can be turned off by a flag (`--no-pack`), and
+/// `data prepare --pack` is not just recorded: training on that directory packs, unless
+/// `--no-pack`. `--format`, `--overlong` and `--epochs` reach `whet train` too; the resolved
+/// values land in whet.toml.
+#[test]
+fn train_flags_turn_settings_on_and_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let config = dir.path().join("train.toml");
+    std::fs::write(&config, "pack = true\ngrad_checkpoint = true\n").unwrap();
+    let saved =
+        |run: &str| std::fs::read_to_string(dir.path().join(run).join("whet.toml")).unwrap();
+    let out = dir.path().join("a");
+    let mut args = train_args(&data, out.to_str().unwrap(), "2");
+    args.extend(["--config", config.to_str().unwrap(), "--no-pack"]);
+    let o = whet(&args, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let toml = saved("a");
+    assert!(toml.contains("pack = false") && toml.contains("grad_checkpoint = true"), "{toml}");
+
+    // A dataset prepared with --pack trains packed.
+    let prepared = dir.path().join("prepared");
+    let o = whet(
+        &[
+            "data",
+            "prepare",
+            &data,
+            "--model",
+            "random:tiny",
+            "--out",
+            prepared.to_str().unwrap(),
+            "--pack",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = prepared.to_str().unwrap();
+    let [b, c, d, e] =
+        ["b", "c", "d", "e"].map(|r| dir.path().join(r).to_str().unwrap().to_string());
+    let o = whet(&train_args(p, &b, "2"), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(saved("b").contains("pack = true"), "{}", saved("b"));
+    let mut args = train_args(p, &c, "2");
+    args.push("--no-pack");
+    assert!(whet(&args, "").status.success());
+    assert!(saved("c").contains("pack = false"));
+
+    // --format, --overlong and --epochs (12 examples, 10% held out: 11 rows, 3 batches of 4).
+    let mut args = train_args(&data, &d, "2");
+    args.retain(|a| *a != "--steps" && *a != "2");
+    args.extend(["--format", "chat", "--overlong", "drop", "--epochs", "2"]);
+    let o = whet(&args, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let toml = saved("d");
+    for want in ["format = \"chat\"", "overlong = \"drop\"", "epochs = 2.0", "steps = 6"] {
+        assert!(toml.contains(want), "{want} in {toml}");
+    }
+    let mut args = train_args(&data, &e, "2");
+    args.extend(["--overlong", "squash"]);
+    let err = assert_one_line_error(&whet(&args, ""));
+    assert!(err.contains("`overlong` = `squash`: expected truncate or drop"), "{err}");
 }

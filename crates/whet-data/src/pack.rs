@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 pub struct PackedRow {
     /// Token ids of all examples in the row, one after another.
     pub ids: Vec<u32>,
-    /// Loss mask, as in [`Tokenized::mask`].
+    /// Loss mask, as in [`Tokenized::mask`], except that each example's first token is never
+    /// trained: it would be predicted from the previous example's last token.
     pub mask: Vec<u8>,
     /// Position of each token within its own example.
     pub positions: Vec<u32>,
@@ -60,7 +61,8 @@ pub fn pack(examples: &[Tokenized], max_len: usize) -> Vec<PackedRow> {
             for (seg, &i) in members.iter().enumerate() {
                 let n = examples[i].ids.len().min(max_len);
                 row.ids.extend_from_slice(&examples[i].ids[..n]);
-                row.mask.extend_from_slice(&examples[i].mask[..n]);
+                // The target at a segment start belongs to no prediction within its example.
+                row.mask.extend((0..n).map(|k| if k == 0 { 0 } else { examples[i].mask[k] }));
                 row.positions.extend(0..n as u32);
                 row.segments.extend(std::iter::repeat_n(seg as u32, n));
             }
@@ -99,8 +101,22 @@ mod tests {
         assert_eq!(rows[0].segments, vec![0, 0, 0, 0, 0, 0, 1, 1]);
         assert_eq!(rows[0].ids, vec![1, 1, 1, 1, 1, 1, 4, 4]);
         assert!((efficiency(&rows, 8) - 20.0 / 24.0).abs() < 1e-12);
+        assert_eq!(rows[0].mask.len(), 8);
         let mut all: Vec<usize> = rows.iter().flat_map(|r| r.examples.clone()).collect();
         all.sort();
         assert_eq!(all, vec![0, 1, 2, 3, 4]);
+    }
+
+    /// Regression: a packed row trained each example's first token from the previous example's
+    /// last one (text data and `--train-on inputs`, where every token is trained).
+    #[test]
+    fn no_target_at_a_segment_start() {
+        let rows = pack(&[ex(3, 1), ex(2, 2), ex(3, 3)], 8);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].segments, vec![0, 0, 0, 1, 1, 1, 2, 2]);
+        assert_eq!(rows[0].mask, vec![0, 1, 1, 0, 1, 1, 0, 1]);
+        // As many trained targets as the examples alone give (a row's first is never predicted).
+        let trained: usize = rows[0].mask.iter().skip(1).map(|&m| m as usize).sum();
+        assert_eq!(trained, 2 + 2 + 1);
     }
 }

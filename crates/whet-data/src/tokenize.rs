@@ -42,6 +42,24 @@ pub enum Overlong {
     Drop,
 }
 
+impl Overlong {
+    /// What `--overlong` means when it is not given.
+    pub const DEFAULT: Overlong = Overlong::Truncate;
+
+    /// The name flags and config files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Overlong::Truncate => "truncate",
+            Overlong::Drop => "drop",
+        }
+    }
+
+    /// Parse [`Overlong::name`].
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Overlong::Truncate, Overlong::Drop].into_iter().find(|o| o.name() == name)
+    }
+}
+
 /// A tokenized example.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tokenized {

@@ -130,9 +130,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
 /// Attach the adapter in `dir` (PEFT format) to `model`.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<AdapterConfig> {
     let cfg = read_adapter_config(dir)?;
+    let in_file = |e: Error| match e {
+        Error::Lora(msg) => Error::config(dir.join("adapter_config.json"), msg),
+        e => e,
+    };
     let lora =
-        LoraConfig::new(cfg.r, cfg.lora_alpha, 0.0, &cfg.target_modules.join(","), cfg.use_rslora)?;
-    model.add_lora(&lora, 0)?;
+        LoraConfig::new(cfg.r, cfg.lora_alpha, 0.0, &cfg.target_modules.join(","), cfg.use_rslora)
+            .map_err(in_file)?;
+    model.add_lora(&lora, 0).map_err(in_file)?;
     let path = dir.join("adapter_model.safetensors");
     if !path.exists() {
         return Err(Error::NotFound { path });

@@ -24,6 +24,17 @@ impl Arch {
         }
     }
 
+    /// Every architecture, in the order error messages list them.
+    pub const ALL: [Arch; 2] = [Arch::Llama, Arch::Qwen2];
+
+    /// Parse an architecture name, or say which ones whet supports.
+    pub fn parse(name: &str) -> std::result::Result<Self, String> {
+        Self::from_name(name).ok_or_else(|| {
+            let names: Vec<String> = Self::ALL.iter().map(|a| format!("`{}`", a.name())).collect();
+            format!("unsupported architecture `{name}`; whet supports {}", names.join(", "))
+        })
+    }
+
     /// Parse an architecture name; `None` when whet does not support it.
     pub fn from_name(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
@@ -184,14 +195,7 @@ impl ConfigFile {
             self.model_type.clone().or_else(|| self.architectures.first().cloned()).ok_or_else(
                 || Error::config(path, "neither `model_type` nor `architectures` is set"),
             )?;
-        let arch = Arch::from_name(&arch_name).ok_or_else(|| {
-            Error::config(
-                path,
-                format!(
-                    "unsupported architecture `{arch_name}`; whet supports `llama` and `qwen2`"
-                ),
-            )
-        })?;
+        let arch = Arch::parse(&arch_name).map_err(|msg| Error::config(path, msg))?;
         let positive = |name: &str, v: usize| {
             if v == 0 {
                 Err(Error::config(path, format!("`{name}` must be positive, got `0`")))

@@ -46,6 +46,10 @@ pub enum Error {
         /// Why it cannot be loaded.
         msg: String,
     },
+    /// LoRA settings out of range, named by PEFT's field names (`r`, `lora_alpha`, ...); the
+    /// caller names the file or flag they came from.
+    #[error("{0}")]
+    Lora(String),
     /// A `--device` or `--dtype` value whet does not understand or cannot use.
     #[error("{0}")]
     Device(String),

@@ -30,15 +30,17 @@ pub struct LoraConfig {
 impl LoraConfig {
     /// Validate; `targets` is a comma list of [`TARGETS`] names or `all-linear`.
     pub fn new(rank: usize, alpha: f64, dropout: f64, targets: &str, rslora: bool) -> Result<Self> {
-        let bad = |msg: String| Error::Config { path: "--lora".into(), msg };
+        // Fields by PEFT's names, which whet.toml and adapter_config.json share; callers say
+        // which file or flag the value came from.
+        let bad = Error::Lora;
         if rank == 0 {
-            return Err(bad("rank must be at least 1, got `0`".into()));
+            return Err(bad("`r` (rank) must be at least 1, got `0`".into()));
         }
-        if !(alpha > 0.0) {
-            return Err(bad(format!("alpha must be positive, got `{alpha}`")));
+        if alpha.is_nan() || alpha <= 0.0 {
+            return Err(bad(format!("`lora_alpha` must be positive, got `{alpha}`")));
         }
         if !(0.0..1.0).contains(&dropout) {
-            return Err(bad(format!("dropout must be in [0, 1), got `{dropout}`")));
+            return Err(bad(format!("`lora_dropout` must be in [0, 1), got `{dropout}`")));
         }
         let targets: Vec<String> = if targets.trim() == "all-linear" {
             TARGETS.iter().map(|t| t.to_string()).collect()
@@ -46,12 +48,12 @@ impl LoraConfig {
             targets.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect()
         };
         if targets.is_empty() {
-            return Err(bad("no target modules given".into()));
+            return Err(bad("`target_modules` is empty".into()));
         }
         for t in &targets {
             if !TARGETS.contains(&t.as_str()) {
                 return Err(bad(format!(
-                    "unknown target module `{t}`; expected `all-linear` or some of {}",
+                    "`target_modules`: unknown target module `{t}`; expected `all-linear` or some of {}",
                     TARGETS.join(", ")
                 )));
             }
@@ -96,14 +98,11 @@ impl Lora {
     ) -> Result<Self> {
         let dtype = if base == DType::F64 { DType::F64 } else { DType::F32 };
         if cfg.rank > in_dim.min(out_dim) {
-            return Err(Error::Config {
-                path: "--lora".into(),
-                msg: format!(
-                    "rank `{}` is larger than a {out_dim}x{in_dim} layer allows (at most {})",
-                    cfg.rank,
-                    in_dim.min(out_dim)
-                ),
-            });
+            return Err(Error::Lora(format!(
+                "`r` (rank) `{}` is larger than a {out_dim}x{in_dim} layer allows (at most {})",
+                cfg.rank,
+                in_dim.min(out_dim)
+            )));
         }
         let bound = 1.0 / (in_dim as f32).sqrt();
         let a: Vec<f32> = (0..cfg.rank * in_dim).map(|_| rng.random_range(-bound..bound)).collect();
@@ -244,12 +243,12 @@ mod tests {
         assert!(LoraConfig::new(0, 16.0, 0.0, "q_proj", false)
             .unwrap_err()
             .to_string()
-            .contains("rank must be at least 1"));
+            .contains("`r` (rank) must be at least 1"));
         let cfg = LoraConfig::new(64, 16.0, 0.0, "q_proj", false).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
         let e =
             Lora::new(32, 48, &cfg, &mut rng, &Device::Cpu, DType::F32).unwrap_err().to_string();
-        assert!(e.contains("rank `64` is larger than a 48x32 layer allows (at most 32)"), "{e}");
+        assert!(e.contains("rank) `64` is larger than a 48x32 layer allows (at most 32)"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,10 @@ pub struct TrainState {
     pub bad_evals: usize,
     /// AdamW's step count (bias correction).
     pub adam_t: usize,
+    /// sha256 of each split's tokens ([`crate::TrainData::fingerprints`]); absent in
+    /// checkpoints written before whet recorded it.
+    #[serde(default)]
+    pub data_sha256: std::collections::BTreeMap<String, String>,
 }
 
 fn err(path: &Path, e: impl std::fmt::Display) -> TrainError {

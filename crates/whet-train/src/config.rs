@@ -34,8 +34,13 @@ pub struct TrainConfig {
     pub lr_schedule: String,
     /// Linear warmup steps.
     pub warmup_steps: usize,
-    /// Optimizer steps.
+    /// Optimizer steps; 0 with `epochs` set means "as many as `epochs` takes", resolved by
+    /// [`TrainConfig::resolve_steps`] before the run starts.
     pub steps: usize,
+    /// Passes over the training data (fractions allowed); sets `steps` when `steps` is not
+    /// given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<f64>,
     /// Examples (or packed rows) per micro-batch.
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
@@ -48,6 +53,11 @@ pub struct TrainConfig {
     pub grad_checkpoint: bool,
     /// Which tokens are trained: all, last, inputs.
     pub train_on: String,
+    /// Record format of the data files: `auto` (detected per file), chat, completion, text,
+    /// alpaca, sharegpt.
+    pub format: String,
+    /// Examples over `max_seq_len`: truncate or drop.
+    pub overlong: String,
     /// Share of train held out when there is no validation file.
     pub valid_fraction: f64,
     /// AdamW weight decay (decoupled).
@@ -86,12 +96,15 @@ impl Default for TrainConfig {
             lr_schedule: "cosine".into(),
             warmup_steps: 10,
             steps: 200,
+            epochs: None,
             batch_size: 4,
             grad_accum: 1,
             max_seq_len: 512,
             pack: false,
             grad_checkpoint: false,
             train_on: "all".into(),
+            format: "auto".into(),
+            overlong: whet_data::Overlong::DEFAULT.name().into(),
             valid_fraction: 0.1,
             weight_decay: 0.0,
             beta1: 0.9,
@@ -131,6 +144,28 @@ impl TrainConfig {
             .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.message())))
     }
 
+    /// Read a `train.toml` and say whether it sets `steps` itself (for `epochs`, which sets
+    /// the steps only when nothing else does).
+    pub fn from_file_with_steps(path: &Path) -> Result<(Self, bool), ConfigError> {
+        let cfg = Self::from_file(path)?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        let table: toml::Table = toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("{}: {}", path.display(), e.message())))?;
+        Ok((cfg, table.contains_key("steps")))
+    }
+
+    /// With `steps` 0 and `epochs` set: the steps `epochs` passes over `rows` training rows
+    /// take, at `batch_size` rows per micro-batch and `grad_accum` micro-batches per step
+    /// (rounded up, at least 1).
+    pub fn resolve_steps(&mut self, rows: usize) {
+        if let (0, Some(epochs)) = (self.steps, self.epochs) {
+            let per_epoch = rows.div_ceil(self.batch_size.max(1)) as f64;
+            let steps = (epochs * per_epoch / self.grad_accum.max(1) as f64).ceil();
+            self.steps = (steps as usize).max(1);
+        }
+    }
+
     /// As TOML, for `whet.toml`.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_default()
@@ -151,7 +186,7 @@ impl TrainConfig {
             &self.target_modules,
             self.use_rslora,
         )
-        .map_err(|e| ConfigError(e.to_string().trim_start_matches("--lora: ").to_string()))?;
+        .map_err(|e| ConfigError(e.to_string()))?;
         let schedule = match self.lr_schedule.as_str() {
             "constant" => Schedule::Constant,
             "linear" => Schedule::Linear,
@@ -163,11 +198,15 @@ impl TrainConfig {
         if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
             return bad("learning_rate", self.learning_rate.to_string(), "must be in (0, 1)");
         }
-        for (field, v) in [
-            ("steps", self.steps),
-            ("batch_size", self.batch_size),
-            ("grad_accum", self.grad_accum),
-        ] {
+        if let Some(e) = self.epochs {
+            if !(e > 0.0 && e.is_finite()) {
+                return bad("epochs", e.to_string(), "must be positive");
+            }
+        }
+        let steps = if self.epochs.is_some() && self.steps == 0 { 1 } else { self.steps };
+        for (field, v) in
+            [("steps", steps), ("batch_size", self.batch_size), ("grad_accum", self.grad_accum)]
+        {
             if v == 0 {
                 return bad(field, "0".into(), "must be at least 1");
             }
@@ -186,6 +225,16 @@ impl TrainConfig {
                 format!("{}/{}/{}", self.eps, self.weight_decay, self.max_grad_norm),
                 "eps must be positive, the others non-negative",
             );
+        }
+        if self.format != "auto" && whet_data::Format::from_name(&self.format).is_none() {
+            return bad(
+                "format",
+                self.format.clone(),
+                "expected auto, chat, completion, text, alpaca or sharegpt",
+            );
+        }
+        if whet_data::Overlong::from_name(&self.overlong).is_none() {
+            return bad("overlong", self.overlong.clone(), "expected truncate or drop");
         }
         if whet_data::TrainOn::from_name(&self.train_on).is_none() {
             return bad("train_on", self.train_on.clone(), "expected all, last or inputs");
@@ -257,7 +306,7 @@ mod tests {
         };
         assert!(c.validate().unwrap_err().to_string().contains("unknown target module `qkv`"));
         let c = TrainConfig { data: "d".into(), r: 0, ..Default::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("rank must be at least 1"));
+        assert!(c.validate().unwrap_err().to_string().contains("`r` (rank) must be at least 1"));
         let a = TrainConfig { data: "d".into(), ..Default::default() };
         let b = TrainConfig { learning_rate: 1e-3, ..a.clone() };
         assert_eq!(

@@ -10,6 +10,7 @@ use crate::shards::Shards;
 use candle_core::{Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -18,11 +19,39 @@ use whet_model::loss::cross_entropy;
 use whet_model::{GradCollector, Llama, Packing, TrainPass};
 
 /// Training and validation examples, already tokenized and masked.
+#[derive(Debug, Clone, Default)]
 pub struct TrainData {
     /// Training examples.
     pub train: Vec<Tokenized>,
     /// Validation examples (may be empty).
     pub valid: Vec<Tokenized>,
+    /// Where each split came from (`train` -> `data/x/train.jsonl`), for messages.
+    pub sources: BTreeMap<String, String>,
+}
+
+impl TrainData {
+    /// sha256 of each split's tokens and masks: a checkpoint records them, and a resume with
+    /// other data is refused (the data order, and so every later step, would differ).
+    pub fn fingerprints(&self) -> BTreeMap<String, String> {
+        [("train", &self.train), ("valid", &self.valid)]
+            .into_iter()
+            .map(|(name, examples)| {
+                let mut bytes = vec![];
+                for e in examples {
+                    bytes.extend((e.ids.len() as u64).to_le_bytes());
+                    bytes.extend(e.ids.iter().flat_map(|i| i.to_le_bytes()));
+                    bytes.extend(&e.mask);
+                }
+                (name.to_string(), whet_data::cache::sha256_hex(&bytes))
+            })
+            .collect()
+    }
+}
+
+/// How many rows the training split makes with `cfg` (packed rows with `pack`): what one epoch
+/// of micro-batches covers.
+pub fn training_rows(data: &TrainData, cfg: &TrainConfig) -> usize {
+    rows(&data.train, cfg).len()
 }
 
 /// One row of a batch: an example, or several packed ones with their positions and segments.
@@ -47,6 +76,32 @@ fn rows(examples: &[Tokenized], cfg: &TrainConfig) -> Vec<Row> {
             })
             .collect()
     }
+}
+
+/// A scalar tensor's value on the host. Reduced on the device in its own dtype (f32 for
+/// losses and adapter gradients) and converted here: Metal cannot cast to f64 on the device.
+fn host_scalar(t: &Tensor) -> candle_core::Result<f64> {
+    if t.dtype() == candle_core::DType::F64 {
+        return t.to_scalar::<f64>();
+    }
+    Ok(f64::from(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?))
+}
+
+/// Scale `grads` so that their global L2 norm is at most `max` (0 = no clipping), as
+/// `torch.nn.utils.clip_grad_norm_` does; returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> candle_core::Result<f64> {
+    let norm_sq: f64 = grads
+        .iter()
+        .map(|g| host_scalar(&g.sqr()?.sum_all()?))
+        .sum::<candle_core::Result<f64>>()?;
+    let norm = norm_sq.sqrt();
+    if max > 0.0 && norm > max {
+        let scale = max / (norm + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * scale)?;
+        }
+    }
+    Ok(norm)
 }
 
 /// How many tokens of `rows` the loss trains (the first token of a row is never predicted).
@@ -153,7 +208,7 @@ fn forward_backward(
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let loss = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let loss = host_scalar(&loss)?;
         Ok(Some((loss * share, tokens, grads)))
     })?;
     let (mut loss, mut tokens, mut grads) = (0.0, 0, None::<Vec<Tensor>>);
@@ -207,7 +262,7 @@ fn evaluate(
                 return Ok((0.0, 0));
             }
             let (loss, _, k, _) = batch_loss(model, shard, None, device)?;
-            Ok((loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? * k as f64, k))
+            Ok((host_scalar(&loss)? * k as f64, k))
         })?;
         for (s, k) in parts {
             sum += s;
@@ -228,10 +283,15 @@ pub fn train(
     stop: &AtomicBool,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Summary, TrainError> {
-    let (lora, schedule) = cfg.validate()?;
     if data.train.is_empty() {
         return Err(TrainError::Run("the training set is empty".into()));
     }
+    let train_rows = rows(&data.train, cfg);
+    let valid_rows = rows(&data.valid, cfg);
+    let mut resolved = cfg.clone();
+    resolved.resolve_steps(train_rows.len());
+    let cfg = &resolved;
+    let (lora, schedule) = cfg.validate()?;
     let device = model.device().clone();
     model.add_lora(&lora, cfg.seed)?;
     checkpoint::prepare_run_dir(run, cfg, resume)?;
@@ -245,11 +305,20 @@ pub fn train(
     };
     let mut opt = AdamW::new(vars.clone(), params)?;
     let mut state = TrainState::default();
+    let fingerprints = data.fingerprints();
     if resume {
         state = checkpoint::load(run, model, &mut opt)?;
+        for (split, was) in &state.data_sha256 {
+            if fingerprints.get(split) != Some(was) {
+                let source = data.sources.get(split).map(|s| format!(" ({s})")).unwrap_or_default();
+                return Err(TrainError::Run(format!(
+                    "cannot resume {}: the {split} data{source} changed since the checkpoint; hint: resume with the data the run started with, or start a new run",
+                    run.display()
+                )));
+            }
+        }
     }
-    let train_rows = rows(&data.train, cfg);
-    let valid_rows = rows(&data.valid, cfg);
+    state.data_sha256 = fingerprints;
     let mut metrics = checkpoint::Metrics::open(run, state.step)?;
     let mut last_loss = f64::NAN;
     let mut stopped = None;
@@ -294,16 +363,7 @@ pub fn train(
             });
         }
         let mut grads: Vec<Tensor> = grads.into_iter().flatten().collect();
-        // Clip by global norm.
-        let norm_sq: f64 = grads
-            .iter()
-            .map(|g| g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>())
-            .sum::<candle_core::Result<f64>>()?;
-        let grad_norm = norm_sq.sqrt();
-        if cfg.max_grad_norm > 0.0 && grad_norm > cfg.max_grad_norm {
-            let scale = cfg.max_grad_norm / (grad_norm + 1e-6);
-            grads = grads.iter().map(|g| g * scale).collect::<candle_core::Result<_>>()?;
-        }
+        let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         opt.step(&grads, lr)?;
         last_loss = loss;
         state.step = step + 1;

@@ -77,12 +77,7 @@ impl GgufFile {
     /// The model configuration, with Hugging Face names.
     pub fn config_file(&self) -> Result<ConfigFile> {
         let arch = self.architecture()?;
-        if crate::config::Arch::from_name(&arch).is_none() {
-            return Err(Error::config(
-                &self.path,
-                format!("unsupported architecture `{arch}`; whet supports `llama` and `qwen2`"),
-            ));
-        }
+        crate::config::Arch::parse(&arch).map_err(|msg| Error::config(&self.path, msg))?;
         let key = |k: &str| format!("{arch}.{k}");
         let num_heads = self.require_usize(&key("attention.head_count"))?;
         let hidden_size = self.require_usize(&key("embedding_length"))?;

@@ -74,7 +74,7 @@ fn unsupported_architecture() {
     let err = load_err(ModelSource::HfDir(dir.path().into()));
     assert!(
         err.ends_with(
-            "config.json: unsupported architecture `gpt2`; whet supports `llama` and `qwen2`"
+            "config.json: unsupported architecture `gpt2`; whet supports `llama`, `qwen2`"
         ),
         "{err}"
     );
@@ -139,4 +139,24 @@ fn tokenizer_json_that_is_broken() {
     let err = load_err(ModelSource::HfDir(dir.path().into()));
     assert!(err.contains("tokenizer.json: not a valid tokenizer.json"), "{err}");
     assert!(Path::new(&dir.path().join("config.json")).exists());
+}
+
+/// Regression: a PEFT adapter with `r: 0` was reported as `--lora: rank must be at least 1`,
+/// naming a flag the user never passed instead of the file.
+#[test]
+fn adapter_with_rank_zero_names_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = r#"{"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 0, "lora_alpha": 16,
+        "target_modules": ["q_proj", "v_proj"]}"#;
+    std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
+    let mut model =
+        load(&ModelSource::Random("tiny".into()), DType::F32, &Device::Cpu, 0).unwrap().model;
+    let err = whet_model::adapter::load_adapter(&mut model, dir.path()).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: `r` (rank) must be at least 1, got `0`",
+            dir.path().join("adapter_config.json").display()
+        )
+    );
 }

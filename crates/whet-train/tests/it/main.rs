@@ -18,7 +18,11 @@ fn data() -> TrainData {
         let ids: Vec<u32> = (0..12).map(|i| (k * 37 + i * (k + 3)) % 250 + 3).collect();
         Tokenized { mask: (0..12).map(|i| u8::from(i >= 6)).collect(), ids }
     };
-    TrainData { train: (0..8).map(ex).collect(), valid: (8..10).map(ex).collect() }
+    TrainData {
+        train: (0..8).map(ex).collect(),
+        valid: (8..10).map(ex).collect(),
+        ..Default::default()
+    }
 }
 
 fn cfg(steps: usize) -> TrainConfig {
@@ -255,8 +259,10 @@ fn bad_settings_are_refused_and_nothing_is_lost() {
         |c: &TrainConfig, resume: bool| run(&mut tiny(), c, &runp, resume).unwrap_err().to_string();
     assert!(err(&TrainConfig { target_modules: "q_proj,attn".into(), ..cfg(2) }, false)
         .contains("unknown target module `attn`"));
-    assert!(err(&TrainConfig { r: 0, ..cfg(2) }, false).contains("rank must be at least 1"));
-    assert!(err(&TrainConfig { r: 100, ..cfg(2) }, false).contains("rank `100` is larger than"));
+    assert!(err(&TrainConfig { r: 0, ..cfg(2) }, false).contains("`r` (rank) must be at least 1"));
+    assert!(
+        err(&TrainConfig { r: 100, ..cfg(2) }, false).contains("`r` (rank) `100` is larger than")
+    );
     // A finished run is not overwritten by a new one, and a resume must match its settings.
     run(&mut tiny(), &cfg(2), &runp, false).unwrap();
     let before = std::fs::read(runp.join("adapter/adapter_model.safetensors")).unwrap();
@@ -264,7 +270,7 @@ fn bad_settings_are_refused_and_nothing_is_lost() {
     let e = err(&TrainConfig { learning_rate: 0.5, ..cfg(2) }, true);
     assert!(e.contains("`learning_rate` was 0.01 and is now 0.5"), "{e}");
     assert_eq!(std::fs::read(runp.join("adapter/adapter_model.safetensors")).unwrap(), before);
-    let empty = TrainData { train: vec![], valid: vec![] };
+    let empty = TrainData::default();
     let e = train(
         &mut tiny(),
         &empty,
@@ -324,4 +330,181 @@ fn a_failed_checkpoint_write_keeps_the_previous_one() {
     std::fs::remove_file(&blocker).unwrap();
     let (summary, _) = run(&mut tiny(), &c, &runp, true).unwrap();
     assert_eq!(summary.steps, 4, "and the run resumes from it");
+}
+
+/// Gradient clipping: the global norm over all tensors is measured before clipping and brought
+/// down to the limit; below the limit, or with 0 (off), nothing changes.
+#[test]
+fn gradient_clipping_scales_to_the_global_norm() {
+    use candle_core::Tensor;
+    use whet_train::trainer::clip_grad_norm;
+    let grads = || {
+        vec![
+            Tensor::new(&[3f32, 0.0], &Device::Cpu).unwrap(),
+            Tensor::new(&[[0f32], [4.0]], &Device::Cpu).unwrap(),
+        ]
+    };
+    let values = |g: &[Tensor]| -> Vec<f32> {
+        g.iter().flat_map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    };
+    let mut g = grads();
+    assert_eq!(clip_grad_norm(&mut g, 1.0).unwrap(), 5.0);
+    let clipped = values(&g);
+    let norm: f32 = clipped.iter().map(|v| v * v).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-5, "clipped norm {norm}");
+    assert!((clipped[0] - 0.6).abs() < 1e-5 && (clipped[3] - 0.8).abs() < 1e-5, "{clipped:?}");
+    for max in [10.0, 0.0] {
+        let mut g = grads();
+        assert_eq!(clip_grad_norm(&mut g, max).unwrap(), 5.0);
+        assert_eq!(values(&g), vec![3.0, 0.0, 0.0, 4.0], "max {max}");
+    }
+}
+
+/// The loop clips with `max_grad_norm`: a tiny limit gives a different adapter than none
+/// (Adam's first update is scale-free, so the runs part from the second step on).
+#[test]
+fn the_loop_clips_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = |max: f64, name: &str| {
+        let c = TrainConfig { max_grad_norm: max, ..cfg(4) };
+        let (_, events) = run(&mut tiny(), &c, &dir.path().join(name), false).unwrap();
+        let norms: Vec<f64> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Step { grad_norm, .. } => Some(*grad_norm),
+                _ => None,
+            })
+            .collect();
+        assert!(norms.iter().all(|n| n.is_finite() && *n > 1e-3), "{norms:?}");
+        std::fs::read(dir.path().join(name).join("adapter/adapter_model.safetensors")).unwrap()
+    };
+    assert_ne!(adapter(1e-4, "clipped"), adapter(0.0, "unclipped"));
+}
+
+/// Early stopping and `best/`: validation rows share the training prompts but carry other
+/// answers, so the validation loss rises once the model memorises the training answers. With
+/// `patience` 2 the run stops two evaluations after the best one, and `best/` holds the adapter
+/// that gave the best validation loss, not the last one.
+#[test]
+fn patience_stops_early_and_best_keeps_the_best_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let c = TrainConfig { eval_every: 1, patience: 2, ..cfg(40) };
+    let mut d = data();
+    d.valid = d.train[..4].to_vec();
+    for e in &mut d.valid {
+        for id in &mut e.ids[6..] {
+            *id = (*id + 101) % 250 + 3;
+        }
+    }
+    let mut events = vec![];
+    let summary = train(&mut tiny(), &d, &c, &run_dir, false, &AtomicBool::new(false), &mut |e| {
+        events.push(e.clone())
+    })
+    .unwrap();
+    let evals: Vec<(usize, f64, bool)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Eval { step, val_loss, best } => Some((*step, *val_loss, *best)),
+            _ => None,
+        })
+        .collect();
+    let stop = summary.stopped.as_deref().unwrap_or("");
+    assert!(stop.starts_with("early stop"), "stopped: {stop:?} after {evals:?}");
+    assert!(summary.steps < 40, "{}", summary.steps);
+    let (best_step, best_loss, _) = *evals.iter().rfind(|e| e.2).unwrap();
+    assert_eq!(evals.last().unwrap().0, best_step + 2, "two evaluations without progress");
+    assert!(evals.iter().all(|e| e.1 >= best_loss));
+    assert_eq!(summary.best_val_loss, Some(best_loss));
+    // best/ gives the best validation loss again; the final adapter a worse one.
+    let val = |adapter: &str| {
+        let mut m = tiny();
+        whet_model::adapter::load_adapter(&mut m, &run_dir.join(adapter)).unwrap();
+        let mut sum = 0.0;
+        for e in &d.valid {
+            let n = e.ids.len();
+            let ids = candle_core::Tensor::from_vec(e.ids.clone(), (1, n), &Device::Cpu).unwrap();
+            let mask = candle_core::Tensor::from_vec(e.mask.clone(), (1, n), &Device::Cpu).unwrap();
+            let logits = m.forward(&ids, None).unwrap();
+            let (l, k) = whet_model::loss::masked_cross_entropy(&logits, &ids, &mask).unwrap();
+            sum += l.to_scalar::<f32>().unwrap() as f64 * k as f64;
+        }
+        sum / d.valid.iter().map(|e| e.mask[1..].iter().filter(|&&m| m == 1).count()).sum::<usize>()
+            as f64
+    };
+    let (best_val, final_val) = (val("best"), val("adapter"));
+    assert!((best_val - best_loss).abs() < 1e-3, "best/ gives {best_val}, recorded {best_loss}");
+    assert!(final_val > best_val, "the final adapter is worse: {final_val} vs {best_val}");
+}
+
+/// `epochs` sets the steps from the data: 8 rows in batches of 4 with 2 micro-batches per step
+/// is one step per epoch; `steps` wins when both are set.
+#[test]
+fn epochs_set_the_number_of_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = TrainConfig { steps: 0, epochs: Some(3.0), grad_accum: 2, ..cfg(0) };
+    let (summary, _) = run(&mut tiny(), &c, &dir.path().join("e"), false).unwrap();
+    assert_eq!(summary.steps, 3);
+    let saved = TrainConfig::from_file(&dir.path().join("e/whet.toml")).unwrap();
+    assert_eq!((saved.steps, saved.epochs), (3, Some(3.0)), "whet.toml holds the resolved steps");
+    let c = TrainConfig { steps: 2, epochs: Some(3.0), ..cfg(0) };
+    assert_eq!(run(&mut tiny(), &c, &dir.path().join("s"), false).unwrap().0.steps, 2);
+    let bad = TrainConfig { steps: 0, epochs: Some(-1.0), ..cfg(0) };
+    let e = run(&mut tiny(), &bad, &dir.path().join("b"), false).unwrap_err().to_string();
+    assert_eq!(e, "`epochs` = `-1`: must be positive");
+}
+
+/// Regression: a resume with other training data went on silently, with a data order and
+/// steps unlike the run's. The checkpoint records the data's fingerprint; the file is named.
+#[test]
+fn resume_with_changed_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let c = cfg(4);
+    let stop = AtomicBool::new(true); // stop (with a checkpoint) after the first step
+    let mut d = data();
+    d.sources.insert("train".into(), "data/x/train.jsonl".into());
+    train(&mut tiny(), &d, &c, &run_dir, false, &stop, &mut |_| {}).unwrap();
+    d.train[3].ids[5] += 1;
+    let e = train(&mut tiny(), &d, &c, &run_dir, true, &AtomicBool::new(false), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the train data (data/x/train.jsonl) changed since the checkpoint"), "{e}");
+    // The same data resumes.
+    d.train[3].ids[5] -= 1;
+    let s =
+        train(&mut tiny(), &d, &c, &run_dir, true, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    assert_eq!(s.steps, 4);
+}
+
+/// Regression: training cast losses and gradient norms to f64 on the device, which Metal
+/// cannot do. No f64 cast may remain in the training or inference code (the CPU's f64 gradient
+/// checks create f64 tensors directly instead).
+#[test]
+fn no_f64_cast_on_the_device() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut offenders = vec![];
+    for dir in ["whet-train/src", "whet-infer/src", "whet-model/src"] {
+        let mut stack = vec![root.join(dir)];
+        while let Some(d) = stack.pop() {
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if path.file_name().is_some_and(|n| n == "tests.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let code = text.split("#[cfg(test)]").next().unwrap_or("");
+                for (i, line) in code.lines().enumerate() {
+                    if line.contains("to_dtype(") && line.contains("F64") {
+                        offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(offenders.is_empty(), "f64 casts: {offenders:#?}");
 }
