@@ -63,6 +63,16 @@ pub enum DataCommand {
     Prepare(PrepareArgs),
 }
 
+/// Variables for the chat template.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TemplateArgs {
+    /// Set a chat-template variable, as transformers' `apply_chat_template(NAME=VALUE)` does
+    /// (repeatable): `date_string=26 Jul 2024` pins the date Llama 3.x stamps into its system
+    /// header, `enable_thinking=false` for Qwen3. VALUE is JSON when it parses, else a string.
+    #[arg(long = "template-var", value_name = "NAME=VALUE")]
+    pub template_var: Vec<String>,
+}
+
 /// A dataset and how to turn it into tokens.
 #[derive(Debug, Clone, Args)]
 pub struct DataArgs {
@@ -73,6 +83,8 @@ pub struct DataArgs {
     pub model: Option<String>,
     #[command(flatten)]
     pub shape: ShapeArgs,
+    #[command(flatten)]
+    pub template: TemplateArgs,
     /// Which tokens the loss covers: `all` assistant turns, the `last` one, or `inputs` too.
     #[arg(long, default_value = "all")]
     pub train_on: String,
@@ -269,6 +281,8 @@ pub struct GenerateArgs {
     /// System message (with --chat); without it the template's default applies.
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub template: TemplateArgs,
     /// Print prompt/decode speed to stderr when done.
     #[arg(long)]
     pub stats: bool,
@@ -283,6 +297,8 @@ pub struct ChatArgs {
     /// System message for the conversation; without it the template's default applies.
     #[arg(long)]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub template: TemplateArgs,
 }
 
 #[derive(Debug, Args)]
@@ -396,6 +412,8 @@ pub struct TrainArgs {
     pub no_grad_checkpoint: bool,
     #[command(flatten)]
     pub shape: ShapeArgs,
+    #[command(flatten)]
+    pub template: TemplateArgs,
     /// all, last or inputs [default: all].
     #[arg(long)]
     pub train_on: Option<String>,

@@ -11,7 +11,8 @@ const HELP: &str = "commands: /reset clears the conversation, /quit (or Ctrl-D) 
 pub fn run(args: ChatArgs) -> Result<()> {
     let cfg = model::generate_config(&args.sampling)?;
     let (m, _device) = model::load(&args.model, args.sampling.seed)?;
-    let template = chat_template(&m.tokenizer)?;
+    let mut template = chat_template(&m.tokenizer)?;
+    template.set_vars(&args.template.template_var).map_err(anyhow::Error::msg)?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!("whet chat with {}\n{HELP}", m.source);

@@ -19,16 +19,20 @@ pub(crate) struct ModelText {
 }
 
 impl ModelText {
-    fn load(model: &Option<String>) -> Result<Self> {
-        let spec = model_spec(model);
+    fn load(a: &DataArgs) -> Result<Self> {
+        let spec = model_spec(&a.model);
         let tokenizer = whet_model::load_tokenizer(&crate::model::source(&spec)?)
             .with_context(|| format!("cannot load the tokenizer of `{spec}`"))?;
-        Self::from_tokenizer(tokenizer)
+        Self::from_tokenizer(tokenizer, &a.template.template_var)
     }
 
-    /// Around a tokenizer already loaded with its model.
-    pub(crate) fn from_tokenizer(tokenizer: ModelTokenizer) -> Result<Self> {
-        let template = whet_infer::chat_template(&tokenizer)?;
+    /// Around a tokenizer already loaded with its model; `template_vars` are `NAME=VALUE`.
+    pub(crate) fn from_tokenizer(
+        tokenizer: ModelTokenizer,
+        template_vars: &[String],
+    ) -> Result<Self> {
+        let mut template = whet_infer::chat_template(&tokenizer)?;
+        template.set_vars(template_vars).map_err(anyhow::Error::msg)?;
         let end_of_turn = tokenizer
             .stop_ids
             .iter()
@@ -91,7 +95,7 @@ pub(crate) fn run_pipeline(a: &DataArgs, m: &ModelText) -> Result<(Settings, Vec
 }
 
 pub fn check(a: DataArgs) -> Result<()> {
-    let m = ModelText::load(&a.model)?;
+    let m = ModelText::load(&a)?;
     let (_, splits) = run_pipeline(&a, &m)?;
     let mut out = std::io::stdout().lock();
     for split in &splits {
@@ -173,7 +177,7 @@ fn histogram(lens: &[usize], buckets: usize) -> Vec<(usize, usize, usize)> {
 }
 
 pub fn preview(a: PreviewArgs) -> Result<()> {
-    let m = ModelText::load(&a.data.model)?;
+    let m = ModelText::load(&a.data)?;
     let s = settings(&a.data)?;
     let mut splits = dataset::read(&a.data.path, s.format)?;
     dataset::split_valid(&mut splits, a.data.valid_fraction, a.data.seed);
@@ -240,7 +244,7 @@ pub fn prepare(a: PrepareArgs) -> Result<()> {
     if a.out.exists() && !a.overwrite {
         bail!("{} already exists; pass --overwrite to replace it", a.out.display());
     }
-    let m = ModelText::load(&a.data.model)?;
+    let m = ModelText::load(&a.data)?;
     let start = Instant::now();
     let (s, splits) = run_pipeline(&a.data, &m)?;
     let manifest = manifest(&a, &m, &s, &splits)?;
@@ -291,6 +295,7 @@ fn manifest(
         ("valid_fraction", a.data.valid_fraction.to_string()),
         ("seed", a.data.seed.to_string()),
         ("pack", a.pack.to_string()),
+        ("template_vars", a.data.template.template_var.join("; ")),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -341,6 +346,7 @@ pub fn bench(a: BenchDataArgs) -> Result<()> {
             path,
             model: a.model.clone(),
             shape: Default::default(),
+            template: Default::default(),
             train_on: "all".into(),
             max_seq_len: 2048,
             valid_fraction: 0.0,

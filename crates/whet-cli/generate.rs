@@ -18,7 +18,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let (m, _device) = model::load(&args.model, args.sampling.seed)?;
     let text = if args.chat {
-        let template = chat_template(&m.tokenizer)?;
+        let mut template = chat_template(&m.tokenizer)?;
+        template.set_vars(&args.template.template_var).map_err(anyhow::Error::msg)?;
         let mut messages = vec![];
         if let Some(system) = &args.system {
             messages.push(Message::new("system", system));

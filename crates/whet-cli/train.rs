@@ -1,7 +1,7 @@
 //! `whet train`: settings from file and flags, data through whet-data, the loop in whet-train,
 //! progress on stderr, the run's outcome on stdout.
 
-use crate::args::{DataArgs, ShapeArgs, TrainArgs};
+use crate::args::{DataArgs, ShapeArgs, TemplateArgs, TrainArgs};
 use crate::data::{run_pipeline, ModelText};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -42,6 +42,9 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
     if let Some(o) = &a.shape.overlong {
         c.overlong = o.clone();
     }
+    if !a.template.template_var.is_empty() {
+        c.template_vars = a.template.template_var.clone();
+    }
     if let Some(v) = a.rslora() {
         c.use_rslora = v;
     }
@@ -81,6 +84,7 @@ fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> {
             format: (c.format != "auto").then(|| c.format.clone()),
             overlong: Some(c.overlong.clone()),
         },
+        template: TemplateArgs { template_var: c.template_vars.clone() },
         train_on: c.train_on.clone(),
         max_seq_len: c.max_seq_len,
         valid_fraction: c.valid_fraction,
@@ -118,7 +122,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let device = whet_model::parse_device(&c.device)?;
     let dtype = whet_model::parse_dtype(&c.dtype)?;
     let mut m = crate::model::load_spec(&c.model, dtype, &device, c.seed)?;
-    let text = ModelText::from_tokenizer(m.tokenizer.clone())?;
+    let text = ModelText::from_tokenizer(m.tokenizer.clone(), &c.template_vars)?;
     let data = load_data(&c, &text)?;
     if data.train.is_empty() {
         bail!("{}: no training examples", c.data);

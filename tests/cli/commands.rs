@@ -112,3 +112,44 @@ fn closed_stdout_pipe_exits_quietly() {
     assert!(o.status.success());
     assert_eq!(stderr(&o), "", "no panic, no error message");
 }
+
+/// Regression: a template read from `chat_template.jinja` (transformers' current layout) was
+/// labelled as coming from `tokenizer.json`. It now names its file, and wins over
+/// `tokenizer_config.json`'s `chat_template` as in transformers.
+#[test]
+fn info_names_the_file_the_template_came_from() {
+    let dir = tiny_hf_dir(Some("{{ 'from the config' }}"));
+    let p = dir.path().to_str().unwrap();
+    let o = whet(&["info", p], "");
+    let config = dir.path().join("tokenizer_config.json");
+    assert!(
+        stdout(&o).contains(&format!("chat template:  from {} (", config.display())),
+        "{}",
+        stdout(&o)
+    );
+    let jinja = dir.path().join("chat_template.jinja");
+    std::fs::write(&jinja, "{% for m in messages %}{{ m['content'] }}{% endfor %}").unwrap();
+    let o = whet(&["info", p], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&format!("chat template:  from {} (53 bytes)", jinja.display())),
+        "{}",
+        stdout(&o)
+    );
+    let o = whet(
+        &[
+            "generate",
+            "--model",
+            p,
+            "--chat",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "1",
+            "--template-var",
+            "oops",
+        ],
+        "",
+    );
+    assert_eq!(assert_one_line_error(&o), "error: --template-var `oops`: expected NAME=VALUE");
+}

@@ -14,7 +14,7 @@ use whet_model::ModelTokenizer;
 pub fn chat_template(tokenizer: &ModelTokenizer) -> Result<ChatTemplate, TemplateError> {
     ChatTemplate::from_model(
         tokenizer.chat_template.as_deref(),
-        &tokenizer.source,
+        &tokenizer.template_source,
         tokenizer.bos_token.as_deref(),
         tokenizer.eos_token.as_deref(),
     )

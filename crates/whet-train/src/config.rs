@@ -58,6 +58,9 @@ pub struct TrainConfig {
     pub format: String,
     /// Examples over `max_seq_len`: truncate or drop.
     pub overlong: String,
+    /// Chat-template variables, `NAME=VALUE` (`--template-var`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub template_vars: Vec<String>,
     /// Share of train held out when there is no validation file.
     pub valid_fraction: f64,
     /// AdamW weight decay (decoupled).
@@ -105,6 +108,7 @@ impl Default for TrainConfig {
             train_on: "all".into(),
             format: "auto".into(),
             overlong: whet_data::Overlong::DEFAULT.name().into(),
+            template_vars: vec![],
             valid_fraction: 0.1,
             weight_decay: 0.0,
             beta1: 0.9,

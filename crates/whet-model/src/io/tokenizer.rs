@@ -15,6 +15,9 @@ pub struct ModelTokenizer {
     pub tokenizer: Tokenizer,
     /// Jinja chat template, when the model ships one.
     pub chat_template: Option<String>,
+    /// The file the chat template was read from (`chat_template.jinja`,
+    /// `tokenizer_config.json`, a GGUF file), for messages and `whet info`.
+    pub template_source: String,
     /// Beginning-of-sequence token text, for templates that use `bos_token`.
     pub bos_token: Option<String>,
     /// End-of-sequence token text, for templates that use `eos_token`.
@@ -44,7 +47,16 @@ impl ModelTokenizer {
                 }
             }
         }
-        Self { tokenizer, chat_template, bos_token: bos, eos_token: eos, stop_ids, source }
+        let template_source = source.clone();
+        Self {
+            tokenizer,
+            chat_template,
+            template_source,
+            bos_token: bos,
+            eos_token: eos,
+            stop_ids,
+            source,
+        }
     }
 
     /// Load `tokenizer.json` and, when present, `tokenizer_config.json` from a model directory.
@@ -58,14 +70,23 @@ impl ModelTokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         let (template, bos, eos) =
             if cfg_path.exists() { read_tokenizer_config(&cfg_path)? } else { (None, None, None) };
-        Ok(Self::new(
+        // transformers' current layout keeps the template in `chat_template.jinja`, which wins
+        // over `tokenizer_config.json`'s `chat_template`, as it does in transformers.
+        let jinja = dir.join("chat_template.jinja");
+        let (template, template_source) = match std::fs::read_to_string(&jinja) {
+            Ok(t) => (Some(t), jinja),
+            Err(_) => (template, cfg_path),
+        };
+        let mut t = Self::new(
             tokenizer,
             template,
             bos,
             eos,
             config_eos.to_vec(),
             path.display().to_string(),
-        ))
+        );
+        t.template_source = template_source.display().to_string();
+        Ok(t)
     }
 
     /// Build the tokenizer from a GGUF file's metadata (byte-level BPE, as SmolLM2 and Qwen2 use).
@@ -172,9 +193,6 @@ fn read_tokenizer_config(path: &Path) -> Result<(Option<String>, Option<String>,
             .map(str::to_string),
         _ => None,
     };
-    // Newer models keep the template beside the config.
-    let template = template
-        .or_else(|| std::fs::read_to_string(path.with_file_name("chat_template.jinja")).ok());
     Ok((template, token("bos_token"), token("eos_token")))
 }
 
