@@ -39,6 +39,12 @@ pub fn run(args: InfoArgs) -> Result<()> {
     writeln!(out, "vocabulary:     {}", c.vocab_size)?;
     writeln!(out, "context:        {} tokens", c.max_position_embeddings)?;
     writeln!(out, "rope:           theta {} {:?}", c.rope_theta, c.rope_scaling)?;
+    if let Some(w) = c.sliding_window {
+        writeln!(out, "sliding window: {w} tokens")?;
+    }
+    if c.qk_norm {
+        writeln!(out, "q/k norm:       yes")?;
+    }
     writeln!(out, "rms norm eps:   {:e}", c.rms_norm_eps)?;
     writeln!(out, "tied head:      {}", c.tie_word_embeddings)?;
     writeln!(out, "tokenizer:      {} ({} tokens)", m.tokenizer.source, m.tokenizer.vocab_size())?;

@@ -40,7 +40,7 @@ fn unsupported_architecture() {
     let err = assert_one_line_error(&o);
     assert!(
         err.ends_with(&format!(
-            "{}: unsupported architecture `mamba`; whet supports `llama`, `qwen2`",
+            "{}: unsupported architecture `mamba`; whet supports `llama`, `mistral`, `qwen2`, `qwen3`",
             cfg.display()
         )),
         "{err}"
@@ -55,7 +55,8 @@ fn template_that_fails_to_render() {
         "",
     );
     let err = assert_one_line_error(&o);
-    let tok = dir.path().join("tokenizer.json");
+    // The file the template came from (it once said tokenizer.json).
+    let tok = dir.path().join("tokenizer_config.json");
     assert!(
         err.contains(&format!(
             "{}: chat template failed to render: Conversation roles must alternate",

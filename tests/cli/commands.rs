@@ -153,3 +153,24 @@ fn info_names_the_file_the_template_came_from() {
     );
     assert_eq!(assert_one_line_error(&o), "error: --template-var `oops`: expected NAME=VALUE");
 }
+
+/// `whet info` names the family of each fixture (tests/fixtures/families, written by
+/// scripts/reference_families.py and converted by scripts/convert_fixtures_gguf.py).
+#[test]
+fn info_names_each_family() {
+    let dir = root().join("tests/fixtures/families");
+    for (fixture, arch, extra) in [
+        ("llama3", "llama", "rope:           theta 500000 Llama3"),
+        ("llama3.gguf", "llama", "rope:           theta 500000 Factors"),
+        ("mistral", "mistral", "sliding window: 4 tokens"),
+        ("qwen2", "qwen2", "tied head:      true"),
+        ("qwen3", "qwen3", "q/k norm:       yes"),
+        ("qwen3.gguf", "qwen3", "q/k norm:       yes"),
+    ] {
+        let o = whet(&["info", dir.join(fixture).to_str().unwrap()], "");
+        assert!(o.status.success(), "{fixture}: {}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains(&format!("architecture:   {arch}\n")), "{fixture}: {out}");
+        assert!(out.contains(extra), "{fixture}: {extra} in {out}");
+    }
+}

@@ -6,13 +6,18 @@ use crate::error::{Error, Result};
 use serde::Deserialize;
 use std::path::Path;
 
-/// The architectures whet's Llama implementation covers.
+/// The families whet's one Llama implementation covers; each is a configuration difference
+/// (see [`Config`]) plus the layers that differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
-    /// Llama 1-3, SmolLM, Mistral-style dense models without attention biases.
+    /// Llama 1-3.x, TinyLlama, SmolLM: dense, no attention biases.
     Llama,
-    /// Qwen2: Llama with biases on the q/k/v projections.
+    /// Mistral: Llama with sliding-window attention (`sliding_window`).
+    Mistral,
+    /// Qwen2/2.5: Llama with biases on the q/k/v projections.
     Qwen2,
+    /// Qwen3: Llama with a per-head RMSNorm on queries and keys (`q_norm`, `k_norm`).
+    Qwen3,
 }
 
 impl Arch {
@@ -20,12 +25,24 @@ impl Arch {
     pub fn name(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
+        }
+    }
+
+    /// transformers' class for the family (`config.json`'s `architectures`).
+    pub fn class(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
     /// Every architecture, in the order error messages list them.
-    pub const ALL: [Arch; 2] = [Arch::Llama, Arch::Qwen2];
+    pub const ALL: [Arch; 4] = [Arch::Llama, Arch::Mistral, Arch::Qwen2, Arch::Qwen3];
 
     /// Parse an architecture name, or say which ones whet supports.
     pub fn parse(name: &str) -> std::result::Result<Self, String> {
@@ -37,11 +54,8 @@ impl Arch {
 
     /// Parse an architecture name; `None` when whet does not support it.
     pub fn from_name(name: &str) -> Option<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "llama" | "llamaforcausallm" | "mistral" | "mistralforcausallm" => Some(Arch::Llama),
-            "qwen2" | "qwen2forcausallm" => Some(Arch::Qwen2),
-            _ => None,
-        }
+        let lower = name.to_ascii_lowercase();
+        Self::ALL.into_iter().find(|a| lower == a.name() || lower == a.class().to_ascii_lowercase())
     }
 }
 
@@ -55,6 +69,8 @@ pub enum RopeScaling {
         /// Position interpolation factor.
         factor: f64,
     },
+    /// Per-frequency divisors (GGUF `rope_freqs.weight`, `D/2` of them).
+    Factors(Vec<f64>),
     /// Llama 3.1's frequency-dependent scaling (`"rope_type": "llama3"`).
     Llama3 {
         /// Overall scaling factor.
@@ -143,6 +159,23 @@ pub struct ConfigFile {
     pub tie_word_embeddings: bool,
     /// Whether q/k/v/o carry biases (Llama); Qwen2 always has q/k/v biases.
     pub attention_bias: Option<bool>,
+    /// Keys a token attends to, itself included (Mistral; Qwen2/3 only with
+    /// `use_sliding_window`).
+    pub sliding_window: Option<usize>,
+    /// Qwen2/3: whether `sliding_window` applies.
+    pub use_sliding_window: Option<bool>,
+    /// Biases on the MLP's projections (Llama's `mlp_bias`): not implemented, refused.
+    pub mlp_bias: Option<bool>,
+    /// The MLP's activation; whet implements SwiGLU's `silu` only.
+    pub hidden_act: Option<String>,
+    /// Mixture-of-experts fields: whet runs dense models only, and refuses these by name.
+    pub num_local_experts: Option<usize>,
+    /// Qwen MoE's name for the same.
+    pub num_experts: Option<usize>,
+    /// From GGUF `rope_freqs.weight`: per-frequency divisors of the RoPE frequencies, which
+    /// llama.cpp's converter writes for Llama 3.1+ instead of `rope_scaling`.
+    #[serde(skip)]
+    pub rope_freq_factors: Option<Vec<f64>>,
     /// Beginning-of-sequence id.
     pub bos_token_id: Option<TokenIds>,
     /// End-of-sequence id(s).
@@ -182,6 +215,11 @@ pub struct Config {
     pub qkv_bias: bool,
     /// Whether o_proj carries a bias.
     pub o_bias: bool,
+    /// Per-head RMSNorm on queries and keys before RoPE (Qwen3).
+    pub qk_norm: bool,
+    /// Sliding-window attention: each token attends to at most this many keys, itself
+    /// included (Mistral).
+    pub sliding_window: Option<usize>,
     /// End-of-sequence ids from the config (the tokenizer may add more).
     pub eos_token_ids: Vec<u32>,
     /// Beginning-of-sequence id from the config.
@@ -240,7 +278,10 @@ impl ConfigFile {
         }
         let params =
             self.rope_parameters.clone().or_else(|| self.rope_scaling.clone()).unwrap_or_default();
-        let default_theta = if arch == Arch::Qwen2 { 1_000_000.0 } else { 10_000.0 };
+        let default_theta = match arch {
+            Arch::Qwen2 | Arch::Qwen3 => 1_000_000.0,
+            Arch::Llama | Arch::Mistral => 10_000.0,
+        };
         let rope_theta = self.rope_theta.or(params.rope_theta).unwrap_or(default_theta);
         if !(rope_theta > 1.0) {
             return Err(Error::config(
@@ -248,7 +289,64 @@ impl ConfigFile {
                 format!("`rope_theta` = `{rope_theta}` must be greater than 1"),
             ));
         }
-        let rope_scaling = rope_scaling(&params, path)?;
+        let mut rope_scaling = rope_scaling(&params, path)?;
+        if let Some(factors) = self.rope_freq_factors {
+            if factors.len() != head_dim / 2 {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "tensor `rope_freqs.weight` has {} values, RoPE with `head_dim` {head_dim} needs {}",
+                        factors.len(),
+                        head_dim / 2
+                    ),
+                ));
+            }
+            if factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
+                return Err(Error::config(
+                    path,
+                    "tensor `rope_freqs.weight` holds a non-positive value",
+                ));
+            }
+            if rope_scaling != RopeScaling::None {
+                return Err(Error::config(
+                    path,
+                    format!(
+                        "both `rope_freqs.weight` and rope scaling `{:?}`; whet applies one",
+                        rope_scaling
+                    ),
+                ));
+            }
+            rope_scaling = RopeScaling::Factors(factors);
+        }
+        if self.mlp_bias == Some(true) {
+            return Err(Error::config(path, "`mlp_bias` = `true` is not supported"));
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Err(Error::config(
+                path,
+                format!("`hidden_act` = `{act}` is not supported; whet's MLP is SwiGLU (`silu`)"),
+            ));
+        }
+        if let Some(n) = self.num_local_experts.or(self.num_experts).filter(|&n| n > 1) {
+            return Err(Error::config(
+                path,
+                format!("a mixture-of-experts model ({n} experts); whet runs dense models only"),
+            ));
+        }
+        let sliding_window = match arch {
+            Arch::Llama | Arch::Mistral => self.sliding_window,
+            Arch::Qwen2 | Arch::Qwen3 if self.use_sliding_window == Some(true) => {
+                // Qwen's window covers only the layers from `max_window_layers` on.
+                return Err(Error::config(
+                    path,
+                    "`use_sliding_window` = `true` (Qwen's per-layer window) is not supported",
+                ));
+            }
+            _ => None,
+        };
+        if sliding_window == Some(0) {
+            return Err(Error::config(path, "`sliding_window` must be positive, got `0`"));
+        }
         let attention_bias = self.attention_bias.unwrap_or(false);
         Ok(Config {
             arch,
@@ -265,7 +363,9 @@ impl ConfigFile {
             max_position_embeddings: self.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: self.tie_word_embeddings,
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
-            o_bias: arch == Arch::Llama && attention_bias,
+            o_bias: arch != Arch::Qwen2 && attention_bias,
+            qk_norm: arch == Arch::Qwen3,
+            sliding_window,
             eos_token_ids: self.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),
             bos_token_id: self.bos_token_id.and_then(|b| b.to_vec().first().copied()),
         })
@@ -285,7 +385,7 @@ fn rope_scaling(p: &RopeScalingFile, path: &Path) -> Result<RopeScaling> {
         })
     };
     match p.rope_type.as_deref() {
-        None | Some("default") => Ok(RopeScaling::None),
+        None | Some("default" | "none") => Ok(RopeScaling::None),
         Some("linear") => Ok(RopeScaling::Linear { factor: factor()? }),
         Some("llama3") => Ok(RopeScaling::Llama3 {
             factor: factor()?,
@@ -315,7 +415,7 @@ impl Config {
             + h * d * c
             + if self.qkv_bias { h * d + 2 * kv * d } else { 0 }
             + if self.o_bias { c } else { 0 };
-        let layer = attn + 3 * c * m + 2 * c;
+        let layer = attn + 3 * c * m + 2 * c + if self.qk_norm { 2 * d } else { 0 };
         let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * c };
         self.vocab_size * c + self.num_layers * layer + c + head
     }
@@ -328,6 +428,8 @@ impl Config {
         let scaled: Vec<f64> = match &self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            // llama.cpp divides each frequency by its factor (`ggml_rope_ext`'s `freq_factors`).
+            RopeScaling::Factors(factors) => base.iter().zip(factors).map(|(f, k)| f / k).collect(),
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -389,6 +491,49 @@ mod tests {
         f.model_type = Some("gpt_neox".into());
         let err = f.into_config(Path::new("config.json")).unwrap_err().to_string();
         assert!(err.contains("unsupported architecture `gpt_neox`"), "{err}");
+    }
+
+    /// Settings that change the outputs and that whet does not implement are refused by name.
+    #[test]
+    fn refuses_what_it_does_not_implement() {
+        let err = |edit: &dyn Fn(&mut ConfigFile)| {
+            let mut f = smollm2();
+            edit(&mut f);
+            f.into_config(Path::new("c.json")).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err(&|f| f.mlp_bias = Some(true)),
+            "c.json: `mlp_bias` = `true` is not supported"
+        );
+        assert!(err(&|f| f.hidden_act = Some("gelu".into())).contains("`hidden_act` = `gelu`"));
+        assert_eq!(
+            err(&|f| f.num_local_experts = Some(8)),
+            "c.json: a mixture-of-experts model (8 experts); whet runs dense models only"
+        );
+        let e = err(&|f| {
+            f.model_type = Some("qwen2".into());
+            f.use_sliding_window = Some(true);
+            f.sliding_window = Some(4096);
+        });
+        assert!(e.contains("`use_sliding_window` = `true`"), "{e}");
+        let e = err(&|f| f.model_type = Some("gemma".into()));
+        assert_eq!(
+            e,
+            "c.json: unsupported architecture `gemma`; whet supports `llama`, `mistral`, `qwen2`, `qwen3`"
+        );
+        let e = err(&|f| {
+            f.rope_scaling = Some(RopeScalingFile {
+                rope_type: Some("yarn".into()),
+                factor: Some(4.0),
+                ..Default::default()
+            })
+        });
+        assert!(e.contains("unsupported rope scaling type `yarn`"), "{e}");
+        let e = err(&|f| f.rope_freq_factors = Some(vec![1.0; 5]));
+        assert_eq!(
+            e,
+            "c.json: tensor `rope_freqs.weight` has 5 values, RoPE with `head_dim` 64 needs 32"
+        );
     }
 
     #[test]

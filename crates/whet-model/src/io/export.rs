@@ -11,12 +11,11 @@ use std::path::Path;
 /// `config.json` for `cfg`, with transformers' field names.
 pub fn config_json(cfg: &Config) -> serde_json::Value {
     let arch = cfg.arch.name();
-    let class = match cfg.arch {
-        crate::config::Arch::Llama => "LlamaForCausalLM",
-        crate::config::Arch::Qwen2 => "Qwen2ForCausalLM",
-    };
+    let class = cfg.arch.class();
     let rope_scaling = match &cfg.rope_scaling {
         RopeScaling::None => serde_json::Value::Null,
+        // Per-frequency factors have no config.json form; save_hf_dir refuses them.
+        RopeScaling::Factors(_) => serde_json::Value::Null,
         RopeScaling::Linear { factor } => {
             serde_json::json!({"rope_type": "linear", "factor": factor})
         }
@@ -45,7 +44,8 @@ pub fn config_json(cfg: &Config) -> serde_json::Value {
         "rope_scaling": rope_scaling,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "attention_bias": cfg.qkv_bias && cfg.arch == crate::config::Arch::Llama,
+        "attention_bias": cfg.o_bias || (cfg.qkv_bias && cfg.arch != crate::config::Arch::Qwen2),
+        "sliding_window": cfg.sliding_window,
         "hidden_act": "silu",
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_ids,
@@ -62,6 +62,12 @@ pub fn save_hf_dir(
     tokenizer: &ModelTokenizer,
     shards: usize,
 ) -> Result<()> {
+    if let RopeScaling::Factors(_) = cfg.rope_scaling {
+        return Err(Error::config(
+            dir,
+            "RoPE frequency factors (GGUF `rope_freqs.weight`) have no config.json form; hint: export from the model's Hugging Face directory",
+        ));
+    }
     std::fs::create_dir_all(dir).map_err(|e| Error::corrupt(dir, e))?;
     let write = |name: &str, text: String| {
         std::fs::write(dir.join(name), text).map_err(|e| Error::corrupt(dir.join(name), e))

@@ -114,6 +114,13 @@ impl GgufFile {
             max_position_embeddings: self.meta_usize(&key("context_length")),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: Some(self.content.tensor_infos.contains_key("blk.0.attn_q.bias")),
+            sliding_window: self.meta_usize(&key("attention.sliding_window")),
+            use_sliding_window: None,
+            mlp_bias: None,
+            hidden_act: None,
+            num_local_experts: self.meta_usize(&key("expert_count")),
+            num_experts: None,
+            rope_freq_factors: self.rope_freq_factors()?,
             bos_token_id: self
                 .meta_usize("tokenizer.ggml.bos_token_id")
                 .map(|i| TokenIds::One(i as u32)),
@@ -121,6 +128,22 @@ impl GgufFile {
                 .meta_usize("tokenizer.ggml.eos_token_id")
                 .map(|i| TokenIds::One(i as u32)),
         })
+    }
+
+    /// The values of `rope_freqs.weight`, when the file has it (Llama 3.1+ converted by
+    /// llama.cpp: the llama3 RoPE scaling, precomputed per frequency).
+    fn rope_freq_factors(&self) -> Result<Option<Vec<f64>>> {
+        if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Ok(None);
+        }
+        let mut file = open(&self.path)?;
+        let t = self
+            .content
+            .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .map_err(|e| Error::corrupt(&self.path, format!("tensor `rope_freqs.weight`: {e}")))?;
+        Ok(Some(t.into_iter().map(f64::from).collect()))
     }
 
     /// Every tensor, dequantized to `dtype` on `device`, under its Hugging Face name.
@@ -138,10 +161,18 @@ impl GgufFile {
         let mut file = open(&self.path)?;
         let mut out = HashMap::new();
         for name in self.content.tensor_infos.keys() {
+            if name == "rope_freqs.weight" {
+                continue; // part of the configuration (see `rope_freq_factors`)
+            }
             let Some(hf_name) = hf_name(name) else {
-                // rope_freqs and similar precomputed tables are derived from the config instead.
-                tracing::debug!("skipping GGUF tensor `{name}`");
-                continue;
+                // A tensor whet has no place for would change the outputs if it mattered.
+                return Err(Error::config(
+                    &self.path,
+                    format!(
+                        "tensor `{name}` is not part of a `{}` model whet knows",
+                        self.architecture()?
+                    ),
+                ));
             };
             let q = self
                 .content
@@ -199,6 +230,8 @@ fn hf_name(name: &str) -> Option<String> {
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "attn_norm" => "input_layernorm",
         "ffn_norm" => "post_attention_layernorm",
         _ => return None,
@@ -221,6 +254,10 @@ mod tests {
             Some("model.layers.0.post_attention_layernorm.weight")
         );
         assert_eq!(hf_name("output.weight").as_deref(), Some("lm_head.weight"));
+        assert_eq!(
+            hf_name("blk.1.attn_q_norm.weight").as_deref(),
+            Some("model.layers.1.self_attn.q_norm.weight")
+        );
         assert_eq!(hf_name("rope_freqs.weight"), None);
     }
 

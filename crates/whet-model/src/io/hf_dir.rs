@@ -5,9 +5,7 @@ use crate::config::{Config, ConfigFile};
 use crate::error::{Error, Result};
 use crate::io::tokenizer::ModelTokenizer;
 use crate::io::LoadedModel;
-use crate::models::llama::Llama;
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use std::path::{Path, PathBuf};
 
 pub(crate) fn tokenizer_from_dir(dir: &Path, config: &Config) -> Result<ModelTokenizer> {
@@ -38,9 +36,10 @@ pub(crate) fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<L
             .map_err(|e| Error::corrupt(f, format!("not a readable safetensors file: {e}")))?;
     }
     // SAFETY: as above; weights are memory-mapped read-only.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
         .map_err(|e| Error::corrupt(dir, e))?;
-    let model = Llama::load(vb, &config).map_err(|e| Error::corrupt(dir, e))?;
+    let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    let model = crate::io::load_every_tensor(Box::new(st), names, &config, dtype, device, dir)?;
     let source = format!("{} (safetensors, {dtype:?})", dir.display());
     Ok(LoadedModel { model, config, tokenizer, source })
 }

@@ -13,12 +13,15 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::models::llama::Llama;
 use candle_core::{DType, Device};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use gguf::GgufFile;
 use hf_dir::{load_hf_dir, read_config, tokenizer_from_dir};
 use hub::resolve_hub;
 use presets::{load_random, preset, PRESETS};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tokenizer::ModelTokenizer;
 
 /// Where the default model lives, relative to the working directory (see `scripts/fetch-model.sh`).
@@ -124,11 +127,81 @@ fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> 
     }
     let types: std::collections::BTreeSet<String> =
         gguf.content.tensor_infos.values().map(|t| format!("{:?}", t.ggml_dtype)).collect();
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let model = Llama::load(vb, &config).map_err(|e| Error::corrupt(path, e))?;
+    let names: Vec<String> = tensors.keys().cloned().collect();
+    let model = load_every_tensor(Box::new(tensors), names, &config, dtype, device, path)?;
     let types: Vec<String> = types.into_iter().collect();
     let source = format!("{} (GGUF {}, dequantized to {dtype:?})", path.display(), types.join("/"));
     Ok(LoadedModel { model, config, tokenizer, source })
+}
+
+/// [`Llama::load`] from `backend`, which holds the tensors `names`; a tensor the model does not
+/// use is an error naming it (under its Hugging Face name): skipping it would silently change
+/// the outputs of a model whet only half understands (a norm, a bias, a scaling table).
+pub(crate) fn load_every_tensor(
+    backend: Box<dyn SimpleBackend>,
+    names: Vec<String>,
+    config: &Config,
+    dtype: DType,
+    device: &Device,
+    path: &Path,
+) -> Result<Llama> {
+    let used = Arc::new(Mutex::new(BTreeSet::new()));
+    let tracked = Tracked { inner: backend, used: used.clone() };
+    let vb = VarBuilder::from_backend(Box::new(tracked), dtype, device.clone());
+    let model = Llama::load(vb, config).map_err(|e| Error::corrupt(path, e))?;
+    let used = crate::ops::lock(&used)?;
+    let ignorable = |n: &str| {
+        // Precomputed RoPE tables of old checkpoints; a tied head stored anyway.
+        n.ends_with("rotary_emb.inv_freq") || (config.tie_word_embeddings && n == "lm_head.weight")
+    };
+    let mut unused: Vec<&String> =
+        names.iter().filter(|n| !used.contains(n.as_str()) && !ignorable(n)).collect();
+    unused.sort();
+    if let Some(first) = unused.first() {
+        return Err(Error::config(
+            path,
+            format!(
+                "tensor `{first}` ({} unused in all) is not part of a `{}` model whet knows",
+                unused.len(),
+                config.arch.name()
+            ),
+        ));
+    }
+    Ok(model)
+}
+
+/// A backend that records which tensors the loader asked for.
+struct Tracked {
+    inner: Box<dyn SimpleBackend>,
+    used: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl SimpleBackend for Tracked {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        crate::ops::lock(&self.used)?.insert(name.to_string());
+        self.inner.get(s, name, h, dtype, dev)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        crate::ops::lock(&self.used)?.insert(name.to_string());
+        self.inner.get_unchecked(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ pub fn preset(name: &str) -> Option<Config> {
         tie_word_embeddings: true,
         qkv_bias: false,
         o_bias: false,
+        qk_norm: false,
+        sliding_window: None,
         eos_token_ids: vec![],
         bos_token_id: None,
     };

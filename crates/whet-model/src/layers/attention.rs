@@ -2,6 +2,7 @@
 //! and a key/value cache for decoding.
 
 use super::linear::Proj;
+use super::norm::RmsNorm;
 use super::rope::{Positions, Rope};
 use super::{Ctx, Grads};
 use crate::config::Config;
@@ -16,6 +17,8 @@ pub(crate) struct Attention {
     pub(crate) k_proj: Proj,
     pub(crate) v_proj: Proj,
     pub(crate) o_proj: Proj,
+    /// Qwen3's per-head RMSNorm on queries and keys, before RoPE.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
@@ -23,6 +26,8 @@ pub(crate) struct Attention {
 
 /// What [`Attention::backward`] keeps from the forward pass.
 pub(crate) struct AttentionTape {
+    /// Queries and keys before the q/k norm, `[B, T, H, D]` and `[B, T, K, D]` (with one).
+    q_raw: Option<(Tensor, Tensor)>,
     /// Rotated queries `[B, H, T, D]`, keys and values `[B, K, S, D]`.
     q: Tensor,
     k: Tensor,
@@ -43,6 +48,14 @@ impl Attention {
             k_proj: Proj::load(vb.pp("k_proj"), c, k * d, cfg.qkv_bias)?,
             v_proj: Proj::load(vb.pp("v_proj"), c, k * d, cfg.qkv_bias)?,
             o_proj: Proj::load(vb.pp("o_proj"), h * d, c, cfg.o_bias)?,
+            qk_norm: if cfg.qk_norm {
+                Some((
+                    RmsNorm::load(vb.pp("q_norm"), d, cfg.rms_norm_eps)?,
+                    RmsNorm::load(vb.pp("k_norm"), d, cfg.rms_norm_eps)?,
+                ))
+            } else {
+                None
+            },
             num_heads: h,
             num_kv_heads: k,
             head_dim: d,
@@ -65,8 +78,13 @@ impl Attention {
         let (kk, tk) = self.k_proj.forward(x, ctx)?;
         let (v, tv) = self.v_proj.forward(x, ctx)?;
         let (cos, sin) = rope.tables(pos, b, t)?;
-        let q = Rope::apply(&q.reshape((b, t, h, d))?.transpose(1, 2)?, &cos, &sin)?; // [B, H, T, D]
-        let kk = Rope::apply(&kk.reshape((b, t, k, d))?.transpose(1, 2)?, &cos, &sin)?; // [B, K, T, D]
+        let (q, kk) = (q.reshape((b, t, h, d))?, kk.reshape((b, t, k, d))?);
+        let (q, kk, q_raw) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q, ctx)?, kn.forward(&kk, ctx)?, Some((q, kk))),
+            None => (q, kk, None),
+        };
+        let q = Rope::apply(&q.transpose(1, 2)?, &cos, &sin)?; // [B, H, T, D]
+        let kk = Rope::apply(&kk.transpose(1, 2)?, &cos, &sin)?; // [B, K, T, D]
         let v = v.reshape((b, t, k, d))?.transpose(1, 2)?.contiguous()?;
         let (kk, v) = match cache {
             Some(cache) => cache.append(&kk, &v)?, // [B, K, S, D]
@@ -75,8 +93,16 @@ impl Attention {
         let y = crate::ops::attention(&q, &kk, &v, mask, self.scale())?; // [B, H, T, D]
         let y = y.transpose(1, 2)?.reshape((b, t, h * d))?;
         let (out, to) = self.o_proj.forward(&y, ctx)?;
-        let tape =
-            AttentionTape { q, k: kk, v, cos, sin, mask: mask.cloned(), projs: [tq, tk, tv, to] };
+        let tape = AttentionTape {
+            q_raw,
+            q,
+            k: kk,
+            v,
+            cos,
+            sin,
+            mask: mask.cloned(),
+            projs: [tq, tk, tv, to],
+        };
         Ok((out, tape))
     }
 
@@ -106,11 +132,21 @@ impl Attention {
             tape.mask.as_ref(),
             self.scale(),
         )?;
-        let unrotate = |x: &Tensor, heads: usize| {
-            Rope::backward(x, &tape.cos, &tape.sin)?.transpose(1, 2)?.reshape((b, t, heads * d))
+        // Undo RoPE, then the q/k norm: [B, heads, T, D] -> [B, T, heads * D].
+        let unrotate = |x: &Tensor, heads: usize, norm: Option<(&RmsNorm, &Tensor)>| {
+            let x = Rope::backward(x, &tape.cos, &tape.sin)?.transpose(1, 2)?; // [B, T, heads, D]
+            let x = match norm {
+                Some((norm, raw)) => norm.backward(raw, &x.contiguous()?)?,
+                None => x,
+            };
+            x.reshape((b, t, heads * d))
         };
-        let dq = unrotate(&dq, h)?;
-        let dk = unrotate(&dk, k)?;
+        let (qn, kn) = match (&self.qk_norm, &tape.q_raw) {
+            (Some((qn, kn)), Some((qr, kr))) => (Some((qn, qr)), Some((kn, kr))),
+            _ => (None, None),
+        };
+        let dq = unrotate(&dq, h, qn)?;
+        let dk = unrotate(&dk, k, kn)?;
         let dv = dv.transpose(1, 2)?.reshape((b, t, k * d))?;
         if !input_grad {
             self.q_proj.adapter_backward(tq, &dq, false, grads)?;

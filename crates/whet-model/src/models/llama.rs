@@ -1,4 +1,5 @@
-//! The one Llama implementation of whet: Llama 1-3, SmolLM and Qwen2 (q/k/v biases).
+//! The one Llama implementation of whet: Llama 1-3.x, TinyLlama, SmolLM, Mistral (sliding
+//! window), Qwen2/2.5 (q/k/v biases) and Qwen3 (q/k norm).
 //!
 //! Paper: Touvron et al., "LLaMA: Open and Efficient Foundation Language Models" (2023).
 //! Reference: Hugging Face transformers `models/llama/modeling_llama.py`; candle-transformers
@@ -267,7 +268,7 @@ impl Llama {
         let (_, t) = ids.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len);
         self.check_length(offset + t)?;
-        let mask = if t > 1 { Some(causal_mask(t, offset, self.device())?) } else { None };
+        let mask = self.causal_mask(t, offset)?;
         let pos = Positions::From(offset);
         let h = self.run(ids, &pos, mask.as_ref(), cache.as_deref_mut(), &Ctx::default(), None)?;
         if let Some(cache) = cache {
@@ -303,7 +304,7 @@ impl Llama {
             None => {
                 let t = ids.dim(1)?;
                 self.check_length(t)?;
-                let mask = if t > 1 { Some(causal_mask(t, 0, self.device())?) } else { None };
+                let mask = self.causal_mask(t, 0)?;
                 self.run(ids, &Positions::From(0), mask.as_ref(), None, &ctx, Some(&collector))?
             }
         };
@@ -326,17 +327,33 @@ impl Llama {
         Ok(())
     }
 
-    /// Positions and the block-diagonal causal mask `[B, 1, T, T]` of packed rows.
+    /// The additive mask of `t` new tokens after `offset` cached ones, `None` where every key
+    /// may be seen (one new token within the window).
+    fn causal_mask(&self, t: usize, offset: usize) -> Result<Option<Tensor>> {
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        if t == 1 && offset < window {
+            return Ok(None);
+        }
+        Ok(Some(causal_mask(t, offset, window, self.device())?))
+    }
+
+    /// Positions and the block-diagonal causal mask `[B, 1, T, T]` of packed rows (within the
+    /// sliding window, when the model has one).
     fn packed_layout(&self, ids: &Tensor, packing: Packing) -> Result<(Positions, Tensor)> {
         let (b, t) = ids.dims2()?;
         let seg = packing.segments.to_vec2::<u32>()?;
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
         let mask: Vec<f32> = seg
             .iter()
             .flat_map(|row| {
                 (0..t).flat_map(move |i| {
-                    (0..t).map(
-                        move |j| if j > i || row[j] != row[i] { f32::NEG_INFINITY } else { 0.0 },
-                    )
+                    (0..t).map(move |j| {
+                        if j > i || row[j] != row[i] || i - j >= window {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
                 })
             })
             .collect();
@@ -460,12 +477,16 @@ impl Llama {
     }
 }
 
-/// Additive causal mask `[T, S]` (0 where allowed, -inf where the key lies in the future)
-/// for `T` new tokens after `offset` cached ones.
-fn causal_mask(t: usize, offset: usize, device: &Device) -> Result<Tensor> {
+/// Additive causal mask `[T, S]` (0 where allowed, -inf where the key lies in the future or
+/// `window` or more positions back, as transformers' sliding window) for `T` new tokens after
+/// `offset` cached ones.
+fn causal_mask(t: usize, offset: usize, window: usize, device: &Device) -> Result<Tensor> {
     let s = offset + t;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            let q = offset + i;
+            (0..s).map(move |j| if j > q || q - j >= window { f32::NEG_INFINITY } else { 0.0 })
+        })
         .collect();
     Tensor::from_vec(mask, (t, s), device)
 }
@@ -476,9 +497,14 @@ mod tests {
 
     #[test]
     fn causal_mask_lets_each_token_see_its_past_only() {
-        let m = causal_mask(2, 1, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let m = causal_mask(2, 1, usize::MAX, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(m[0], vec![0.0, 0.0, f32::NEG_INFINITY]);
         assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
+        // A window of 2: the token itself and the one before.
+        let ninf = f32::NEG_INFINITY;
+        let m = causal_mask(2, 2, 2, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(m[0], vec![ninf, 0.0, 0.0, ninf]);
+        assert_eq!(m[1], vec![ninf, ninf, 0.0, 0.0]);
     }
 
     #[test]

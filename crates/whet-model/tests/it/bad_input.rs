@@ -74,7 +74,7 @@ fn unsupported_architecture() {
     let err = load_err(ModelSource::HfDir(dir.path().into()));
     assert!(
         err.ends_with(
-            "config.json: unsupported architecture `gpt2`; whet supports `llama`, `qwen2`"
+            "config.json: unsupported architecture `gpt2`; whet supports `llama`, `mistral`, `qwen2`, `qwen3`"
         ),
         "{err}"
     );
@@ -157,6 +157,49 @@ fn adapter_with_rank_zero_names_its_file() {
         format!(
             "{}: `r` (rank) must be at least 1, got `0`",
             dir.path().join("adapter_config.json").display()
+        )
+    );
+}
+
+/// A GGUF tensor the model does not use (here Qwen3's q/k norms in a file that says `llama`)
+/// would change the outputs if it were skipped: the load fails naming it. Regression: unknown
+/// tensors, `rope_freqs.weight` among them, were skipped with a debug log.
+#[test]
+fn gguf_with_a_tensor_whet_does_not_know() {
+    use candle_core::quantized::gguf_file;
+    let src = crate::root().join("tests/fixtures/families/qwen3.gguf");
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut metadata: Vec<(String, gguf_file::Value)> =
+        content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (k, v) in metadata.iter_mut() {
+        if k == "general.architecture" {
+            *v = gguf_file::Value::String("llama".into());
+        }
+        if let Some(rest) = k.strip_prefix("qwen3.") {
+            *k = format!("llama.{rest}");
+        }
+    }
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| (name.clone(), content.tensor(&mut f, name, &Device::Cpu).unwrap()))
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mislabelled.gguf");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let md: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut out, &md, &ts).unwrap();
+    drop(out);
+    let err = load_err(ModelSource::Gguf(path.clone()));
+    assert_eq!(
+        err,
+        format!(
+            "{}: tensor `model.layers.0.self_attn.k_norm.weight` (4 unused in all) is not part of a `llama` model whet knows",
+            path.display()
         )
     );
 }

