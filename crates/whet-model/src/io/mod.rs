@@ -4,6 +4,7 @@
 
 pub mod export;
 pub mod gguf;
+pub mod gguf_vocab;
 pub mod hf_dir;
 pub mod hub;
 pub mod presets;
@@ -105,6 +106,17 @@ pub fn load_tokenizer(source: &ModelSource) -> Result<ModelTokenizer> {
             let dir = resolve_hub(id)?;
             tokenizer_from_dir(&dir, &read_config(&dir)?)
         }
+        ModelSource::Random(_) => ModelTokenizer::byte_level(),
+    }
+}
+
+/// Only the tokenizer, with no model configuration at all: what `whet tokenize` needs, and all
+/// that a vocabulary-only GGUF (llama.cpp's `ggml-vocab-*.gguf`) holds.
+pub fn tokenizer_only(source: &ModelSource) -> Result<ModelTokenizer> {
+    match source {
+        ModelSource::Gguf(path) => ModelTokenizer::from_gguf(&GgufFile::open(path)?),
+        ModelSource::HfDir(dir) => ModelTokenizer::from_dir(dir, &[]),
+        ModelSource::Hub(id) => ModelTokenizer::from_dir(&resolve_hub(id)?, &[]),
         ModelSource::Random(_) => ModelTokenizer::byte_level(),
     }
 }

@@ -3,7 +3,6 @@
 
 use crate::error::{Error, Result};
 use crate::io::gguf::GgufFile;
-use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tokenizers::Tokenizer;
@@ -89,21 +88,27 @@ impl ModelTokenizer {
         Ok(t)
     }
 
-    /// Build the tokenizer from a GGUF file's metadata (byte-level BPE, as SmolLM2 and Qwen2 use).
+    /// Build the tokenizer from a GGUF file's metadata (see [`crate::io::gguf_vocab`]).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
-        let mut tokenizer = Tokenizer::from_gguf(&gguf.content).map_err(|e| {
-            Error::tokenizer(
-                &gguf.path,
-                format!("cannot build the tokenizer from GGUF metadata: {e}"),
-            )
-        })?;
-        let pre = gguf.content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok());
-        if !matches!(pre.map(String::as_str), Some("qwen2" | "llama3" | "smaug-bpe" | "lfm2")) {
-            // candle's generic GPT-2 pipeline adds a prefix space ("Hello" -> "ĠHello"); the
-            // Hugging Face tokenizers of these models (SmolLM2's "smollm" among them) do not.
-            use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-            tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-        }
+        let model = gguf
+            .content
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| {
+                Error::tokenizer(&gguf.path, "missing GGUF metadata key `tokenizer.ggml.model`")
+            })?;
+        let tokenizer = match model.as_str() {
+            "gpt2" => crate::io::gguf_vocab::bpe_from_gguf(gguf)?,
+            "llama" => crate::io::gguf_vocab::spm_from_gguf(gguf)?,
+            other => {
+                return Err(Error::tokenizer(
+                    &gguf.path,
+                    format!("unsupported tokenizer `tokenizer.ggml.model` = `{other}`; whet reads `gpt2` (byte-level BPE) and `llama` (SentencePiece)"),
+                ))
+            }
+        };
         let token = |key: &str| {
             gguf.content
                 .metadata

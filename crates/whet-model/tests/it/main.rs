@@ -5,6 +5,7 @@ mod families;
 mod golden;
 mod lora;
 mod sources;
+mod vocab;
 
 use std::path::PathBuf;
 
