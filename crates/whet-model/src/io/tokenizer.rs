@@ -69,6 +69,15 @@ impl ModelTokenizer {
         let cfg_path = dir.join("tokenizer_config.json");
         let (template, bos, eos) =
             if cfg_path.exists() { read_tokenizer_config(&cfg_path)? } else { (None, None, None) };
+        // A special token the vocabulary lacks would never be produced (or stop generation).
+        for (field, tok) in [("bos_token", &bos), ("eos_token", &eos)] {
+            if let Some(t) = tok.as_deref().filter(|t| tokenizer.token_to_id(t).is_none()) {
+                return Err(Error::tokenizer(
+                    &cfg_path,
+                    format!("`{field}` = `{t}` is not in tokenizer.json's vocabulary"),
+                ));
+            }
+        }
         // transformers' current layout keeps the template in `chat_template.jinja`, which wins
         // over `tokenizer_config.json`'s `chat_template`, as it does in transformers.
         let jinja = dir.join("chat_template.jinja");
@@ -109,15 +118,23 @@ impl ModelTokenizer {
                 ))
             }
         };
-        let token = |key: &str| {
-            gguf.content
-                .metadata
-                .get(key)
-                .and_then(|v| v.to_u32().ok())
-                .and_then(|id| tokenizer.id_to_token(id))
+        // A special-token id outside the vocabulary would leave generation without its stop.
+        let token = |key: &str| -> Result<Option<String>> {
+            let Some(id) = gguf.content.metadata.get(key).and_then(|v| v.to_u32().ok()) else {
+                return Ok(None);
+            };
+            tokenizer.id_to_token(id).map(Some).ok_or_else(|| {
+                Error::tokenizer(
+                    &gguf.path,
+                    format!(
+                        "`{key}` = `{id}` is not in the vocabulary of {} tokens",
+                        tokenizer.get_vocab_size(true)
+                    ),
+                )
+            })
         };
-        let bos = token("tokenizer.ggml.bos_token_id");
-        let eos = token("tokenizer.ggml.eos_token_id");
+        let bos = token("tokenizer.ggml.bos_token_id")?;
+        let eos = token("tokenizer.ggml.eos_token_id")?;
         Ok(Self::new(
             tokenizer.clone(),
             gguf.chat_template(),

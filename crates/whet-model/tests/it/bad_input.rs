@@ -203,3 +203,54 @@ fn gguf_with_a_tensor_whet_does_not_know() {
         )
     );
 }
+
+/// A special token the vocabulary lacks: `eos_token` in tokenizer_config.json, and a GGUF
+/// `tokenizer.ggml.eos_token_id` past the end of its tokens. Either would leave generation
+/// without its stop token, silently.
+#[test]
+fn special_tokens_missing_from_the_vocabulary() {
+    let dir = tiny_dir();
+    let cfg = dir.path().join("tokenizer_config.json");
+    std::fs::write(&cfg, r#"{"eos_token": "<|eot_id|>"}"#).unwrap();
+    let err = load_err(ModelSource::HfDir(dir.path().to_path_buf()));
+    assert_eq!(
+        err,
+        format!(
+            "{}: `eos_token` = `<|eot_id|>` is not in tokenizer.json's vocabulary",
+            cfg.display()
+        )
+    );
+    use candle_core::quantized::gguf_file;
+    let src = crate::root().join("tests/fixtures/families/qwen2.gguf");
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut metadata: Vec<(String, gguf_file::Value)> =
+        content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (k, v) in metadata.iter_mut() {
+        if k == "tokenizer.ggml.eos_token_id" {
+            *v = gguf_file::Value::U32(5000);
+        }
+    }
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| (name.clone(), content.tensor(&mut f, name, &Device::Cpu).unwrap()))
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bad-eos.gguf");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let md: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
+        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut out, &md, &ts).unwrap();
+    drop(out);
+    let err = load_err(ModelSource::Gguf(path.clone()));
+    assert_eq!(
+        err,
+        format!(
+            "{}: `tokenizer.ggml.eos_token_id` = `5000` is not in the vocabulary of 320 tokens",
+            path.display()
+        )
+    );
+}
