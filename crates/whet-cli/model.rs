@@ -16,10 +16,17 @@ pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
     let device = whet_model::parse_device(&args.device)?;
     let dtype = whet_model::parse_dtype(&args.dtype)?;
     let quantize = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
-    let mut model = load_spec(&model_spec(&args.model), dtype, &device, seed)?;
+    let spec = model_spec(&args.model);
+    let mut model = load_spec(&spec, dtype, &device, seed)?;
     if let Some(dir) = &args.adapter {
-        whet_model::adapter::load_adapter(&mut model.model, dir)
+        let adapter = whet_model::adapter::load_adapter(&mut model.model, dir)
             .with_context(|| format!("cannot apply the adapter in {}", dir.display()))?;
+        if let Some(base) = adapter.base_model.as_deref().filter(|b| *b != spec) {
+            tracing::warn!(
+                "the adapter in {} was trained on `{base}`, and is applied to `{spec}`",
+                dir.display()
+            );
+        }
         model.model.merge_lora()?;
         model.source = format!("{} + adapter {}", model.source, dir.display());
     }

@@ -2,7 +2,7 @@
 //! `adapter_model.safetensors` — so PEFT, transformers, vLLM and llama.cpp's converter read them.
 
 use crate::error::{Error, Result};
-use crate::lora::LoraConfig;
+use crate::lora::{Lora, LoraConfig};
 use crate::models::llama::Llama;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -109,57 +109,376 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| io(path, e))
 }
 
-/// Read `adapter_config.json` from an adapter directory.
+/// Read `adapter_config.json` from an adapter directory (whet's own fields; see
+/// [`PeftAdapter::read`] for every adapter PEFT writes).
 pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
     let path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound { path: path.clone() },
-        _ => io(&path, e),
-    })?;
-    let cfg: AdapterConfig = serde_json::from_str(&text)
-        .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
-    if cfg.peft_type != "LORA" {
-        return Err(Error::config(
-            &path,
-            format!("`peft_type` = `{}`; whet reads LORA adapters", cfg.peft_type),
-        ));
-    }
-    Ok(cfg)
+    let text = read_text(&path)?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))
 }
 
-/// Attach the adapter in `dir` (PEFT format) to `model`.
-pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<AdapterConfig> {
-    let cfg = read_adapter_config(dir)?;
-    let in_file = |e: Error| match e {
-        Error::Lora(msg) => Error::config(dir.join("adapter_config.json"), msg),
-        e => e,
-    };
-    let lora =
-        LoraConfig::new(cfg.r, cfg.lora_alpha, 0.0, &cfg.target_modules.join(","), cfg.use_rslora)
-            .map_err(in_file)?;
-    model.add_lora(&lora, 0).map_err(in_file)?;
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::NotFound { path: path.to_path_buf() },
+        _ => io(path, e),
+    })
+}
+
+/// Which modules an adapter wraps: PEFT's `target_modules` as a list of names (a module whose
+/// path is one, or ends in `.` + one) or a regular expression the whole path must match.
+#[derive(Debug)]
+enum Modules {
+    List(Vec<String>),
+    Regex(fancy_regex::Regex),
+}
+
+impl Modules {
+    fn parse(v: &serde_json::Value, field: &str, path: &Path) -> Result<Option<Self>> {
+        match v {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::String(re) => fancy_regex::Regex::new(&format!("^(?:{re})$"))
+                .map(|r| Some(Modules::Regex(r)))
+                .map_err(|e| Error::config(path, format!("`{field}` = `{re}`: {e}"))),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|x| {
+                    x.as_str().map(str::to_string).ok_or_else(|| {
+                        Error::config(path, format!("`{field}` must list strings, got `{x}`"))
+                    })
+                })
+                .collect::<Result<_>>()
+                .map(|l| Some(Modules::List(l))),
+            other => Err(Error::config(
+                path,
+                format!("`{field}` = `{other}`: expected a list or a string"),
+            )),
+        }
+    }
+
+    fn matches(&self, key: &str) -> bool {
+        match self {
+            Modules::Regex(re) => re.is_match(key).unwrap_or(false),
+            Modules::List(names) => {
+                names.iter().any(|n| key == n || key.ends_with(&format!(".{n}")))
+            }
+        }
+    }
+}
+
+/// A PEFT LoRA adapter's settings, read so that whet computes what PEFT computes, or refuses.
+#[derive(Debug)]
+pub struct PeftAdapter {
+    /// `adapter_config.json`, for messages.
+    pub path: std::path::PathBuf,
+    /// Default rank `r`.
+    pub r: usize,
+    /// Default `lora_alpha`.
+    pub lora_alpha: f64,
+    /// rsLoRA scaling (`alpha / sqrt(r)`).
+    pub use_rslora: bool,
+    /// The base model it was trained on, when recorded.
+    pub base_model: Option<String>,
+    targets: Modules,
+    exclude: Option<Modules>,
+    /// `rank_pattern` and `alpha_pattern`, in file order.
+    rank_pattern: Vec<(fancy_regex::Regex, usize)>,
+    alpha_pattern: Vec<(fancy_regex::Regex, f64)>,
+    layers_to_transform: Option<Vec<usize>>,
+    layers_pattern: Vec<String>,
+}
+
+/// Fields that change what the adapter computes and that whet does not implement, with the
+/// value that is harmless.
+const REFUSED: [(&str, &str); 14] = [
+    ("use_dora", "false"),
+    ("modules_to_save", "null"),
+    ("lora_bias", "false"),
+    ("bias", "\"none\""),
+    ("target_parameters", "null"),
+    ("trainable_token_indices", "null"),
+    ("alora_invocation_tokens", "null"),
+    ("layer_replication", "null"),
+    ("fan_in_fan_out", "false"),
+    ("use_qalora", "false"),
+    ("arrow_config", "null"),
+    ("use_bdlora", "null"),
+    ("kasa_config", "null"),
+    ("velora_config", "null"),
+];
+
+/// Fields that do not change what a trained adapter computes (initialisation, bookkeeping) or
+/// that whet implements.
+const UNDERSTOOD: [&str; 26] = [
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "r",
+    "lora_alpha",
+    "use_rslora",
+    "target_modules",
+    "exclude_modules",
+    "rank_pattern",
+    "alpha_pattern",
+    "layers_to_transform",
+    "layers_pattern",
+    "lora_dropout",
+    "init_lora_weights",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "megatron_config",
+    "megatron_core",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "qalora_group_size",
+    "ensure_weight_tying",
+];
+
+impl PeftAdapter {
+    /// Read `DIR/adapter_config.json`. A field that would change the computation and that
+    /// whet does not implement is an error naming it; fields whet does not know are listed in
+    /// a warning.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("adapter_config.json");
+        let text = read_text(&path)?;
+        let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
+        let bad = |msg: String| Error::config(&path, msg);
+        let null = serde_json::Value::Null;
+        let get = |k: &str| v.get(k).unwrap_or(&null);
+        match get("peft_type").as_str() {
+            Some("LORA") => {}
+            other => {
+                return Err(bad(format!(
+                    "`peft_type` = `{}`; whet reads LORA adapters",
+                    other.unwrap_or("(absent)")
+                )))
+            }
+        }
+        for (field, harmless) in REFUSED {
+            let value = get(field);
+            let empty = match value {
+                serde_json::Value::Null => true,
+                serde_json::Value::Bool(b) => !b,
+                serde_json::Value::Array(a) => a.is_empty(),
+                serde_json::Value::Object(o) => o.is_empty(),
+                serde_json::Value::String(s) => field == "bias" && s == "none",
+                _ => false,
+            };
+            if !empty {
+                return Err(bad(format!(
+                    "`{field}` = `{value}` changes what the adapter computes and whet does not implement it (only `{harmless}`)"
+                )));
+            }
+        }
+        let unknown: Vec<&str> = v
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !UNDERSTOOD.contains(k) && !REFUSED.iter().any(|(f, _)| f == k))
+            .collect();
+        if !unknown.is_empty() {
+            tracing::warn!(
+                "{}: fields whet does not know, ignored: {}",
+                path.display(),
+                unknown.join(", ")
+            );
+        }
+        let r = get("r")
+            .as_u64()
+            .ok_or_else(|| bad(format!("`r` = `{}`: expected a positive integer", get("r"))))?
+            as usize;
+        if r == 0 {
+            return Err(bad("`r` (rank) must be at least 1, got `0`".into()));
+        }
+        let lora_alpha = match get("lora_alpha") {
+            serde_json::Value::Null => r as f64, // PEFT's default is 8; files always carry it
+            x => {
+                x.as_f64().ok_or_else(|| bad(format!("`lora_alpha` = `{x}`: expected a number")))?
+            }
+        };
+        let targets = Modules::parse(get("target_modules"), "target_modules", &path)?
+            .ok_or_else(|| bad("`target_modules` is missing".into()))?;
+        let exclude = Modules::parse(get("exclude_modules"), "exclude_modules", &path)?;
+        let pattern = |field: &str| -> Result<Vec<(fancy_regex::Regex, f64)>> {
+            let Some(map) = get(field).as_object() else { return Ok(vec![]) };
+            map.iter()
+                .map(|(k, x)| {
+                    // PEFT's get_pattern_key: re.match(rf"(.*\.)?({key})$", module)
+                    let re = fancy_regex::Regex::new(&format!("^(.*\\.)?({k})$"))
+                        .map_err(|e| bad(format!("`{field}` key `{k}`: {e}")))?;
+                    let value = x.as_f64().ok_or_else(|| {
+                        bad(format!("`{field}`.`{k}` = `{x}`: expected a number"))
+                    })?;
+                    Ok((re, value))
+                })
+                .collect()
+        };
+        let rank_pattern = pattern("rank_pattern")?
+            .into_iter()
+            .map(|(re, v)| {
+                if v >= 1.0 && v.fract() == 0.0 {
+                    Ok((re, v as usize))
+                } else {
+                    Err(bad(format!("`rank_pattern` value `{v}` must be a positive integer")))
+                }
+            })
+            .collect::<Result<_>>()?;
+        let alpha_pattern = pattern("alpha_pattern")?;
+        let layers_to_transform = match get("layers_to_transform") {
+            serde_json::Value::Null => None,
+            serde_json::Value::Number(n) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
+            serde_json::Value::Array(a) => Some(
+                a.iter()
+                    .map(|x| {
+                        x.as_u64().map(|n| n as usize).ok_or_else(|| {
+                            bad(format!(
+                                "`layers_to_transform` entry `{x}`: expected a layer index"
+                            ))
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+            x => {
+                return Err(bad(format!(
+                    "`layers_to_transform` = `{x}`: expected an index or a list"
+                )))
+            }
+        };
+        let layers_pattern = match get("layers_pattern") {
+            serde_json::Value::String(s) => vec![s.clone()],
+            serde_json::Value::Array(a) => {
+                a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()
+            }
+            _ => vec![],
+        };
+        Ok(Self {
+            r,
+            lora_alpha,
+            use_rslora: get("use_rslora").as_bool().unwrap_or(false),
+            base_model: get("base_model_name_or_path").as_str().map(str::to_string),
+            targets,
+            exclude,
+            rank_pattern,
+            alpha_pattern,
+            layers_to_transform: layers_to_transform.filter(|l| !l.is_empty()),
+            layers_pattern,
+            path,
+        })
+    }
+
+    /// Whether the adapter wraps the module at `key` (`model.layers.0.self_attn.q_proj`), as
+    /// PEFT's `check_target_module_exists` and `_check_exclude_modules` decide.
+    pub fn targets(&self, key: &str) -> bool {
+        if self.exclude.as_ref().is_some_and(|e| e.matches(key)) {
+            return false;
+        }
+        if !self.targets.matches(key) {
+            return false;
+        }
+        // Layer indices restrict list targets only, and not exact names.
+        let (Modules::List(names), Some(layers)) = (&self.targets, &self.layers_to_transform)
+        else {
+            return true;
+        };
+        if names.iter().any(|n| n == key) {
+            return true;
+        }
+        let index = if self.layers_pattern.is_empty() {
+            layer_index(key, r"[^.]*")
+        } else {
+            self.layers_pattern.iter().find_map(|p| layer_index(key, &fancy_regex::escape(p)))
+        };
+        index.is_some_and(|i| layers.contains(&i))
+    }
+
+    /// The rank and alpha of the module at `key`: the first matching `rank_pattern` /
+    /// `alpha_pattern` key, else `r` and `lora_alpha`.
+    pub fn rank_alpha(&self, key: &str) -> (usize, f64) {
+        let rank = self.rank_pattern.iter().find(|(re, _)| re.is_match(key).unwrap_or(false));
+        let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(key).unwrap_or(false));
+        (rank.map_or(self.r, |(_, r)| *r), alpha.map_or(self.lora_alpha, |(_, a)| *a))
+    }
+
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self, key: &str) -> f64 {
+        let (r, alpha) = self.rank_alpha(key);
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}
+
+/// The layer index in `key` after a `pattern` component (`model.layers.3.mlp` -> 3).
+fn layer_index(key: &str, pattern: &str) -> Option<usize> {
+    let re = fancy_regex::Regex::new(&format!(r"^.*\.{pattern}\.(\d+)\.")).ok()?;
+    re.captures(key).ok()??.get(1)?.as_str().parse().ok()
+}
+
+/// Attach the adapter in `dir` (PEFT format: `adapter_config.json` and
+/// `adapter_model.safetensors`, as PEFT or whet write them) to `model`, unmerged. Every field
+/// that changes the computation is honoured or refused, and every tensor of the file must find
+/// its module.
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftAdapter> {
+    let adapter = PeftAdapter::read(dir)?;
     let path = dir.join("adapter_model.safetensors");
     if !path.exists() {
-        return Err(Error::NotFound { path });
-    }
-    let tensors = candle_core::safetensors::load(&path, model.device())
-        .map_err(|e| io(&path, format!("not a readable safetensors file: {e}")))?;
-    // PEFT may keep the adapter name in keys (`lora_A.default.weight`) when saved by hand.
-    let tensors: HashMap<String, Tensor> =
-        tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
-    for (name, var) in model.lora_vars() {
-        let t = tensors.get(&name).ok_or_else(|| io(&path, format!("missing tensor `{name}`")))?;
-        if t.dims() != var.dims() {
-            return Err(io(
-                &path,
-                format!(
-                    "tensor `{name}` has shape {:?}, the model needs {:?}",
-                    t.dims(),
-                    var.dims()
-                ),
+        let bin = dir.join("adapter_model.bin");
+        if bin.exists() {
+            return Err(Error::config(
+                &bin,
+                "PyTorch pickle adapters are not read (they can run code); hint: save it with safetensors: `model.save_pretrained(dir, safe_serialization=True)` in PEFT",
             ));
         }
-        var.set(&t.to_dtype(var.dtype())?)?;
+        return Err(Error::NotFound { path });
     }
-    Ok(cfg)
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| io(&path, format!("not a readable safetensors file: {e}")))?;
+    // PEFT keeps the adapter name in keys (`lora_A.default.weight`) when saved by hand.
+    let mut tensors: HashMap<String, Tensor> =
+        tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
+    let (device, dtype) = (model.device().clone(), model.dtype());
+    model.attach_lora(|module, in_dim, out_dim| {
+        if !adapter.targets(module) {
+            return Ok(None);
+        }
+        let (r, _) = adapter.rank_alpha(module);
+        let mut take = |which: &str, shape: (usize, usize)| -> Result<Tensor> {
+            let name = format!("base_model.model.{module}.{which}.weight");
+            let t = tensors
+                .remove(&name)
+                .ok_or_else(|| io(&path, format!("missing tensor `{name}`")))?;
+            if t.dims() != [shape.0, shape.1] {
+                return Err(io(
+                    &path,
+                    format!(
+                        "tensor `{name}` has shape {:?}, the model needs {:?}",
+                        t.dims(),
+                        [shape.0, shape.1]
+                    ),
+                ));
+            }
+            Ok(t)
+        };
+        let a = take("lora_A", (r, in_dim))?;
+        let b = take("lora_B", (out_dim, r))?;
+        Ok(Some(Lora::from_tensors(&a, &b, adapter.scale(module), &device, dtype)?))
+    })?;
+    let mut left: Vec<&String> = tensors.keys().collect();
+    left.sort();
+    if let Some(first) = left.first() {
+        return Err(io(
+            &path,
+            format!(
+                "tensor `{first}` ({} in all) belongs to no module whet adapts (whet adapts q/k/v/o and gate/up/down projections)",
+                left.len()
+            ),
+        ));
+    }
+    Ok(adapter)
 }

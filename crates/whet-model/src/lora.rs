@@ -114,6 +114,20 @@ impl Lora {
         Ok(Self { a, b, scale: cfg.scale(), dropout: cfg.dropout })
     }
 
+    /// An adapter read from a file: `a` `[r, in]` and `b` `[out, r]`, in f32 (f64 over an f64
+    /// base) on `device`.
+    pub fn from_tensors(
+        a: &Tensor,
+        b: &Tensor,
+        scale: f64,
+        device: &Device,
+        base: DType,
+    ) -> candle_core::Result<Self> {
+        let dtype = if base == DType::F64 { DType::F64 } else { DType::F32 };
+        let var = |t: &Tensor| Var::from_tensor(&t.to_dtype(dtype)?.to_device(device)?);
+        Ok(Self { a: var(a)?, b: var(b)?, scale, dropout: 0.0 })
+    }
+
     /// `scale * B (A x)` for `x` `[.., in]`, and what [`Lora::backward`] needs; `dropout_mask`,
     /// when training with dropout, is a `{0, 1/(1-p)}` tensor shaped like `x`. The result is not
     /// part of candle's graph: [`Lora::backward`] gives the gradients.

@@ -415,6 +415,21 @@ impl Llama {
         Ok(())
     }
 
+    /// Attach adapters read from a file: `adapter(path, in, out)` gives the adapter of the
+    /// projection at `path` (`model.layers.0.self_attn.q_proj`), or `None` to leave it bare.
+    /// Replaces adapters already there; the model then has no [`LoraConfig`] (ranks and
+    /// scales may differ per layer).
+    pub fn attach_lora(
+        &mut self,
+        mut adapter: impl FnMut(&str, usize, usize) -> crate::Result<Option<Lora>>,
+    ) -> crate::Result<()> {
+        for p in self.projs_mut() {
+            p.lora = adapter(&p.path, p.in_dim, p.out_dim)?;
+        }
+        self.lora = None;
+        Ok(())
+    }
+
     /// The adapter settings, when adapters are attached.
     pub fn lora_config(&self) -> Option<&LoraConfig> {
         self.lora.as_ref()

@@ -1,5 +1,6 @@
 //! whet-model integration tests: golden comparisons with PyTorch and bad-input handling.
 
+mod adapters;
 mod bad_input;
 mod families;
 mod golden;
