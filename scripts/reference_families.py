@@ -2,7 +2,7 @@
 """Golden outputs for every model family whet runs, from transformers' own classes.
 
 Builds tiny random checkpoints (2 layers, hidden 64, vocabulary 320, a few hundred KB each)
-with `LlamaForCausalLM` (llama3 RoPE scaling), `MistralForCausalLM` (sliding window 4, shorter
+with `LlamaForCausalLM` (plain, as Llama 2 and TinyLlama; and with llama3 RoPE scaling), `MistralForCausalLM` (sliding window 4, shorter
 than the test sequence), `Qwen2ForCausalLM` (q/k/v biases) and `Qwen3ForCausalLM` (q/k norm,
 tied head), saves each as a Hugging Face directory under tests/fixtures/families/NAME/ with
 whet's byte-level tokenizer, and writes tests/fixtures/families/golden.json: logits at a few
@@ -33,6 +33,9 @@ SHAPES = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_
               rms_norm_eps=1e-5, initializer_range=0.3, bos_token_id=0, eos_token_id=2)
 
 FAMILIES = {
+    # Llama 2 / TinyLlama / SmolLM2: plain RoPE, untied head.
+    "llama2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_theta=10000.0, tie_word_embeddings=False)),
     "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
         rope_theta=500000.0, tie_word_embeddings=False,
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -160,6 +160,7 @@ fn info_names_the_file_the_template_came_from() {
 fn info_names_each_family() {
     let dir = root().join("tests/fixtures/families");
     for (fixture, arch, extra) in [
+        ("llama2", "llama", "rope:           theta 10000 None"),
         ("llama3", "llama", "rope:           theta 500000 Llama3"),
         ("llama3.gguf", "llama", "rope:           theta 500000 Factors"),
         ("mistral", "mistral", "sliding window: 4 tokens"),

@@ -1,5 +1,5 @@
 //! Every family against transformers (`scripts/reference_families.py`,
-//! tests/fixtures/families/): tiny random Llama (llama3 RoPE scaling), Mistral (sliding window 4,
+//! tests/fixtures/families/): tiny random Llama (plain, and with llama3 RoPE scaling), Mistral (sliding window 4,
 //! shorter than the sequence), Qwen2 (q/k/v biases) and Qwen3 (q/k norm, tied head), loaded from
 //! their Hugging Face directories and from the GGUF files llama.cpp's converter made of them
 //! (`scripts/convert_fixtures_gguf.py`). Logits, the greedy continuation and one PEFT LoRA step
@@ -20,7 +20,7 @@ fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
 fn every_family_matches_transformers() {
     let golden = crate::fixture("families/golden.json");
     let families = golden["families"].as_object().unwrap();
-    assert_eq!(families.len(), 4);
+    assert_eq!(families.len(), 5);
     for (name, want) in families {
         let dir = crate::root().join("tests/fixtures/families").join(name);
         let m = load(&ModelSource::HfDir(dir), DType::F32, &Device::Cpu, 0).unwrap();
