@@ -44,9 +44,26 @@ pub enum Command {
     /// Check, preview and prepare datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Inspect LoRA adapters (whet's or PEFT's).
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
     /// Benchmarks (speed goals live here, not in tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdapterCommand {
+    /// Ranks, alphas, targets, adapted modules, parameter count, base model and size.
+    ///
+    /// Example: whet adapter info runs/style/adapter
+    Info(AdapterInfoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdapterInfoArgs {
+    /// The adapter directory (`adapter_config.json`, `adapter_model.safetensors`).
+    pub dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,5 +1,6 @@
 //! `whet`: local LoRA fine-tuning of small Llama-class models — the command-line front end.
 
+mod adapter;
 mod args;
 mod bench;
 mod chat;
@@ -66,6 +67,7 @@ fn main() {
         args::Command::Chat(a) => chat::run(a),
         args::Command::Info(a) => info::run(a),
         args::Command::Tokenize(a) => tokenize::run(a),
+        args::Command::Adapter(args::AdapterCommand::Info(a)) => adapter::info(a),
         args::Command::Train(a) => train::run(a),
         args::Command::Data(args::DataCommand::Check(a)) => data::check(a),
         args::Command::Data(args::DataCommand::Preview(a)) => data::preview(a),

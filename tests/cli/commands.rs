@@ -205,3 +205,24 @@ fn tokenize_shows_what_the_model_sees() {
         "error: cannot load the tokenizer of `nope.gguf`: nope.gguf: file not found"
     );
 }
+
+/// `whet adapter info` on an adapter PEFT wrote with rank and alpha patterns.
+#[test]
+fn adapter_info_describes_a_peft_adapter() {
+    let dir = root().join("tests/fixtures/adapters/patterns");
+    let o = whet(&["adapter", "info", dir.to_str().unwrap()], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for want in [
+        "rank, alpha:    r 4, alpha 8 (alpha/sqrt(r), rsLoRA)\n",
+        "  down_proj     2 layers, rank 2/4\n",
+        "  v_proj        2 layers, rank 6\n",
+    ] {
+        assert!(out.contains(want), "{want:?} in {out}");
+    }
+    let o = whet(
+        &["adapter", "info", root().join("tests/fixtures/adapters/dora").to_str().unwrap()],
+        "",
+    );
+    assert!(assert_one_line_error(&o).contains("`use_dora` = `true`"));
+}

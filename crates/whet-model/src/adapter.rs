@@ -190,7 +190,7 @@ pub struct PeftAdapter {
 
 /// Fields that change what the adapter computes and that whet does not implement, with the
 /// value that is harmless.
-const REFUSED: [(&str, &str); 14] = [
+const REFUSED: [(&str, &str); 15] = [
     ("use_dora", "false"),
     ("modules_to_save", "null"),
     ("lora_bias", "false"),
@@ -205,6 +205,7 @@ const REFUSED: [(&str, &str); 14] = [
     ("use_bdlora", "null"),
     ("kasa_config", "null"),
     ("velora_config", "null"),
+    ("monteclora_config", "null"),
 ];
 
 /// Fields that do not change what a trained adapter computes (initialisation, bookkeeping) or
@@ -401,6 +402,16 @@ impl PeftAdapter {
         let rank = self.rank_pattern.iter().find(|(re, _)| re.is_match(key).unwrap_or(false));
         let alpha = self.alpha_pattern.iter().find(|(re, _)| re.is_match(key).unwrap_or(false));
         (rank.map_or(self.r, |(_, r)| *r), alpha.map_or(self.lora_alpha, |(_, a)| *a))
+    }
+
+    /// `target_modules` as written: the names, or `regex` and the expression.
+    pub fn describe_targets(&self) -> String {
+        match &self.targets {
+            Modules::List(names) => names.join(", "),
+            Modules::Regex(re) => {
+                format!("regex `{}`", re.as_str().trim_start_matches("^(?:").trim_end_matches(")$"))
+            }
+        }
     }
 
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.

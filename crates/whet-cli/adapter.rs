@@ -1,0 +1,48 @@
+//! `whet adapter info`: what an adapter directory holds, read from its files alone.
+
+use crate::args::AdapterInfoArgs;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::io::Write;
+use whet_model::adapter::PeftAdapter;
+
+pub fn info(a: AdapterInfoArgs) -> Result<()> {
+    let adapter = PeftAdapter::read(&a.dir)?;
+    let path = a.dir.join("adapter_model.safetensors");
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
+    // Per module kind (`q_proj`): how many layers, and the ranks the A matrices have.
+    let mut kinds: BTreeMap<String, (usize, Vec<usize>)> = BTreeMap::new();
+    let mut params = 0usize;
+    for (name, view) in st.tensors() {
+        params += view.shape().iter().product::<usize>();
+        let Some(module) = name
+            .strip_suffix(".lora_A.weight")
+            .or_else(|| name.strip_suffix(".lora_A.default.weight"))
+        else {
+            continue;
+        };
+        let kind = module.rsplit('.').next().unwrap_or(module).to_string();
+        let entry = kinds.entry(kind).or_default();
+        entry.0 += 1;
+        let r = view.shape().first().copied().unwrap_or(0);
+        if !entry.1.contains(&r) {
+            entry.1.push(r);
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "adapter:        {}", a.dir.display())?;
+    writeln!(out, "base model:     {}", adapter.base_model.as_deref().unwrap_or("(not recorded)"))?;
+    let scaling = if adapter.use_rslora { "alpha/sqrt(r), rsLoRA" } else { "alpha/r" };
+    writeln!(out, "rank, alpha:    r {}, alpha {} ({scaling})", adapter.r, adapter.lora_alpha)?;
+    writeln!(out, "targets:        {}", adapter.describe_targets())?;
+    for (kind, (layers, ranks)) in &mut kinds {
+        ranks.sort_unstable();
+        let ranks: Vec<String> = ranks.iter().map(usize::to_string).collect();
+        writeln!(out, "  {kind:<13} {layers} layers, rank {}", ranks.join("/"))?;
+    }
+    writeln!(out, "parameters:     {params} ({:.2}M)", params as f64 / 1e6)?;
+    writeln!(out, "size:           {:.1} KB", bytes.len() as f64 / 1024.0)?;
+    Ok(())
+}
