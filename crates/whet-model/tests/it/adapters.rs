@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use whet_model::adapter::{load_adapter, PeftAdapter};
-use whet_model::{load, Cache, ModelSource};
+use whet_model::{load, ModelSource};
 
 fn base() -> whet_model::Llama {
     let dir = crate::root().join("tests/fixtures/families/llama3");
@@ -56,16 +56,7 @@ fn peft_adapters_load_as_peft_computes_them() {
                     got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
                 assert!(d < 1e-4, "{name} (merged {merged}): logits at {t} differ by {d}");
             }
-            let mut cache = Cache::new(model.config());
-            let mut next = model.forward_last(&input, Some(&mut cache)).unwrap();
-            let mut greedy = vec![];
-            for _ in 0..8 {
-                let id = next.squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
-                greedy.push(id);
-                next = model
-                    .forward_last(&Tensor::new(&[[id]], &Device::Cpu).unwrap(), Some(&mut cache))
-                    .unwrap();
-            }
+            let greedy = crate::greedy(&model, &input, 8);
             let want: Vec<u32> = serde_json::from_value(want["greedy"].clone()).unwrap();
             assert_eq!(greedy, want, "{name} (merged {merged}): greedy tokens");
         }

@@ -166,34 +166,16 @@ fn adapter_with_rank_zero_names_its_file() {
 /// tensors, `rope_freqs.weight` among them, were skipped with a debug log.
 #[test]
 fn gguf_with_a_tensor_whet_does_not_know() {
-    use candle_core::quantized::gguf_file;
-    let src = crate::root().join("tests/fixtures/families/qwen3.gguf");
-    let mut f = std::fs::File::open(&src).unwrap();
-    let content = gguf_file::Content::read(&mut f).unwrap();
-    let mut metadata: Vec<(String, gguf_file::Value)> =
-        content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    for (k, v) in metadata.iter_mut() {
+    use candle_core::quantized::gguf_file::Value;
+    let dir = tempfile::tempdir().unwrap();
+    let path = edited_gguf("qwen3.gguf", dir.path(), "mislabelled.gguf", |k, v| {
         if k == "general.architecture" {
-            *v = gguf_file::Value::String("llama".into());
+            *v = Value::String("llama".into());
         }
         if let Some(rest) = k.strip_prefix("qwen3.") {
             *k = format!("llama.{rest}");
         }
-    }
-    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
-        .tensor_infos
-        .keys()
-        .map(|name| (name.clone(), content.tensor(&mut f, name, &Device::Cpu).unwrap()))
-        .collect();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mislabelled.gguf");
-    let mut out = std::fs::File::create(&path).unwrap();
-    let md: Vec<(&str, &gguf_file::Value)> =
-        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
-        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    gguf_file::write(&mut out, &md, &ts).unwrap();
-    drop(out);
+    });
     let err = load_err(ModelSource::Gguf(path.clone()));
     assert_eq!(
         err,
@@ -220,31 +202,12 @@ fn special_tokens_missing_from_the_vocabulary() {
             cfg.display()
         )
     );
-    use candle_core::quantized::gguf_file;
-    let src = crate::root().join("tests/fixtures/families/qwen2.gguf");
-    let mut f = std::fs::File::open(&src).unwrap();
-    let content = gguf_file::Content::read(&mut f).unwrap();
-    let mut metadata: Vec<(String, gguf_file::Value)> =
-        content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    for (k, v) in metadata.iter_mut() {
-        if k == "tokenizer.ggml.eos_token_id" {
-            *v = gguf_file::Value::U32(5000);
-        }
-    }
-    let tensors: Vec<(String, candle_core::quantized::QTensor)> = content
-        .tensor_infos
-        .keys()
-        .map(|name| (name.clone(), content.tensor(&mut f, name, &Device::Cpu).unwrap()))
-        .collect();
     let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("bad-eos.gguf");
-    let mut out = std::fs::File::create(&path).unwrap();
-    let md: Vec<(&str, &gguf_file::Value)> =
-        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &candle_core::quantized::QTensor)> =
-        tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    gguf_file::write(&mut out, &md, &ts).unwrap();
-    drop(out);
+    let path = edited_gguf("qwen2.gguf", tmp.path(), "bad-eos.gguf", |k, v| {
+        if k == "tokenizer.ggml.eos_token_id" {
+            *v = candle_core::quantized::gguf_file::Value::U32(5000);
+        }
+    });
     let err = load_err(ModelSource::Gguf(path.clone()));
     assert_eq!(
         err,
@@ -253,4 +216,34 @@ fn special_tokens_missing_from_the_vocabulary() {
             path.display()
         )
     );
+}
+
+/// A copy of the fixture GGUF `src` in `dir`/`name` with its metadata edited by `edit`.
+fn edited_gguf(
+    src: &str,
+    dir: &Path,
+    name: &str,
+    edit: impl Fn(&mut String, &mut candle_core::quantized::gguf_file::Value),
+) -> std::path::PathBuf {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let src = crate::root().join("tests/fixtures/families").join(src);
+    let mut f = std::fs::File::open(&src).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let mut metadata: Vec<(String, gguf_file::Value)> =
+        content.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for (k, v) in metadata.iter_mut() {
+        edit(k, v);
+    }
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| (name.clone(), content.tensor(&mut f, name, &Device::Cpu).unwrap()))
+        .collect();
+    let path = dir.join(name);
+    let mut out = std::fs::File::create(&path).unwrap();
+    let md: Vec<(&str, &gguf_file::Value)> =
+        metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    gguf_file::write(&mut out, &md, &ts).unwrap();
+    path
 }

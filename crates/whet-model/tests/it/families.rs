@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 use whet_model::lora::LoraConfig;
 use whet_model::loss::masked_cross_entropy;
-use whet_model::{load, Cache, ModelSource, TrainPass};
+use whet_model::{load, ModelSource, TrainPass};
 
 fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| (*x as f64 - y).abs()).fold(0.0, f64::max)
@@ -87,15 +87,7 @@ fn check(
             return;
         }
         // Greedy continuation through the KV cache (decoding past Mistral's window).
-        let mut cache = Cache::new(model.config());
-        let mut next = model.forward_last(&input, Some(&mut cache)).unwrap();
-        let mut greedy = vec![];
-        for _ in 0..8 {
-            let id = next.squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            greedy.push(id);
-            let t = Tensor::new(&[[id]], &Device::Cpu).unwrap();
-            next = model.forward_last(&t, Some(&mut cache)).unwrap();
-        }
+        let greedy = crate::greedy(&model, &input, 8);
         let want_greedy: Vec<u32> = serde_json::from_value(want["greedy"].clone()).unwrap();
         assert_eq!(greedy, want_greedy, "{name}: greedy tokens");
 

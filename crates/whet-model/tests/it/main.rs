@@ -38,3 +38,19 @@ pub fn fixture(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
+
+/// `n` greedy tokens after `ids` `[1, T]`, decoded one at a time through the KV cache.
+pub fn greedy(model: &whet_model::Llama, ids: &candle_core::Tensor, n: usize) -> Vec<u32> {
+    use candle_core::{Device, Tensor};
+    let mut cache = whet_model::Cache::new(model.config());
+    let mut next = model.forward_last(ids, Some(&mut cache)).unwrap();
+    let mut out = vec![];
+    for _ in 0..n {
+        let id = next.squeeze(0).unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        out.push(id);
+        next = model
+            .forward_last(&Tensor::new(&[[id]], &Device::Cpu).unwrap(), Some(&mut cache))
+            .unwrap();
+    }
+    out
+}
