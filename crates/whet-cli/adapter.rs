@@ -1,7 +1,8 @@
-//! `whet adapter info`: what an adapter directory holds, read from its files alone.
+//! `whet adapter info`: what an adapter directory holds, read from its files alone; `whet
+//! merge`: the base model with an adapter folded in, written out.
 
-use crate::args::AdapterInfoArgs;
-use anyhow::{Context, Result};
+use crate::args::{AdapterInfoArgs, MergeArgs};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::Write;
 use whet_model::adapter::PeftAdapter;
@@ -44,5 +45,40 @@ pub fn info(a: AdapterInfoArgs) -> Result<()> {
     }
     writeln!(out, "parameters:     {params} ({:.2}M)", params as f64 / 1e6)?;
     writeln!(out, "size:           {:.1} KB", bytes.len() as f64 / 1024.0)?;
+    Ok(())
+}
+
+pub fn merge(a: MergeArgs) -> Result<()> {
+    if a.format != "hf" {
+        bail!(
+            "`--format {}` is not implemented; whet writes `hf` (a Hugging Face directory)\nhint: convert that directory with llama.cpp's convert_hf_to_gguf.py",
+            a.format
+        );
+    }
+    let Some(adapter) = &a.model.adapter else {
+        bail!("--adapter is required: the adapter to merge")
+    };
+    if a.out.exists() && !a.overwrite {
+        bail!("{} already exists; pass --overwrite to replace it", a.out.display());
+    }
+    // model::load merges the adapter into the weights.
+    let (m, _) = crate::model::load(&a.model, 0)?;
+    let weights = m.model.named_weights().context("cannot write the merged weights")?;
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        weights.into_iter().collect();
+    // Written beside --out, then moved into place: a failure leaves no half-written model.
+    let parent =
+        a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = tempfile::Builder::new().prefix(".whet-merge-").tempdir_in(parent)?;
+    whet_model::io::export::save_hf_dir(tmp.path(), &m.config, &tensors, &m.tokenizer, 1)?;
+    if a.out.exists() {
+        std::fs::remove_dir_all(&a.out)
+            .with_context(|| format!("cannot remove {}", a.out.display()))?;
+    }
+    std::fs::rename(tmp.keep(), &a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    println!("merged {} into {}: {}", adapter.display(), m.source, a.out.display());
     Ok(())
 }

@@ -44,12 +44,33 @@ pub enum Command {
     /// Check, preview and prepare datasets.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Fold an adapter into the base weights and write the merged model.
+    ///
+    /// Example: whet merge --adapter runs/style/adapter --out runs/style/merged
+    Merge(MergeArgs),
     /// Inspect LoRA adapters (whet's or PEFT's).
     #[command(subcommand)]
     Adapter(AdapterCommand),
     /// Benchmarks (speed goals live here, not in tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// Base model, device and precision, and the adapter to merge (`--adapter`, required).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Directory to write: a Hugging Face model directory (config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json with the chat template, generation_config.json).
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Output format; `hf` (a Hugging Face directory) is the one implemented.
+    #[arg(long, default_value = "hf")]
+    pub format: String,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -226,3 +226,85 @@ fn adapter_info_describes_a_peft_adapter() {
     );
     assert!(assert_one_line_error(&o).contains("`use_dora` = `true`"));
 }
+
+/// `whet merge` folds a PEFT adapter (rank/alpha patterns, rsLoRA) into the tiny Llama and
+/// writes a Hugging Face directory: whet loads it back with PEFT's logits, and transformers
+/// loads it too (checked where transformers and torch are installed).
+#[test]
+fn merge_writes_a_model_that_computes_what_peft_computes() {
+    use candle_core::{DType, Device, Tensor};
+    let base = root().join("tests/fixtures/families/llama3");
+    let adapter = root().join("tests/fixtures/adapters/patterns");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let args = [
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let o = whet(&args, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/adapters/golden.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let want: Vec<f64> =
+        serde_json::from_value(golden["adapters"]["patterns"]["logits"]["11"].clone()).unwrap();
+    let m =
+        whet_model::load(&whet_model::ModelSource::HfDir(out.clone()), DType::F32, &Device::Cpu, 0)
+            .unwrap();
+    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+    let got = m
+        .model
+        .forward(&input, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .get(11)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let d = got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+    assert!(d < 1e-4, "merged logits differ from PEFT's by {d}");
+    // An existing --out is kept without --overwrite; a format whet does not write is refused.
+    let err = assert_one_line_error(&whet(&args, ""));
+    assert!(err.contains("already exists; pass --overwrite"), "{err}");
+    let mut gguf = args.to_vec();
+    gguf.extend(["--format", "gguf", "--overwrite"]);
+    let o = whet(&gguf, "");
+    assert!(stderr(&o).contains("`--format gguf` is not implemented"), "{}", stderr(&o));
+    // transformers reads the directory and computes the same logits.
+    let script = format!(
+        "import sys, torch, transformers\nm = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).float().eval()\nprint(' '.join(str(v) for v in m(torch.tensor([{ids:?}])).logits[0, 11].tolist()))"
+    );
+    let py = std::process::Command::new("python3").arg("-c").arg(&script).arg(&out).output();
+    match py {
+        Ok(p) if p.status.success() => {
+            let theirs: Vec<f64> = String::from_utf8_lossy(&p.stdout)
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect();
+            let d = theirs.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(d < 1e-4, "transformers on the merged directory differs from PEFT by {d}");
+        }
+        Ok(p) => eprintln!(
+            "SKIPPED: transformers check of the merged model: {}",
+            String::from_utf8_lossy(&p.stderr).lines().last().unwrap_or("")
+        ),
+        Err(e) => eprintln!("SKIPPED: transformers check of the merged model: no python3 ({e})"),
+    }
+}

@@ -83,6 +83,12 @@ pub fn save_hf_dir(
         "eos_token": tokenizer.eos_token,
     });
     write("tokenizer_config.json", serde_json::to_string_pretty(&tok_cfg).unwrap_or_default())?;
+    let generation = serde_json::json!({
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": tokenizer.stop_ids,
+        "do_sample": false,
+    });
+    write("generation_config.json", serde_json::to_string_pretty(&generation).unwrap_or_default())?;
     if shards <= 1 {
         let path = dir.join("model.safetensors");
         return candle_core::safetensors::save(tensors, &path).map_err(|e| Error::corrupt(path, e));

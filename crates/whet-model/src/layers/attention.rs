@@ -162,6 +162,11 @@ impl Attention {
         [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
     }
 
+    /// The q/k norms, when the family has them.
+    pub(crate) fn norms(&self) -> Vec<&RmsNorm> {
+        self.qk_norm.iter().flat_map(|(q, k)| [q, k]).collect()
+    }
+
     pub(crate) fn projs_mut(&mut self) -> [&mut Proj; 4] {
         [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj, &mut self.o_proj]
     }

@@ -83,6 +83,19 @@ impl Linear {
         }
     }
 
+    /// The dense weight and bias, for writing the model out; quantized weights are refused
+    /// (their dequantized values are not the checkpoint's).
+    pub(crate) fn dense(&self) -> Result<(&Tensor, Option<&Tensor>)> {
+        match self {
+            Linear::Dense(l) => Ok((l.weight(), l.bias())),
+            Linear::Quantized { .. } => {
+                candle_core::bail!(
+                    "cannot write quantized weights out; load the model without --quantize"
+                )
+            }
+        }
+    }
+
     pub(crate) fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         if let Linear::Dense(l) = self {
             let w = l.weight().to_dtype(DType::F32)?;

@@ -8,11 +8,14 @@ use candle_nn::{Init, VarBuilder};
 pub(crate) struct RmsNorm {
     pub(crate) weight: Tensor,
     pub(crate) eps: f64,
+    /// Checkpoint path of the weight (`model.norm.weight`), for writing the model out.
+    pub(crate) name: String,
 }
 
 impl RmsNorm {
     pub(crate) fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?, eps })
+        let name = format!("{}.weight", vb.prefix());
+        Ok(Self { weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?, eps, name })
     }
 
     /// Training takes whet's differentiable op; inference candle's fused kernel.

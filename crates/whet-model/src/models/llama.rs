@@ -415,6 +415,36 @@ impl Llama {
         Ok(())
     }
 
+    /// Every weight under its Hugging Face name, as the model holds it now (adapters merged
+    /// with [`Llama::merge_lora`] included; unmerged adapters are not weights and are refused).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out =
+            vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.embeddings().clone())];
+        for block in &self.layers {
+            for norm in [&block.input_layernorm, &block.post_attention_layernorm]
+                .into_iter()
+                .chain(block.self_attn.norms())
+            {
+                out.push((norm.name.clone(), norm.weight.clone()));
+            }
+            for p in block.projs() {
+                if p.lora.is_some() {
+                    candle_core::bail!("`{}` has an unmerged adapter; merge it first", p.path)
+                }
+                let (w, b) = p.base.dense()?;
+                out.push((format!("{}.weight", p.path), w.clone()));
+                if let Some(b) = b {
+                    out.push((format!("{}.bias", p.path), b.clone()));
+                }
+            }
+        }
+        out.push((self.norm.name.clone(), self.norm.weight.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), self.lm_head.dense()?.0.clone()));
+        }
+        Ok(out)
+    }
+
     /// Attach adapters read from a file: `adapter(path, in, out)` gives the adapter of the
     /// projection at `path` (`model.layers.0.self_attn.q_proj`), or `None` to leave it bare.
     /// Replaces adapters already there; the model then has no [`LoraConfig`] (ranks and
