@@ -9,7 +9,8 @@
 One patch: the converter identifies a BPE vocabulary by hashing how it tokenizes a test text and
 knows only released models' vocabularies, not the fixtures' toy byte-level one. It is told to
 call that vocabulary `gpt2`; the tensors, their names, the q/k permutation, `rope_freqs.weight`
-and the metadata are the converter's own. Writes tests/fixtures/families/NAME.gguf (f32).
+and the metadata are the converter's own. Writes tests/fixtures/families/NAME.gguf (f32), and
+tests/fixtures/adapters/regex.llama-cpp.gguf with `convert_lora_to_gguf.py`.
 """
 import pathlib
 import sys
@@ -32,6 +33,15 @@ def main():
         sys.argv = ["convert_hf_to_gguf.py", str(d), "--outfile", str(out), "--outtype", "f32"]
         convert_hf_to_gguf.main()
         print(f"wrote {out}")
+    # The `regex` PEFT adapter (plain r and alpha) through llama.cpp's own LoRA converter, the
+    # reference for `whet adapter convert --to gguf`.
+    import convert_lora_to_gguf
+
+    adapters = ROOT / "tests/fixtures/adapters"
+    sys.argv = ["convert_lora_to_gguf.py", str(adapters / "regex"), "--base",
+                str(ROOT / "tests/fixtures/families/llama3"), "--outfile",
+                str(adapters / "regex.llama-cpp.gguf"), "--outtype", "f32"]
+    convert_lora_to_gguf.main()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 //! `whet adapter info`: what an adapter directory holds, read from its files alone; `whet
 //! merge`: the base model with an adapter folded in, written out.
 
-use crate::args::{AdapterInfoArgs, MergeArgs};
+use crate::args::{AdapterConvertArgs, AdapterInfoArgs, MergeArgs};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -80,5 +80,19 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     std::fs::rename(tmp.keep(), &a.out)
         .with_context(|| format!("cannot write {}", a.out.display()))?;
     println!("merged {} into {}: {}", adapter.display(), m.source, a.out.display());
+    Ok(())
+}
+
+pub fn convert(a: AdapterConvertArgs) -> Result<()> {
+    if a.to != "gguf" {
+        bail!("`--to {}` is not implemented; whet converts adapters `--to gguf` (llama.cpp)", a.to);
+    }
+    let spec = crate::model::model_spec(&a.model);
+    // The configuration alone (architecture, head counts): no weights are loaded.
+    let source = crate::model::source(&spec)?;
+    let cfg = whet_model::io::config_only(&source)
+        .with_context(|| format!("cannot read the configuration of `{spec}`"))?;
+    let n = whet_model::adapter::adapter_to_gguf(&a.dir, &cfg, &a.out)?;
+    println!("wrote {} ({n} adapted modules, {} base)", a.out.display(), cfg.arch.name());
     Ok(())
 }

@@ -79,6 +79,26 @@ pub enum AdapterCommand {
     ///
     /// Example: whet adapter info runs/style/adapter
     Info(AdapterInfoArgs),
+    /// Write an adapter in another runtime's format: `--to gguf`, a llama.cpp LoRA adapter
+    /// (`llama-cli -m base.gguf --lora FILE.gguf`).
+    ///
+    /// Example: whet adapter convert runs/style/adapter --to gguf --out style-lora.gguf
+    Convert(AdapterConvertArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdapterConvertArgs {
+    /// The adapter directory.
+    pub dir: std::path::PathBuf,
+    /// Target format; `gguf` (llama.cpp) is the one implemented.
+    #[arg(long)]
+    pub to: String,
+    /// The file to write.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// The base model (its architecture and head counts shape the file) [default: the default model].
+    #[arg(short, long, env = "WHET_MODEL")]
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -308,3 +308,36 @@ fn merge_writes_a_model_that_computes_what_peft_computes() {
         Err(e) => eprintln!("SKIPPED: transformers check of the merged model: no python3 ({e})"),
     }
 }
+
+/// `whet adapter convert --to gguf` writes a llama.cpp adapter for the given base; other
+/// formats and adapters whet cannot read are refused.
+#[test]
+fn adapter_convert_writes_a_llama_cpp_adapter() {
+    let base = root().join("tests/fixtures/families/llama3");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a.gguf");
+    let args = |adapter: &str, to: &str| {
+        whet(
+            &[
+                "adapter",
+                "convert",
+                root().join("tests/fixtures/adapters").join(adapter).to_str().unwrap(),
+                "--to",
+                to,
+                "--out",
+                out.to_str().unwrap(),
+                "--model",
+                base.to_str().unwrap(),
+            ],
+            "",
+        )
+    };
+    let o = args("patterns", "gguf");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(14 adapted modules, llama base)"), "{}", stdout(&o));
+    assert!(out.exists());
+    assert!(
+        assert_one_line_error(&args("patterns", "onnx")).contains("`--to onnx` is not implemented")
+    );
+    assert!(assert_one_line_error(&args("dora", "gguf")).contains("`use_dora` = `true`"));
+}

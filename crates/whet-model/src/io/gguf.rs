@@ -208,6 +208,33 @@ pub fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     w.reshape((heads, head_dim / 2, 2, inner))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
+/// llama.cpp's q/k row permutation (`convert_hf_to_gguf.py`'s `LlamaModel.permute`), the inverse
+/// of [`unpermute`]: Hugging Face's rotate-halves rows to interleaved pairs.
+pub fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let inner = if dims.len() == 2 { dims[1] } else { 1 };
+    let head_dim = dims[0] / heads;
+    w.reshape((heads, 2, head_dim / 2, inner))?.transpose(1, 2)?.contiguous()?.reshape(dims)
+}
+
+/// The GGUF name of a Hugging Face module path (`model.layers.3.self_attn.q_proj` ->
+/// `blk.3.attn_q`), the inverse of [`hf_name`] for the modules LoRA adapts.
+pub fn gguf_module_name(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("model.layers.")?;
+    let (layer, module) = rest.split_once('.')?;
+    let g = match module {
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}"))
+}
+
 /// The Hugging Face name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`).
 fn hf_name(name: &str) -> Option<String> {
     let fixed = match name {
@@ -259,6 +286,17 @@ mod tests {
             Some("model.layers.1.self_attn.q_norm.weight")
         );
         assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn permute_and_unpermute_are_inverses() {
+        let w = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((8, 3)).unwrap();
+        let back = unpermute(&permute(&w, 2).unwrap(), 2).unwrap();
+        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            gguf_module_name("model.layers.3.mlp.down_proj").as_deref(),
+            Some("blk.3.ffn_down")
+        );
     }
 
     #[test]

@@ -121,6 +121,19 @@ pub fn tokenizer_only(source: &ModelSource) -> Result<ModelTokenizer> {
     }
 }
 
+/// Only the validated configuration of a model, without its weights or tokenizer.
+pub fn config_only(source: &ModelSource) -> Result<Config> {
+    match source {
+        ModelSource::Gguf(path) => GgufFile::open(path)?.config_file()?.into_config(path),
+        ModelSource::HfDir(dir) => read_config(dir),
+        ModelSource::Hub(id) => read_config(&resolve_hub(id)?),
+        ModelSource::Random(name) => preset(name).ok_or_else(|| Error::Source {
+            spec: format!("random:{name}"),
+            msg: format!("unknown preset; presets: {}", PRESETS.join(", ")),
+        }),
+    }
+}
+
 /// A GGUF file's header, validated configuration and tokenizer (checked against each other).
 fn open_gguf(path: &Path) -> Result<(GgufFile, Config, ModelTokenizer)> {
     let gguf = GgufFile::open(path)?;

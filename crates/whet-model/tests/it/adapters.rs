@@ -122,3 +122,108 @@ fn fields_whet_does_not_implement_are_refused_by_name() {
     let err = load_adapter(&mut base(), dir.path()).unwrap_err().to_string();
     assert!(err.contains("hint: save it with safetensors"), "{err}");
 }
+
+/// `adapter_to_gguf` against llama.cpp's own `convert_lora_to_gguf.py` on the same PEFT adapter
+/// (tests/fixtures/adapters/regex.llama-cpp.gguf, by scripts/convert_fixtures_gguf.py): the same
+/// metadata, tensor names, shapes and values (q rows permuted as llama.cpp permutes them).
+#[test]
+fn adapter_gguf_equals_llama_cpp_converter() {
+    use candle_core::quantized::gguf_file;
+    let cfg = base().config().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("regex.gguf");
+    assert_eq!(whet_model::adapter::adapter_to_gguf(&adapter_dir("regex"), &cfg, &out).unwrap(), 4);
+    let read = |p: &std::path::Path| {
+        let mut f = std::fs::File::open(p).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        let t: std::collections::BTreeMap<String, Vec<f32>> = c
+            .tensor_infos
+            .keys()
+            .map(|n| {
+                let q = c.tensor(&mut f, n, &Device::Cpu).unwrap();
+                let v = q
+                    .dequantize(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                (format!("{n} {:?}", q.shape().dims()), v)
+            })
+            .collect();
+        (c, t)
+    };
+    let (ours, ours_t) = read(&out);
+    let (theirs, theirs_t) =
+        read(&crate::root().join("tests/fixtures/adapters/regex.llama-cpp.gguf"));
+    for key in ["general.architecture", "general.type", "adapter.type"] {
+        assert_eq!(
+            ours.metadata[key].to_string().unwrap(),
+            theirs.metadata[key].to_string().unwrap(),
+            "{key}"
+        );
+    }
+    assert_eq!(
+        ours.metadata["adapter.lora.alpha"].to_f32().unwrap(),
+        theirs.metadata["adapter.lora.alpha"].to_f32().unwrap()
+    );
+    assert_eq!(ours_t.keys().collect::<Vec<_>>(), theirs_t.keys().collect::<Vec<_>>());
+    for (k, v) in &ours_t {
+        let d = v.iter().zip(&theirs_t[k]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-7, "{k}: differs by {d}");
+    }
+}
+
+/// llama.cpp scales each pair by one alpha over its rank; for an rsLoRA adapter with rank and
+/// alpha patterns the written B carries the rest, so that llama.cpp's `alpha / r * B A` is
+/// PEFT's `scale * B A` for every module.
+#[test]
+fn adapter_gguf_keeps_peft_scales_that_llama_cpp_would_lose() {
+    use candle_core::quantized::gguf_file;
+    let model = base();
+    let cfg = model.config().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("patterns.gguf");
+    whet_model::adapter::adapter_to_gguf(&adapter_dir("patterns"), &cfg, &out).unwrap();
+    let mut f = std::fs::File::open(&out).unwrap();
+    let c = gguf_file::Content::read(&mut f).unwrap();
+    let alpha = c.metadata["adapter.lora.alpha"].to_f32().unwrap() as f64;
+    let mut peft = base();
+    let adapter = load_adapter(&mut peft, &adapter_dir("patterns")).unwrap();
+    let vars: std::collections::HashMap<String, candle_core::Var> =
+        peft.lora_vars().into_iter().collect();
+    let mut checked = 0;
+    for (name, var_a) in &vars {
+        let Some(module) =
+            name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(".lora_A.weight"))
+        else {
+            continue;
+        };
+        let var_b = &vars[&format!("base_model.model.{module}.lora_B.weight")];
+        let want =
+            (var_b.as_tensor().matmul(var_a.as_tensor()).unwrap() * adapter.scale(module)).unwrap();
+        let g = whet_model::io::gguf::gguf_module_name(module).unwrap();
+        let a = c
+            .tensor(&mut f, &format!("{g}.weight.lora_a"), &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        let mut b = c
+            .tensor(&mut f, &format!("{g}.weight.lora_b"), &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
+        if module.ends_with("q_proj") {
+            b = whet_model::io::gguf::unpermute(&b, cfg.num_heads).unwrap();
+        } else if module.ends_with("k_proj") {
+            b = whet_model::io::gguf::unpermute(&b, cfg.num_kv_heads).unwrap();
+        }
+        let r = a.dim(0).unwrap() as f64;
+        let theirs = (b.matmul(&a).unwrap() * (alpha / r)).unwrap();
+        let d =
+            (theirs - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "{module}: llama.cpp's delta differs from PEFT's by {d}");
+        checked += 1;
+    }
+    assert_eq!(checked, 14);
+}
