@@ -49,11 +49,19 @@ pub fn info(a: AdapterInfoArgs) -> Result<()> {
 }
 
 pub fn merge(a: MergeArgs) -> Result<()> {
-    if a.format != "hf" {
-        bail!(
-            "`--format {}` is not implemented; whet writes `hf` (a Hugging Face directory)\nhint: convert that directory with llama.cpp's convert_hf_to_gguf.py",
-            a.format
-        );
+    let quant = match a.quant.as_str() {
+        "f32" => candle_core::quantized::GgmlDType::F32,
+        "f16" => candle_core::quantized::GgmlDType::F16,
+        "q8_0" => candle_core::quantized::GgmlDType::Q8_0,
+        "q4_0" => candle_core::quantized::GgmlDType::Q4_0,
+        other => bail!("unknown --quant `{other}`; expected f32, f16, q8_0 or q4_0"),
+    };
+    match a.format.as_str() {
+        "hf" if a.quant != "f32" => {
+            bail!("--quant applies to `--format gguf`; a Hugging Face directory takes --dtype")
+        }
+        "hf" | "gguf" => {}
+        other => bail!("unknown --format `{other}`; expected hf or gguf"),
     }
     let Some(adapter) = &a.model.adapter else {
         bail!("--adapter is required: the adapter to merge")
@@ -61,9 +69,28 @@ pub fn merge(a: MergeArgs) -> Result<()> {
     if a.out.exists() && !a.overwrite {
         bail!("{} already exists; pass --overwrite to replace it", a.out.display());
     }
+    let spec = crate::model::model_spec(&a.model.model);
+    let gguf_base = match crate::model::source(&spec)? {
+        whet_model::ModelSource::Gguf(path) => Some(whet_model::io::gguf::GgufFile::open(&path)?),
+        _ if a.format == "gguf" => bail!(
+            "`--format gguf` keeps the base GGUF's tokenizer and metadata, and `{spec}` is not a GGUF file\nhint: merge to a Hugging Face directory (`--format hf`) and convert it with llama.cpp's convert_hf_to_gguf.py"
+        ),
+        _ => None,
+    };
     // model::load merges the adapter into the weights.
     let (m, _) = crate::model::load(&a.model, 0)?;
     let weights = m.model.named_weights().context("cannot write the merged weights")?;
+    if let (Some(src), "gguf") = (&gguf_base, a.format.as_str()) {
+        whet_model::io::export::save_gguf(src, &m.config, &weights, quant, &a.out)?;
+        println!(
+            "merged {} into {}: {} ({})",
+            adapter.display(),
+            m.source,
+            a.out.display(),
+            a.quant
+        );
+        return Ok(());
+    }
     let tensors: std::collections::HashMap<String, candle_core::Tensor> =
         weights.into_iter().collect();
     // Written beside --out, then moved into place: a failure leaves no half-written model.

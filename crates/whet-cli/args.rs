@@ -61,13 +61,18 @@ pub struct MergeArgs {
     /// Base model, device and precision, and the adapter to merge (`--adapter`, required).
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Directory to write: a Hugging Face model directory (config.json, model.safetensors,
-    /// tokenizer.json, tokenizer_config.json with the chat template, generation_config.json).
+    /// Where to write: a Hugging Face model directory (config.json, model.safetensors,
+    /// tokenizer.json, tokenizer_config.json with the chat template, generation_config.json),
+    /// or with `--format gguf` a .gguf file.
     #[arg(long)]
     pub out: std::path::PathBuf,
-    /// Output format; `hf` (a Hugging Face directory) is the one implemented.
+    /// `hf`: a Hugging Face directory; `gguf`: one GGUF file for llama.cpp (from a GGUF base,
+    /// whose tokenizer and metadata it keeps).
     #[arg(long, default_value = "hf")]
     pub format: String,
+    /// GGUF weight type: `f32`, `f16`, `q8_0` or `q4_0` (matrices; norms stay f32).
+    #[arg(long, default_value = "f32")]
+    pub quant: String,
     /// Replace --out if it exists.
     #[arg(long)]
     pub overwrite: bool,

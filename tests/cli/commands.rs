@@ -286,7 +286,7 @@ fn merge_writes_a_model_that_computes_what_peft_computes() {
     let mut gguf = args.to_vec();
     gguf.extend(["--format", "gguf", "--overwrite"]);
     let o = whet(&gguf, "");
-    assert!(stderr(&o).contains("`--format gguf` is not implemented"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is not a GGUF file"), "{}", stderr(&o));
     // transformers reads the directory and computes the same logits.
     let script = format!(
         "import sys, torch, transformers\nm = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).float().eval()\nprint(' '.join(str(v) for v in m(torch.tensor([{ids:?}])).logits[0, 11].tolist()))"
@@ -340,4 +340,65 @@ fn adapter_convert_writes_a_llama_cpp_adapter() {
         assert_one_line_error(&args("patterns", "onnx")).contains("`--to onnx` is not implemented")
     );
     assert!(assert_one_line_error(&args("dora", "gguf")).contains("`use_dora` = `true`"));
+}
+
+/// `whet merge --format gguf` from a GGUF base (llama.cpp's conversion of the tiny Llama 3, with
+/// its `rope_freqs.weight`): the file keeps the base's metadata, loads back in whet with PEFT's
+/// logits (f32), and close to them in Q8_0.
+#[test]
+fn merge_to_gguf_keeps_the_base_metadata_and_computes_peft_logits() {
+    use candle_core::{DType, Device, Tensor};
+    let base = root().join("tests/fixtures/families/llama3.gguf");
+    let adapter = root().join("tests/fixtures/adapters/patterns");
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/adapters/golden.json")).unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let want: Vec<f64> =
+        serde_json::from_value(golden["adapters"]["patterns"]["logits"]["11"].clone()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (quant, tol) in [("f32", 1e-4), ("q8_0", 0.05)] {
+        let out = dir.path().join(format!("merged-{quant}.gguf"));
+        let o = whet(
+            &[
+                "merge",
+                "--model",
+                base.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--format",
+                "gguf",
+                "--quant",
+                quant,
+            ],
+            "",
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let m = whet_model::load(
+            &whet_model::ModelSource::Gguf(out.clone()),
+            DType::F32,
+            &Device::Cpu,
+            0,
+        )
+        .unwrap();
+        assert_eq!(m.tokenizer.vocab_size(), 320, "tokenizer metadata kept");
+        assert!(matches!(m.config.rope_scaling, whet_model::config::RopeScaling::Factors(_)));
+        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+        let got = m
+            .model
+            .forward(&input, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .get(11)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let d = got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+        assert!(d < tol * scale.max(1.0), "{quant}: merged GGUF logits differ from PEFT's by {d}");
+    }
 }

@@ -1,9 +1,11 @@
-//! Writing a model as a Hugging Face directory (`config.json`, safetensors, tokenizer files),
-//! the layout every other tool reads.
+//! Writing a model out: as a Hugging Face directory (`config.json`, safetensors, tokenizer
+//! files), the layout every other tool reads, or as a GGUF file for llama.cpp.
 
 use crate::config::{Config, RopeScaling};
 use crate::error::{Error, Result};
+use crate::io::gguf::GgufFile;
 use crate::io::tokenizer::ModelTokenizer;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::path::Path;
@@ -108,4 +110,70 @@ pub fn save_hf_dir(
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     write("model.safetensors.index.json", index.to_string())
+}
+
+/// Write `tensors` (Hugging Face names, e.g. from [`crate::Llama::named_weights`]) as a GGUF file
+/// for llama.cpp, keeping the metadata of `src` — hyper-parameters, tokenizer, chat template —
+/// and its tensors whet computes nothing from (`rope_freqs.weight`). q/k rows are permuted back
+/// to llama.cpp's layout for `llama` files. Matrices whose rows fit `quant`'s blocks are stored
+/// in it; norms, biases and the rest stay f32, as llama.cpp's quantizer keeps them.
+pub fn save_gguf(
+    src: &GgufFile,
+    cfg: &Config,
+    tensors: &[(String, Tensor)],
+    quant: GgmlDType,
+    out: &Path,
+) -> Result<()> {
+    use candle_core::quantized::gguf_file::Value;
+    use candle_core::{DType, Device};
+    let permuted = src.architecture()? == "llama";
+    let mut written: Vec<(String, QTensor)> = vec![];
+    for (hf, t) in tensors {
+        let name = crate::io::gguf::gguf_name(hf)
+            .ok_or_else(|| Error::config(out, format!("tensor `{hf}` has no GGUF name")))?;
+        let mut t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        if permuted && (hf.contains("self_attn.q_proj.") || hf.contains("self_attn.k_proj.")) {
+            let heads = if hf.contains("q_proj") { cfg.num_heads } else { cfg.num_kv_heads };
+            t = crate::io::gguf::permute(&t, heads)?;
+        }
+        let fits = t.rank() == 2 && t.dim(1)? % quant.block_size() == 0;
+        let dtype = if fits { quant } else { GgmlDType::F32 };
+        written.push((name, QTensor::quantize(&t, dtype)?));
+    }
+    let mut file = std::fs::File::open(&src.path).map_err(|e| Error::corrupt(&src.path, e))?;
+    if src.content.tensor_infos.contains_key("rope_freqs.weight") {
+        let t = src.content.tensor(&mut file, "rope_freqs.weight", &Device::Cpu)?;
+        written.push(("rope_freqs.weight".into(), t));
+    }
+    let file_type = match quant {
+        GgmlDType::F32 => 0u32,
+        GgmlDType::F16 => 1,
+        GgmlDType::Q4_0 => 2,
+        GgmlDType::Q8_0 => 7,
+        other => return Err(Error::config(out, format!("cannot write `{other:?}` weights"))),
+    };
+    let mut metadata: Vec<(String, Value)> = src
+        .content
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.file_type")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    metadata.push(("general.file_type".into(), Value::U32(file_type)));
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = written.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    // Written beside `out`, then renamed: a failure leaves no half-written file.
+    let tmp = out.with_extension("gguf.tmp");
+    let result = std::fs::File::create(&tmp)
+        .map_err(|e| Error::corrupt(&tmp, e))
+        .and_then(|mut f| {
+            candle_core::quantized::gguf_file::write(&mut f, &md, &ts)
+                .map_err(|e| Error::corrupt(&tmp, e))
+        })
+        .and_then(|_| std::fs::rename(&tmp, out).map_err(|e| Error::corrupt(out, e)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }

@@ -217,52 +217,56 @@ pub fn permute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
     w.reshape((heads, 2, head_dim / 2, inner))?.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
+/// GGUF's names for the tensors outside the blocks, and Hugging Face's.
+const FIXED_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// GGUF's names for the modules of a block (`blk.N.attn_q`), and Hugging Face's
+/// (`model.layers.N.self_attn.q_proj`): the one map both directions use.
+const BLOCK_NAMES: [(&str, &str); 11] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
 /// The GGUF name of a Hugging Face module path (`model.layers.3.self_attn.q_proj` ->
-/// `blk.3.attn_q`), the inverse of [`hf_name`] for the modules LoRA adapts.
+/// `blk.3.attn_q`).
 pub fn gguf_module_name(path: &str) -> Option<String> {
     let rest = path.strip_prefix("model.layers.")?;
     let (layer, module) = rest.split_once('.')?;
-    let g = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
+    let (g, _) = BLOCK_NAMES.iter().find(|(_, hf)| *hf == module)?;
     Some(format!("blk.{layer}.{g}"))
+}
+
+/// The GGUF name of a Hugging Face tensor (`model.norm.weight` -> `output_norm.weight`).
+pub fn gguf_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = FIXED_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let (module, kind) = hf.rsplit_once('.')?;
+    Some(format!("{}.{kind}", gguf_module_name(module)?))
 }
 
 /// The Hugging Face name of a GGUF tensor (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`).
 fn hf_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    if let Some((_, hf)) = FIXED_NAMES.iter().find(|(g, _)| *g == name) {
+        return Some(hf.to_string());
     }
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, kind) = rest.rsplit_once('.')?;
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
+    let (_, hf) = BLOCK_NAMES.iter().find(|(g, _)| *g == module)?;
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
