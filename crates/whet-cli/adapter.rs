@@ -1,7 +1,7 @@
 //! `whet adapter info`: what an adapter directory holds, read from its files alone; `whet
 //! merge`: the base model with an adapter folded in, written out.
 
-use crate::args::{AdapterConvertArgs, AdapterInfoArgs, MergeArgs};
+use crate::args::{AdapterCheckArgs, AdapterConvertArgs, AdapterInfoArgs, MergeArgs};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -122,4 +122,24 @@ pub fn convert(a: AdapterConvertArgs) -> Result<()> {
     let n = whet_model::adapter::adapter_to_gguf(&a.dir, &cfg, &a.out)?;
     println!("wrote {} ({n} adapted modules, {} base)", a.out.display(), cfg.arch.name());
     Ok(())
+}
+
+pub fn check(a: AdapterCheckArgs) -> Result<()> {
+    use whet_model::adapter::Finding;
+    let findings = whet_model::adapter::check_for(&a.dir, &a.runtime)?;
+    let source =
+        whet_model::adapter::RUNTIMES.iter().find(|(n, _)| *n == a.runtime).map_or("", |(_, s)| s);
+    let mut out = std::io::stdout().lock();
+    if findings.is_empty() {
+        writeln!(out, "{}: {} runs it as PEFT does (rules: {source})", a.dir.display(), a.runtime)?;
+        return Ok(());
+    }
+    for f in &findings {
+        match f {
+            Finding::Rejects(why) => writeln!(out, "rejects:     {why}")?,
+            Finding::Miscomputes(why) => writeln!(out, "miscomputes: {why}")?,
+        }
+    }
+    out.flush()?;
+    bail!("{} would not run as trained on {} (rules: {source})", a.dir.display(), a.runtime)
 }

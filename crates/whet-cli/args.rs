@@ -89,6 +89,20 @@ pub enum AdapterCommand {
     ///
     /// Example: whet adapter convert runs/style/adapter --to gguf --out style-lora.gguf
     Convert(AdapterConvertArgs),
+    /// What a runtime will refuse or silently compute differently (exit 1 when it would
+    /// misbehave): `--for whet|peft|vllm|llama.cpp`.
+    ///
+    /// Example: whet adapter check runs/style/adapter --for vllm
+    Check(AdapterCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AdapterCheckArgs {
+    /// The adapter directory.
+    pub dir: std::path::PathBuf,
+    /// The runtime: whet, peft, vllm or llama.cpp.
+    #[arg(long = "for")]
+    pub runtime: String,
 }
 
 #[derive(Debug, Args)]

@@ -70,6 +70,7 @@ fn main() {
         args::Command::Adapter(args::AdapterCommand::Info(a)) => adapter::info(a),
         args::Command::Merge(a) => adapter::merge(a),
         args::Command::Adapter(args::AdapterCommand::Convert(a)) => adapter::convert(a),
+        args::Command::Adapter(args::AdapterCommand::Check(a)) => adapter::check(a),
         args::Command::Train(a) => train::run(a),
         args::Command::Data(args::DataCommand::Check(a)) => data::check(a),
         args::Command::Data(args::DataCommand::Preview(a)) => data::preview(a),

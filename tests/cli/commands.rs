@@ -402,3 +402,31 @@ fn merge_to_gguf_keeps_the_base_metadata_and_computes_peft_logits() {
         assert!(d < tol * scale.max(1.0), "{quant}: merged GGUF logits differ from PEFT's by {d}");
     }
 }
+
+/// `whet adapter check --for`: what vLLM and llama.cpp refuse or silently compute differently
+/// (rules read from vLLM's PEFTHelper and llama.cpp's convert_lora_to_gguf.py); exit 1 then.
+#[test]
+fn adapter_check_names_what_each_runtime_would_do() {
+    let check = |adapter: &str, runtime: &str| {
+        let dir = root().join("tests/fixtures/adapters").join(adapter);
+        whet(&["adapter", "check", dir.to_str().unwrap(), "--for", runtime], "")
+    };
+    let o = check("regex", "vllm");
+    assert!(
+        o.status.success() && stdout(&o).contains("vllm runs it as PEFT does"),
+        "{}",
+        stdout(&o)
+    );
+    let o = check("patterns", "vllm");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("miscomputes: `alpha_pattern` is ignored"), "{}", stdout(&o));
+    let o = check("patterns", "llama.cpp");
+    assert!(stdout(&o).contains("rsLoRA's `alpha / sqrt(r)` is lost"), "{}", stdout(&o));
+    let o = check("dora", "llama.cpp");
+    assert!(stdout(&o).contains("rejects:     DoRA"), "{}", stdout(&o));
+    assert!(check("dora", "peft").status.success(), "PEFT runs DoRA");
+    assert!(stdout(&check("dora", "whet")).contains("`use_dora` = `true`"));
+    let o = check("regex", "tgi");
+    assert!(assert_one_line_error(&o)
+        .contains("unknown runtime `tgi`; whet checks for whet, peft, vllm, llama.cpp"));
+}

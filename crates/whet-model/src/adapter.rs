@@ -589,3 +589,101 @@ pub fn adapter_to_gguf(dir: &Path, cfg: &crate::Config, out: &Path) -> Result<us
     }
     result.map(|_| out_tensors.len() / 2)
 }
+
+/// What another runtime does with an adapter, for `whet adapter check`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finding {
+    /// The runtime refuses to load it.
+    Rejects(String),
+    /// The runtime loads it and computes something else, without a word.
+    Miscomputes(String),
+}
+
+/// The runtimes [`check_for`] knows, with the source its rules were read from.
+pub const RUNTIMES: [(&str, &str); 4] = [
+    ("whet", "this reader"),
+    ("peft", "the format's reference: PEFT reads every field it writes"),
+    ("vllm", "vLLM's `PEFTHelper` (one scaling `lora_alpha / r`, or `/ sqrt(r)` with rsLoRA; default `--max-lora-rank` 16)"),
+    ("llama.cpp", "llama.cpp's `convert_lora_to_gguf.py` (one `lora_alpha`, over each tensor's rank)"),
+];
+
+/// What `runtime` (a [`RUNTIMES`] name) will refuse or silently compute differently for the
+/// adapter in `dir`; an empty list when it runs it as PEFT does.
+pub fn check_for(dir: &Path, runtime: &str) -> Result<Vec<Finding>> {
+    let path = dir.join("adapter_config.json");
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&read_text(&path)?)
+        .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
+    let set = |k: &str| match v.get(k) {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
+        Some(serde_json::Value::Array(a)) => !a.is_empty(),
+        Some(serde_json::Value::Object(o)) => !o.is_empty(),
+        Some(serde_json::Value::String(s)) => !(k == "bias" && s == "none"),
+        Some(_) => true,
+    };
+    let mut out = vec![];
+    match runtime {
+        "whet" => {
+            if let Err(e) = PeftAdapter::read(dir) {
+                out.push(Finding::Rejects(e.to_string()));
+            }
+        }
+        "peft" => {}
+        "vllm" => {
+            for (k, why) in [("use_dora", "DoRA"), ("modules_to_save", "`modules_to_save`")] {
+                if set(k) {
+                    out.push(Finding::Rejects(format!("{why} (`{k}`)")));
+                }
+            }
+            if set("bias") {
+                out.push(Finding::Rejects(
+                    "`bias` other than `none` (unless started with bias enabled)".into(),
+                ));
+            }
+            let ranks = std::iter::once(v.get("r").and_then(|r| r.as_u64()).unwrap_or(0)).chain(
+                v.get("rank_pattern")
+                    .and_then(|p| p.as_object())
+                    .into_iter()
+                    .flat_map(|p| p.values().filter_map(|r| r.as_u64())),
+            );
+            if let Some(r) = ranks.max().filter(|&r| r > 16) {
+                out.push(Finding::Rejects(format!("rank {r} is above the default `--max-lora-rank` 16 (start vLLM with `--max-lora-rank {r}` or more)")));
+            }
+            for k in ["rank_pattern", "alpha_pattern"] {
+                if set(k) {
+                    out.push(Finding::Miscomputes(format!(
+                        "`{k}` is ignored: every module is scaled by the one `lora_alpha / r`"
+                    )));
+                }
+            }
+        }
+        "llama.cpp" => {
+            if set("use_dora") {
+                out.push(Finding::Rejects(
+                    "DoRA: its `lora_magnitude_vector` tensors are not LoRA A/B matrices".into(),
+                ));
+            }
+            if set("modules_to_save") {
+                out.push(Finding::Rejects(
+                    "`modules_to_save`: fully trained modules are not LoRA A/B matrices".into(),
+                ));
+            }
+            for (k, what) in
+                [("use_rslora", "rsLoRA's `alpha / sqrt(r)`"), ("alpha_pattern", "`alpha_pattern`")]
+            {
+                if set(k) {
+                    out.push(Finding::Miscomputes(format!(
+                        "{what} is lost by convert_lora_to_gguf.py, which scales by `lora_alpha / r`; hint: `whet adapter convert --to gguf` folds the true scales in"
+                    )));
+                }
+            }
+        }
+        other => {
+            let names: Vec<&str> = RUNTIMES.iter().map(|(n, _)| *n).collect();
+            return Err(Error::config(
+                &path,
+                format!("unknown runtime `{other}`; whet checks for {}", names.join(", ")),
+            ));
+        }
+    }
+    Ok(out)
+}
