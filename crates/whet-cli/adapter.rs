@@ -63,8 +63,10 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         "hf" | "gguf" => {}
         other => bail!("unknown --format `{other}`; expected hf or gguf"),
     }
-    let Some(adapter) = &a.model.adapter else {
-        bail!("--adapter is required: the adapter to merge")
+    let adapter = match a.model.adapter.as_slice() {
+        [one] if !one.contains('=') => std::path::PathBuf::from(one),
+        [] => bail!("--adapter is required: the adapter to merge"),
+        _ => bail!("merge takes one plain `--adapter DIR`"),
     };
     if a.out.exists() && !a.overwrite {
         bail!("{} already exists; pass --overwrite to replace it", a.out.display());

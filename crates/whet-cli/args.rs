@@ -315,10 +315,12 @@ pub struct ModelArgs {
     /// reads every weight per token, so this is what makes CPU decoding fast.
     #[arg(long)]
     pub quantize: Option<String>,
-    /// A LoRA adapter directory (PEFT format, e.g. RUN_DIR/adapter) to apply; it is merged into
-    /// the weights, so generation runs at base-model speed.
+    /// A LoRA adapter directory (PEFT format, e.g. RUN_DIR/adapter) to apply: `DIR` alone is
+    /// merged into the weights (base-model speed); `NAME=DIR[:WEIGHT]`, repeatable, applies
+    /// several unmerged beside the base, each scaled by WEIGHT (default 1); `whet chat`
+    /// switches between them with `/adapter NAME`.
     #[arg(long)]
-    pub adapter: Option<std::path::PathBuf>,
+    pub adapter: Vec<String>,
 }
 
 /// How to sample and when to stop.

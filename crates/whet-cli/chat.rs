@@ -6,7 +6,7 @@ use anyhow::Result;
 use std::io::{BufRead, IsTerminal, Write};
 use whet_infer::{chat_template, Message, Session};
 
-const HELP: &str = "commands: /reset clears the conversation, /quit (or Ctrl-D) leaves";
+const HELP: &str = "commands: /reset clears the conversation, /adapter NAME|all|none switches adapters (those given as --adapter NAME=DIR), /quit (or Ctrl-D) leaves";
 
 pub fn run(args: ChatArgs) -> Result<()> {
     let cfg = model::generate_config(&args.sampling)?;
@@ -19,6 +19,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
     }
     let start = || args.system.iter().map(|s| Message::new("system", s)).collect::<Vec<_>>();
     let mut history = start();
+    // `/adapter all` restores the weights the command line gave.
+    let given = m.model.adapter_weights();
     let mut session = Session::new(&m.model, &m.tokenizer);
     let mut stdout = std::io::stdout().lock();
     let stdin = std::io::stdin();
@@ -46,6 +48,25 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 continue;
             }
             _ => {}
+        }
+        if let Some(name) = input.strip_prefix("/adapter").map(str::trim) {
+            // The cached keys and values were computed with the old adapters: start over on
+            // the same history.
+            let weights: Vec<(&str, f64)> = match name {
+                "none" => vec![],
+                "all" => given.iter().map(|(n, w)| (n.as_str(), *w)).collect(),
+                n => vec![(n, given.iter().find(|(g, _)| g == n).map_or(1.0, |(_, w)| *w))],
+            };
+            match m.model.set_adapter_weights(&weights) {
+                Ok(()) => {
+                    session.reset();
+                    if interactive {
+                        eprintln!("(adapter: {name})");
+                    }
+                }
+                Err(e) => eprintln!("error: {e}"),
+            }
+            continue;
         }
         history.push(Message::new("user", input));
         let prompt = template.render(&history, true)?;

@@ -18,17 +18,33 @@ pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
     let quantize = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
     let spec = model_spec(&args.model);
     let mut model = load_spec(&spec, dtype, &device, seed)?;
-    if let Some(dir) = &args.adapter {
-        let adapter = whet_model::adapter::load_adapter(&mut model.model, dir)
-            .with_context(|| format!("cannot apply the adapter in {}", dir.display()))?;
-        if let Some(base) = adapter.base_model.as_deref().filter(|b| *b != spec) {
-            tracing::warn!(
-                "the adapter in {} was trained on `{base}`, and is applied to `{spec}`",
-                dir.display()
-            );
+    let specs = args.adapter.iter().map(|s| AdapterSpec::parse(s)).collect::<Result<Vec<_>>>()?;
+    match specs.as_slice() {
+        [] => {}
+        // One plain adapter: merged, so generation runs at base speed.
+        [one] if one.name.is_none() && one.weight.is_none() => {
+            let adapter = whet_model::adapter::load_adapter(&mut model.model, &one.dir)
+                .with_context(|| format!("cannot apply the adapter in {}", one.dir.display()))?;
+            warn_base(&adapter, &one.dir, &spec);
+            model.model.merge_lora()?;
+            model.source = format!("{} + adapter {}", model.source, one.dir.display());
         }
-        model.model.merge_lora()?;
-        model.source = format!("{} + adapter {}", model.source, dir.display());
+        several => {
+            for s in several {
+                let name = s.name.clone().unwrap_or_else(|| s.dir.display().to_string());
+                let weight = s.weight.unwrap_or(1.0);
+                let adapter = whet_model::adapter::load_named_adapter(
+                    &mut model.model,
+                    &name,
+                    weight,
+                    &s.dir,
+                )
+                .with_context(|| format!("cannot apply the adapter in {}", s.dir.display()))?;
+                warn_base(&adapter, &s.dir, &spec);
+                model.source =
+                    format!("{} + adapter {name} ({}) x{weight}", model.source, s.dir.display());
+            }
+        }
     }
     if let Some(q) = quantize {
         model.model.quantize(q).context("cannot quantize the model")?;
@@ -36,6 +52,46 @@ pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
     }
     tracing::info!("loaded {} on {}", model.source, whet_model::device_name(&device));
     Ok((model, device))
+}
+
+/// One `--adapter` value: `DIR`, or `NAME=DIR[:WEIGHT]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    pub name: Option<String>,
+    pub dir: std::path::PathBuf,
+    pub weight: Option<f64>,
+}
+
+impl AdapterSpec {
+    pub fn parse(spec: &str) -> Result<Self> {
+        let (name, rest) = match spec.split_once('=') {
+            Some((n, rest)) if !n.is_empty() && !n.contains('/') => (Some(n.to_string()), rest),
+            _ => (None, spec),
+        };
+        let (dir, weight) = match rest.rsplit_once(':') {
+            Some((dir, w)) if name.is_some() => {
+                let w: f64 = w.parse().map_err(|_| {
+                    anyhow::anyhow!(
+                        "--adapter `{spec}`: weight `{w}` is not a number (NAME=DIR[:WEIGHT])"
+                    )
+                })?;
+                (dir, Some(w))
+            }
+            _ => (rest, None),
+        };
+        anyhow::ensure!(!dir.is_empty(), "--adapter `{spec}`: no directory (NAME=DIR[:WEIGHT])");
+        Ok(Self { name, dir: dir.into(), weight })
+    }
+}
+
+/// A different base in the adapter's config is worth a word, not a refusal.
+fn warn_base(adapter: &whet_model::adapter::PeftAdapter, dir: &std::path::Path, spec: &str) {
+    if let Some(base) = adapter.base_model.as_deref().filter(|b| *b != spec) {
+        tracing::warn!(
+            "the adapter in {} was trained on `{base}`, and is applied to `{spec}`",
+            dir.display()
+        );
+    }
 }
 
 /// Load a model from a `--model` value.

@@ -430,3 +430,48 @@ fn adapter_check_names_what_each_runtime_would_do() {
     assert!(assert_one_line_error(&o)
         .contains("unknown runtime `tgi`; whet checks for whet, peft, vllm, llama.cpp"));
 }
+
+/// Several adapters at once (`--adapter NAME=DIR[:WEIGHT]`, unmerged): one at weight 0 leaves
+/// the other's text, which equals the merged single adapter's; `whet chat` switches with
+/// `/adapter NAME|none|all` and `/adapter none` gives the base model's reply.
+#[test]
+fn several_adapters_and_chat_switching() {
+    let base = root().join("tests/fixtures/families/llama3");
+    let a = root().join("tests/fixtures/adapters");
+    let (b, regex, layers) = (
+        base.to_str().unwrap().to_string(),
+        a.join("regex").to_str().unwrap().to_string(),
+        a.join("layers").to_str().unwrap().to_string(),
+    );
+    let gen = |adapters: &[String]| {
+        let mut args = vec!["generate", "--model", &b, "--prompt", "ab", "--max-tokens", "8"];
+        for x in adapters {
+            args.extend(["--adapter", x.as_str()]);
+        }
+        let o = whet(&args, "");
+        assert!(o.status.success(), "{}", stderr(&o));
+        o.stdout
+    };
+    let merged = gen(&[regex.clone()]);
+    assert_eq!(gen(&[format!("r={regex}"), format!("l={layers}:0")]), merged);
+    assert_ne!(gen(&[format!("r={regex}"), format!("l={layers}")]), merged, "`l` changes the text");
+    let chat = |adapters: &[String], input: &str| {
+        let mut args = vec!["chat", "--model", &b, "--max-tokens", "8"];
+        for x in adapters {
+            args.extend(["--adapter", x.as_str()]);
+        }
+        let o = whet(&args, input);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    let base_reply = chat(&[], "q1\n");
+    let adapted = chat(&[format!("r={regex}")], "q1\n");
+    assert_ne!(base_reply, adapted, "the adapter changes the reply");
+    assert_eq!(chat(&[format!("r={regex}")], "/adapter none\nq1\n"), base_reply);
+    assert_eq!(chat(&[format!("r={regex}")], "/adapter none\n/adapter r\nq1\n"), adapted);
+    let o = whet(
+        &["generate", "--model", &b, "--prompt", "x", "--adapter", &format!("r={regex}:lots")],
+        "",
+    );
+    assert!(assert_one_line_error(&o).contains("weight `lots` is not a number"));
+}

@@ -436,6 +436,21 @@ fn layer_index(key: &str, pattern: &str) -> Option<usize> {
 /// that changes the computation is honoured or refused, and every tensor of the file must find
 /// its module.
 pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftAdapter> {
+    attach(model, dir, None)
+}
+
+/// [`load_adapter`] as a named inference-only adapter applied with `weight` beside the others
+/// (see [`Llama::add_named_lora`]).
+pub fn load_named_adapter(
+    model: &mut Llama,
+    name: &str,
+    weight: f64,
+    dir: &Path,
+) -> Result<PeftAdapter> {
+    attach(model, dir, Some((name, weight)))
+}
+
+fn attach(model: &mut Llama, dir: &Path, named: Option<(&str, f64)>) -> Result<PeftAdapter> {
     let adapter = PeftAdapter::read(dir)?;
     let path = dir.join("adapter_model.safetensors");
     if !path.exists() {
@@ -454,7 +469,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftAdapter> {
     let mut tensors: HashMap<String, Tensor> =
         tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
     let (device, dtype) = (model.device().clone(), model.dtype());
-    model.attach_lora(|module, in_dim, out_dim| {
+    let build = |module: &str, in_dim: usize, out_dim: usize| -> Result<Option<Lora>> {
         if !adapter.targets(module) {
             return Ok(None);
         }
@@ -479,7 +494,11 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<PeftAdapter> {
         let a = take("lora_A", (r, in_dim))?;
         let b = take("lora_B", (out_dim, r))?;
         Ok(Some(Lora::from_tensors(&a, &b, adapter.scale(module), &device, dtype)?))
-    })?;
+    };
+    match named {
+        None => model.attach_lora(build)?,
+        Some((name, weight)) => model.add_named_lora(name, weight, build)?,
+    }
     let mut left: Vec<&String> = tensors.keys().collect();
     left.sort();
     if let Some(first) = left.first() {

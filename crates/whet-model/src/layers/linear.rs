@@ -106,11 +106,18 @@ impl Linear {
     }
 }
 
-/// A projection inside a block: a frozen linear layer, optionally wrapped by a LoRA adapter.
+/// A weight shared by every projection a named adapter wraps (`f64` bits; 0 = off), so that
+/// switching adapters needs no `&mut` model.
+pub(crate) type AdapterWeight = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// A projection inside a block: a frozen linear layer, optionally wrapped by a LoRA adapter
+/// (trained, or read from a file), and by named inference-only adapters applied unmerged,
+/// each scaled by its current weight.
 #[derive(Debug, Clone)]
 pub(crate) struct Proj {
     pub(crate) base: Linear,
     pub(crate) lora: Option<Lora>,
+    pub(crate) named: Vec<(Lora, AdapterWeight)>,
     /// Hugging Face module path (`model.layers.0.self_attn.q_proj`), for adapter tensor names.
     pub(crate) path: String,
     pub(crate) in_dim: usize,
@@ -121,7 +128,7 @@ impl Proj {
     pub(crate) fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let path = vb.prefix();
         let base = Linear::load(vb, in_dim, out_dim, bias, INIT_STD)?;
-        Ok(Self { base, lora: None, path, in_dim, out_dim })
+        Ok(Self { base, lora: None, named: vec![], path, in_dim, out_dim })
     }
 
     /// The module name as LoRA targets it (`q_proj`).
@@ -131,7 +138,18 @@ impl Proj {
 
     /// The output, and what [`Proj::backward`] needs (the adapter's tape; nothing without one).
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, Option<LoraTape>)> {
-        let y = if ctx.training() { self.base.forward_frozen(x)? } else { self.base.forward(x)? };
+        let mut y =
+            if ctx.training() { self.base.forward_frozen(x)? } else { self.base.forward(x)? };
+        if !ctx.training() {
+            for (lora, weight) in &self.named {
+                let w = f64::from_bits(weight.load(std::sync::atomic::Ordering::Relaxed));
+                if w != 0.0 {
+                    // x A^T B^T scale, beside the shared base: several adapters, one base.
+                    let delta = (lora.forward(x, None)?.0 * w)?.to_dtype(y.dtype())?;
+                    y = (y + delta)?;
+                }
+            }
+        }
         let Some(lora) = &self.lora else { return Ok((y, None)) };
         let mask = match ctx.train {
             Some(pass) if lora.dropout > 0.0 => {

@@ -200,6 +200,8 @@ pub struct Llama {
     rope: Rope,
     cfg: Config,
     lora: Option<LoraConfig>,
+    /// Named inference-only adapters and their weights (see [`Llama::add_named_lora`]).
+    named: Vec<(String, crate::layers::linear::AdapterWeight)>,
 }
 
 impl Llama {
@@ -229,7 +231,16 @@ impl Llama {
             Linear::load(vb.pp("lm_head"), c, v, false, wide)?
         };
         let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
-        Ok(Self { embed_tokens, layers, norm, lm_head, rope, cfg: cfg.clone(), lora: None })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            cfg: cfg.clone(),
+            lora: None,
+            named: vec![],
+        })
     }
 
     /// The configuration the model was built with.
@@ -418,6 +429,11 @@ impl Llama {
     /// Every weight under its Hugging Face name, as the model holds it now (adapters merged
     /// with [`Llama::merge_lora`] included; unmerged adapters are not weights and are refused).
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        if !self.named.is_empty() {
+            candle_core::bail!(
+                "the model has named adapters applied unmerged; merge one adapter instead"
+            )
+        }
         let mut out =
             vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.embeddings().clone())];
         for block in &self.layers {
@@ -457,6 +473,59 @@ impl Llama {
             p.lora = adapter(&p.path, p.in_dim, p.out_dim)?;
         }
         self.lora = None;
+        Ok(())
+    }
+
+    /// Add a named adapter for inference, applied unmerged beside the base (and beside any
+    /// other named adapter) with `weight`: `adapter(path, in, out)` as for
+    /// [`Llama::attach_lora`]. Training ignores named adapters. Clones share the weights.
+    pub fn add_named_lora(
+        &mut self,
+        name: &str,
+        weight: f64,
+        mut adapter: impl FnMut(&str, usize, usize) -> crate::Result<Option<Lora>>,
+    ) -> crate::Result<()> {
+        if self.named.iter().any(|(n, _)| n == name) {
+            return Err(crate::Error::Lora(format!("two adapters are named `{name}`")));
+        }
+        let cell = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(weight.to_bits()));
+        for p in self.projs_mut() {
+            if let Some(lora) = adapter(&p.path, p.in_dim, p.out_dim)? {
+                p.named.push((lora, cell.clone()));
+            }
+        }
+        self.named.push((name.to_string(), cell));
+        Ok(())
+    }
+
+    /// The named adapters and their current weights, in the order they were added.
+    pub fn adapter_weights(&self) -> Vec<(String, f64)> {
+        self.named
+            .iter()
+            .map(|(n, c)| (n.clone(), f64::from_bits(c.load(std::sync::atomic::Ordering::Relaxed))))
+            .collect()
+    }
+
+    /// The named adapters, in the order they were added.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.named.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Set the weight of every named adapter: those in `weights` get theirs, the others 0
+    /// (off). An unknown name is an error listing the known ones.
+    pub fn set_adapter_weights(&self, weights: &[(&str, f64)]) -> crate::Result<()> {
+        for (name, _) in weights {
+            if !self.named.iter().any(|(n, _)| n == name) {
+                return Err(crate::Error::Lora(format!(
+                    "no adapter named `{name}`; loaded: {}",
+                    self.adapter_names().join(", ")
+                )));
+            }
+        }
+        for (n, cell) in &self.named {
+            let w = weights.iter().find(|(name, _)| name == n).map_or(0.0, |(_, w)| *w);
+            cell.store(w.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 

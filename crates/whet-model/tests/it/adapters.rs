@@ -227,3 +227,48 @@ fn adapter_gguf_keeps_peft_scales_that_llama_cpp_would_lose() {
     }
     assert_eq!(checked, 14);
 }
+
+/// Several adapters at once, unmerged beside one base: both at weight 1 equal both merged one
+/// after the other; one switched off leaves PEFT's logits of the other; the base comes back
+/// with all off. Switching takes `&self`.
+#[test]
+fn named_adapters_apply_unmerged_and_switch() {
+    let golden = crate::fixture("adapters/golden.json");
+    let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
+    let logits = |m: &whet_model::Llama| {
+        m.forward(&input, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .get(11)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let diff =
+        |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let mut merged = base();
+    load_adapter(&mut merged, &adapter_dir("regex")).unwrap();
+    merged.merge_lora().unwrap();
+    load_adapter(&mut merged, &adapter_dir("layers")).unwrap();
+    merged.merge_lora().unwrap();
+    let mut m = base();
+    let plain = logits(&m);
+    whet_model::adapter::load_named_adapter(&mut m, "r", 1.0, &adapter_dir("regex")).unwrap();
+    whet_model::adapter::load_named_adapter(&mut m, "l", 1.0, &adapter_dir("layers")).unwrap();
+    assert_eq!(m.adapter_names(), ["r", "l"]);
+    assert!(diff(&logits(&m), &logits(&merged)) < 1e-4, "both on = both merged");
+    m.set_adapter_weights(&[("r", 1.0)]).unwrap();
+    let want: Vec<f32> =
+        serde_json::from_value::<Vec<f64>>(golden["adapters"]["regex"]["logits"]["11"].clone())
+            .unwrap()
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+    assert!(diff(&logits(&m), &want) < 1e-4, "only `r`: PEFT's logits of that adapter");
+    m.set_adapter_weights(&[]).unwrap();
+    assert!(diff(&logits(&m), &plain) == 0.0, "all off: the base");
+    let err = m.set_adapter_weights(&[("x", 1.0)]).unwrap_err().to_string();
+    assert_eq!(err, "no adapter named `x`; loaded: r, l");
+}
