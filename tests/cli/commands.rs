@@ -232,7 +232,7 @@ fn adapter_info_describes_a_peft_adapter() {
 /// loads it too (checked where transformers and torch are installed).
 #[test]
 fn merge_writes_a_model_that_computes_what_peft_computes() {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device};
     let base = root().join("tests/fixtures/families/llama3");
     let adapter = root().join("tests/fixtures/adapters/patterns");
     let dir = tempfile::tempdir().unwrap();
@@ -267,17 +267,7 @@ fn merge_writes_a_model_that_computes_what_peft_computes() {
     let m =
         whet_model::load(&whet_model::ModelSource::HfDir(out.clone()), DType::F32, &Device::Cpu, 0)
             .unwrap();
-    let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
-    let got = m
-        .model
-        .forward(&input, None)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .get(11)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let got = last_logits(&m.model, &ids);
     let d = got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
     assert!(d < 1e-4, "merged logits differ from PEFT's by {d}");
     // An existing --out is kept without --overwrite; a format whet does not write is refused.
@@ -347,7 +337,7 @@ fn adapter_convert_writes_a_llama_cpp_adapter() {
 /// logits (f32), and close to them in Q8_0.
 #[test]
 fn merge_to_gguf_keeps_the_base_metadata_and_computes_peft_logits() {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device};
     let base = root().join("tests/fixtures/families/llama3.gguf");
     let adapter = root().join("tests/fixtures/adapters/patterns");
     let golden: serde_json::Value = serde_json::from_str(
@@ -386,17 +376,7 @@ fn merge_to_gguf_keeps_the_base_metadata_and_computes_peft_logits() {
         .unwrap();
         assert_eq!(m.tokenizer.vocab_size(), 320, "tokenizer metadata kept");
         assert!(matches!(m.config.rope_scaling, whet_model::config::RopeScaling::Factors(_)));
-        let input = Tensor::from_vec(ids.clone(), (1, ids.len()), &Device::Cpu).unwrap();
-        let got = m
-            .model
-            .forward(&input, None)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .get(11)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = last_logits(&m.model, &ids);
         let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
         let d = got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
         assert!(d < tol * scale.max(1.0), "{quant}: merged GGUF logits differ from PEFT's by {d}");
@@ -474,4 +454,12 @@ fn several_adapters_and_chat_switching() {
         "",
     );
     assert!(assert_one_line_error(&o).contains("weight `lots` is not a number"));
+}
+
+/// Logits at position 11 (the golden fixtures' last position) for `ids`.
+fn last_logits(model: &whet_model::Llama, ids: &[u32]) -> Vec<f32> {
+    use candle_core::{Device, Tensor};
+    let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
+    let logits = model.forward(&input, None).unwrap().squeeze(0).unwrap();
+    logits.get(11).unwrap().to_vec1::<f32>().unwrap()
 }
