@@ -109,15 +109,6 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| io(path, e))
 }
 
-/// Read `adapter_config.json` from an adapter directory (whet's own fields; see
-/// [`PeftAdapter::read`] for every adapter PEFT writes).
-pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
-    let path = dir.join("adapter_config.json");
-    let text = read_text(&path)?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))
-}
-
 fn read_text(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::NotFound { path: path.to_path_buf() },
@@ -262,15 +253,7 @@ impl PeftAdapter {
         }
         for (field, harmless) in REFUSED {
             let value = get(field);
-            let empty = match value {
-                serde_json::Value::Null => true,
-                serde_json::Value::Bool(b) => !b,
-                serde_json::Value::Array(a) => a.is_empty(),
-                serde_json::Value::Object(o) => o.is_empty(),
-                serde_json::Value::String(s) => field == "bias" && s == "none",
-                _ => false,
-            };
-            if !empty {
+            if is_set(field, value) {
                 return Err(bad(format!(
                     "`{field}` = `{value}` changes what the adapter computes and whet does not implement it (only `{harmless}`)"
                 )));
@@ -422,6 +405,19 @@ impl PeftAdapter {
         } else {
             alpha / r as f64
         }
+    }
+}
+
+/// Whether an `adapter_config.json` field holds anything but its no-op value (null, false, an
+/// empty list or map, `bias` = `none`).
+fn is_set(field: &str, value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Null => false,
+        serde_json::Value::Bool(b) => *b,
+        serde_json::Value::Array(a) => !a.is_empty(),
+        serde_json::Value::Object(o) => !o.is_empty(),
+        serde_json::Value::String(s) => !(field == "bias" && s == "none"),
+        _ => true,
     }
 }
 
@@ -632,13 +628,7 @@ pub fn check_for(dir: &Path, runtime: &str) -> Result<Vec<Finding>> {
     let path = dir.join("adapter_config.json");
     let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&read_text(&path)?)
         .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
-    let set = |k: &str| match v.get(k) {
-        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => false,
-        Some(serde_json::Value::Array(a)) => !a.is_empty(),
-        Some(serde_json::Value::Object(o)) => !o.is_empty(),
-        Some(serde_json::Value::String(s)) => !(k == "bias" && s == "none"),
-        Some(_) => true,
-    };
+    let set = |k: &str| v.get(k).is_some_and(|value| is_set(k, value));
     let mut out = vec![];
     match runtime {
         "whet" => {
