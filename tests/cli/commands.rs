@@ -257,13 +257,7 @@ fn merge_writes_a_model_that_computes_what_peft_computes() {
     ] {
         assert!(out.join(f).exists(), "{f}");
     }
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/adapters/golden.json")).unwrap(),
-    )
-    .unwrap();
-    let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
-    let want: Vec<f64> =
-        serde_json::from_value(golden["adapters"]["patterns"]["logits"]["11"].clone()).unwrap();
+    let (ids, want) = patterns_golden();
     let m =
         whet_model::load(&whet_model::ModelSource::HfDir(out.clone()), DType::F32, &Device::Cpu, 0)
             .unwrap();
@@ -340,13 +334,7 @@ fn merge_to_gguf_keeps_the_base_metadata_and_computes_peft_logits() {
     use candle_core::{DType, Device};
     let base = root().join("tests/fixtures/families/llama3.gguf");
     let adapter = root().join("tests/fixtures/adapters/patterns");
-    let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root().join("tests/fixtures/adapters/golden.json")).unwrap(),
-    )
-    .unwrap();
-    let ids: Vec<u32> = serde_json::from_value(golden["ids"].clone()).unwrap();
-    let want: Vec<f64> =
-        serde_json::from_value(golden["adapters"]["patterns"]["logits"]["11"].clone()).unwrap();
+    let (ids, want) = patterns_golden();
     let dir = tempfile::tempdir().unwrap();
     for (quant, tol) in [("f32", 1e-4), ("q8_0", 0.05)] {
         let out = dir.path().join(format!("merged-{quant}.gguf"));
@@ -462,4 +450,17 @@ fn last_logits(model: &whet_model::Llama, ids: &[u32]) -> Vec<f32> {
     let input = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
     let logits = model.forward(&input, None).unwrap().squeeze(0).unwrap();
     logits.get(11).unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// The adapter goldens' ids, and PEFT's logits at position 11 with the `patterns` adapter
+/// (`scripts/reference_adapters.py`).
+fn patterns_golden() -> (Vec<u32>, Vec<f64>) {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/adapters/golden.json")).unwrap(),
+    )
+    .unwrap();
+    let ids = serde_json::from_value(golden["ids"].clone()).unwrap();
+    let want =
+        serde_json::from_value(golden["adapters"]["patterns"]["logits"]["11"].clone()).unwrap();
+    (ids, want)
 }
