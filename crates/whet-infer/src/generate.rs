@@ -37,6 +37,31 @@ impl Default for SamplingConfig {
 }
 
 impl SamplingConfig {
+    /// A fresh sampler seeded with [`SamplingConfig::seed`].
+    pub(crate) fn processor(&self) -> LogitsProcessor {
+        LogitsProcessor::from_sampling(self.seed, self.sampling())
+    }
+
+    /// The next token from `logits` `[V]`, after the repetition penalty over the last
+    /// `repeat_last_n` of `seen`.
+    pub(crate) fn sample(
+        &self,
+        sampler: &mut LogitsProcessor,
+        logits: &Tensor,
+        seen: &[u32],
+    ) -> Result<u32, Error> {
+        if self.repetition_penalty == 1.0 {
+            return Ok(sampler.sample(logits)?);
+        }
+        let recent = &seen[seen.len().saturating_sub(self.repeat_last_n)..];
+        let logits = candle_transformers::utils::apply_repeat_penalty(
+            logits,
+            self.repetition_penalty,
+            recent,
+        )?;
+        Ok(sampler.sample(&logits)?)
+    }
+
     fn sampling(&self) -> Sampling {
         let (t, k, p) = (self.temperature, self.top_k, self.top_p);
         if t <= 0.0 {
@@ -90,6 +115,16 @@ pub enum StopReason {
     ContextFull,
 }
 
+impl StopReason {
+    /// OpenAI's `finish_reason`: `stop` or `length`.
+    pub fn finish_reason(self) -> &'static str {
+        match self {
+            StopReason::Eos | StopReason::StopString => "stop",
+            StopReason::MaxTokens | StopReason::ContextFull => "length",
+        }
+    }
+}
+
 /// The result of one generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -103,8 +138,84 @@ pub struct Generation {
     pub prefill_secs: f64,
     /// Seconds spent producing tokens after the first.
     pub decode_secs: f64,
+    /// Seconds from the request to its first generated token (queueing included when a batch
+    /// engine ran it).
+    pub first_token_secs: f64,
     /// Why it ended.
     pub stop_reason: StopReason,
+}
+
+/// The generated tokens of one sequence turned into text as it grows: each piece is passed on
+/// as soon as it can no longer become part of a stop string (nor of an unfinished UTF-8
+/// character), and the stop conditions are checked after every token.
+pub(crate) struct TextStream {
+    pub(crate) ids: Vec<u32>,
+    /// Bytes of text already passed on.
+    emitted: usize,
+    max_stop: usize,
+}
+
+impl TextStream {
+    pub(crate) fn new(cfg: &GenerateConfig) -> Self {
+        let max_stop = cfg.stop.iter().map(String::len).max().unwrap_or(0);
+        Self { ids: vec![], emitted: 0, max_stop }
+    }
+
+    /// Take token `next`, sampled with `cfg` after `cached` positions of a model with
+    /// `context` positions: the text that became final, and why generation ends, if it does.
+    pub(crate) fn push(
+        &mut self,
+        cfg: &GenerateConfig,
+        next: u32,
+        tokenizer: &ModelTokenizer,
+        cached: usize,
+        context: usize,
+    ) -> Result<(Option<String>, Option<StopReason>), Error> {
+        if cfg.stop_at_eos && tokenizer.stop_ids.contains(&next) {
+            return Ok((None, Some(StopReason::Eos)));
+        }
+        self.ids.push(next);
+        let text = tokenizer.decode(&self.ids)?;
+        let emitted = self.emitted;
+        if let Some(at) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            self.emitted = at.max(emitted);
+            let piece = (at > emitted).then(|| text[emitted..at].to_string());
+            return Ok((piece, Some(StopReason::StopString)));
+        }
+        // Hold back what could still grow into a stop string, and incomplete UTF-8.
+        let mut safe = text.len().saturating_sub(self.max_stop.saturating_sub(1));
+        if text.ends_with('\u{FFFD}') {
+            safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
+        }
+        while !text.is_char_boundary(safe) {
+            safe -= 1;
+        }
+        let piece = (safe > emitted).then(|| text[emitted..safe].to_string());
+        self.emitted = self.emitted.max(safe);
+        let stop = if self.ids.len() >= cfg.max_tokens {
+            Some(StopReason::MaxTokens)
+        } else if cached + 1 >= context {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+        Ok((piece, stop))
+    }
+
+    /// The whole text once generation has ended for `reason`, and what is left to pass on.
+    pub(crate) fn finish(
+        &self,
+        tokenizer: &ModelTokenizer,
+        reason: StopReason,
+    ) -> Result<(String, Option<String>), Error> {
+        let mut text = tokenizer.decode(&self.ids)?;
+        if reason == StopReason::StopString {
+            text.truncate(self.emitted);
+            return Ok((text, None));
+        }
+        let rest = (text.len() > self.emitted).then(|| text[self.emitted..].to_string());
+        Ok((text, rest))
+    }
 }
 
 /// Errors of generation.
@@ -173,64 +284,35 @@ impl<'a> Session<'a> {
         let prefill_tokens = new.len();
         self.cached.extend_from_slice(new);
 
-        let mut sampler =
-            LogitsProcessor::from_sampling(cfg.sampling.seed, cfg.sampling.sampling());
-        let mut ids: Vec<u32> = vec![];
-        let mut emitted = 0; // bytes of text already passed to on_text
-        let max_stop = cfg.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut sampler = cfg.sampling.processor();
+        let mut out = TextStream::new(cfg);
         let decode_start = Instant::now();
         let stop_reason = loop {
-            if cfg.sampling.repetition_penalty != 1.0 {
-                let recent =
-                    &self.cached[self.cached.len().saturating_sub(cfg.sampling.repeat_last_n)..];
-                logits = candle_transformers::utils::apply_repeat_penalty(
-                    &logits,
-                    cfg.sampling.repetition_penalty,
-                    recent,
-                )?;
+            let next = cfg.sampling.sample(&mut sampler, &logits, &self.cached)?;
+            let (piece, stop) = out.push(cfg, next, self.tokenizer, self.cached.len(), context)?;
+            if let Some(piece) = piece {
+                on_text(&piece);
             }
-            let next = sampler.sample(&logits)?;
-            if cfg.stop_at_eos && self.tokenizer.stop_ids.contains(&next) {
-                break StopReason::Eos;
-            }
-            ids.push(next);
-            let text = self.tokenizer.decode(&ids)?;
-            if let Some(at) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-                if at > emitted {
-                    on_text(&text[emitted..at]);
-                }
-                emitted = at.max(emitted);
-                break StopReason::StopString;
-            }
-            // Hold back what could still grow into a stop string, and incomplete UTF-8.
-            let mut safe = text.len().saturating_sub(max_stop.saturating_sub(1));
-            if text.ends_with('\u{FFFD}') {
-                safe = safe.min(text.len() - '\u{FFFD}'.len_utf8());
-            }
-            while !text.is_char_boundary(safe) {
-                safe -= 1;
-            }
-            if safe > emitted {
-                on_text(&text[emitted..safe]);
-                emitted = safe;
-            }
-            if ids.len() >= cfg.max_tokens {
-                break StopReason::MaxTokens;
-            }
-            if self.cached.len() + 1 >= context {
-                break StopReason::ContextFull;
+            if let Some(stop) = stop {
+                break stop;
             }
             logits = self.forward(&[next], &device)?;
             self.cached.push(next);
         };
         let decode_secs = decode_start.elapsed().as_secs_f64();
-        let mut text = self.tokenizer.decode(&ids)?;
-        if stop_reason == StopReason::StopString {
-            text.truncate(emitted);
-        } else if text.len() > emitted {
-            on_text(&text[emitted..]);
+        let (text, rest) = out.finish(self.tokenizer, stop_reason)?;
+        if let Some(rest) = rest {
+            on_text(&rest);
         }
-        Ok(Generation { text, ids, prefill_tokens, prefill_secs, decode_secs, stop_reason })
+        Ok(Generation {
+            text,
+            ids: out.ids,
+            prefill_tokens,
+            prefill_secs,
+            decode_secs,
+            first_token_secs: prefill_secs,
+            stop_reason,
+        })
     }
 
     /// Run `ids` through the model, continuing the cache; logits `[V]` of the last position.

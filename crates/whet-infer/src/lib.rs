@@ -3,8 +3,10 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod engine;
 pub mod generate;
 
+pub use engine::{generate_all, Engine, EngineConfig, Event, Request, Sink};
 pub use generate::{Error, GenerateConfig, Generation, SamplingConfig, Session, StopReason};
 
 pub use whet_data::{ChatTemplate, Message, TemplateError};

@@ -24,4 +24,4 @@ pub use error::{Error, Result};
 pub use io::tokenizer::ModelTokenizer;
 pub use io::{load, load_tokenizer, LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT};
 pub use layers::{GradCollector, TrainPass};
-pub use models::llama::{Cache, Llama, Packing};
+pub use models::llama::{Cache, Llama, Packing, Row};

@@ -6,6 +6,8 @@ use std::sync::OnceLock;
 use whet_infer::{chat_template, GenerateConfig, Message, SamplingConfig, Session, StopReason};
 use whet_model::{load, LoadedModel, ModelSource};
 
+mod engine;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }

@@ -106,6 +106,39 @@ impl Attention {
         Ok((out, tape))
     }
 
+    /// Ragged-batch forward of `x` `[1, N, C]`, the rows of `ctx.rows` laid end to end: the
+    /// projections run once over all rows (the weights are read once per step, whatever the
+    /// number of sequences); rotation, cache and attention run per row, each continuing its own
+    /// cache (`caches[i]` for row `i`), so no row pays for another's length.
+    pub(crate) fn forward_rows(
+        &self,
+        x: &Tensor,
+        caches: &mut [&mut KvCache],
+        ctx: &Ctx,
+    ) -> Result<Tensor> {
+        let Some(rows) = ctx.rows else { candle_core::bail!("forward_rows needs rows") };
+        let (_, n, _) = x.dims3()?;
+        let (h, k, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x, ctx)?.0.reshape((1, n, h, d))?;
+        let kk = self.k_proj.forward(x, ctx)?.0.reshape((1, n, k, d))?;
+        let v = self.v_proj.forward(x, ctx)?.0.reshape((1, n, k, d))?;
+        let (q, kk) = match &self.qk_norm {
+            Some((qn, kn)) => (qn.forward(&q, ctx)?, kn.forward(&kk, ctx)?),
+            None => (q, kk),
+        };
+        let mut ys = Vec::with_capacity(rows.len());
+        for (row, cache) in rows.iter().zip(caches.iter_mut()) {
+            let (s, t) = (row.start, row.len);
+            let q = Rope::apply(&q.narrow(1, s, t)?.transpose(1, 2)?, &row.cos, &row.sin)?;
+            let kk = Rope::apply(&kk.narrow(1, s, t)?.transpose(1, 2)?, &row.cos, &row.sin)?;
+            let v = v.narrow(1, s, t)?.transpose(1, 2)?.contiguous()?;
+            let (kk, v) = cache.append(&kk, &v)?;
+            let y = crate::ops::attention(&q, &kk, &v, row.mask.as_ref(), self.scale())?;
+            ys.push(y.transpose(1, 2)?.reshape((1, t, h * d))?);
+        }
+        Ok(self.o_proj.forward(&Tensor::cat(&ys, 1)?, ctx)?.0)
+    }
+
     fn scale(&self) -> f64 {
         1.0 / (self.head_dim as f64).sqrt()
     }

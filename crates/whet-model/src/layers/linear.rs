@@ -1,7 +1,7 @@
 //! Linear layers: the frozen base weight — dense, or block-quantized for fast CPU decoding (the
 //! seam QLoRA grows from) — and [`Proj`], a base optionally wrapped by a LoRA adapter.
 
-use super::{Ctx, Grads};
+use super::{Ctx, Grads, RowSpan};
 use crate::lora::{Lora, LoraTape};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
@@ -110,14 +110,23 @@ impl Linear {
 /// switching adapters needs no `&mut` model.
 pub(crate) type AdapterWeight = std::sync::Arc<std::sync::atomic::AtomicU64>;
 
+/// A named inference-only adapter of one projection.
+#[derive(Debug, Clone)]
+pub(crate) struct NamedLora {
+    /// The model-wide id of the adapter (see [`crate::Llama::add_named_lora`]).
+    pub(crate) id: usize,
+    pub(crate) lora: Lora,
+    pub(crate) weight: AdapterWeight,
+}
+
 /// A projection inside a block: a frozen linear layer, optionally wrapped by a LoRA adapter
 /// (trained, or read from a file), and by named inference-only adapters applied unmerged,
-/// each scaled by its current weight.
+/// each scaled by its current weight — or, in a ragged batch, by each row's own choice.
 #[derive(Debug, Clone)]
 pub(crate) struct Proj {
     pub(crate) base: Linear,
     pub(crate) lora: Option<Lora>,
-    pub(crate) named: Vec<(Lora, AdapterWeight)>,
+    pub(crate) named: Vec<NamedLora>,
     /// Hugging Face module path (`model.layers.0.self_attn.q_proj`), for adapter tensor names.
     pub(crate) path: String,
     pub(crate) in_dim: usize,
@@ -140,12 +149,14 @@ impl Proj {
     pub(crate) fn forward(&self, x: &Tensor, ctx: &Ctx) -> Result<(Tensor, Option<LoraTape>)> {
         let mut y =
             if ctx.training() { self.base.forward_frozen(x)? } else { self.base.forward(x)? };
-        if !ctx.training() {
-            for (lora, weight) in &self.named {
-                let w = f64::from_bits(weight.load(std::sync::atomic::Ordering::Relaxed));
+        if let Some(rows) = ctx.rows {
+            y = self.row_adapters(x, y, rows)?;
+        } else if !ctx.training() {
+            for named in &self.named {
+                let w = f64::from_bits(named.weight.load(std::sync::atomic::Ordering::Relaxed));
                 if w != 0.0 {
                     // x A^T B^T scale, beside the shared base: several adapters, one base.
-                    let delta = (lora.forward(x, None)?.0 * w)?.to_dtype(y.dtype())?;
+                    let delta = (named.lora.forward(x, None)?.0 * w)?.to_dtype(y.dtype())?;
                     y = (y + delta)?;
                 }
             }
@@ -169,6 +180,40 @@ impl Proj {
         let (delta, tape) = lora.forward(x, mask.as_ref())?;
         let delta = delta.to_dtype(y.dtype())?;
         Ok(((y + delta)?, Some(tape)))
+    }
+
+    /// Add each ragged-batch row's own adapters to the base output `y` `[1, N, out]` of `x`
+    /// `[1, N, in]`. Neighbouring rows with the same adapters share one LoRA matmul (the engine
+    /// orders rows by adapter); rows without adapters cost nothing.
+    fn row_adapters(&self, x: &Tensor, y: Tensor, rows: &[RowSpan]) -> Result<Tensor> {
+        let mine = |r: &RowSpan| -> Vec<(&NamedLora, f64)> {
+            r.adapters
+                .iter()
+                .filter_map(|(id, w)| self.named.iter().find(|n| n.id == *id).map(|n| (n, *w)))
+                .filter(|(_, w)| *w != 0.0)
+                .collect()
+        };
+        if rows.iter().all(|r| mine(r).is_empty()) {
+            return Ok(y);
+        }
+        let mut pieces = vec![];
+        let mut i = 0;
+        while i < rows.len() {
+            let adapters = mine(&rows[i]);
+            let (start, mut len) = (rows[i].start, rows[i].len);
+            i += 1;
+            while i < rows.len() && rows[i].adapters == rows[i - 1].adapters {
+                len += rows[i].len;
+                i += 1;
+            }
+            let mut piece = y.narrow(1, start, len)?;
+            for (named, w) in adapters {
+                let delta = (named.lora.forward(&x.narrow(1, start, len)?, None)?.0 * w)?;
+                piece = (piece + delta.to_dtype(y.dtype())?)?;
+            }
+            pieces.push(piece);
+        }
+        Tensor::cat(&pieces, 1)
     }
 
     /// The input's gradient for output gradient `g`; the adapter's gradients go to `grads`.

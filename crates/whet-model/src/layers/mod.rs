@@ -29,13 +29,28 @@ pub struct TrainPass {
 }
 
 /// What a forward pass is for: inference (`train` none) uses candle's fused kernels; training
-/// keeps what the hand-written backward passes need and applies adapter dropout.
+/// keeps what the hand-written backward passes need and applies adapter dropout. A ragged
+/// batch (`rows`) lays several sequences end to end in one row, each with its own adapters.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Ctx {
+pub(crate) struct Ctx<'a> {
     pub(crate) train: Option<TrainPass>,
+    pub(crate) rows: Option<&'a [RowSpan]>,
 }
 
-impl Ctx {
+/// One sequence of a ragged batch: its tokens `start..start + len` of the flattened row, and
+/// the named adapters (id, weight) applied to them.
+#[derive(Debug, Clone)]
+pub(crate) struct RowSpan {
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    pub(crate) adapters: Vec<(usize, f64)>,
+    /// Rotation tables of the row's positions and its mask (`None`: every key visible).
+    pub(crate) cos: Tensor,
+    pub(crate) sin: Tensor,
+    pub(crate) mask: Option<Tensor>,
+}
+
+impl Ctx<'_> {
     pub(crate) fn training(&self) -> bool {
         self.train.is_some()
     }

@@ -14,11 +14,11 @@
 
 use crate::config::Config;
 use crate::layers::attention::{Attention, AttentionTape};
-use crate::layers::linear::{Linear, Proj};
+use crate::layers::linear::{AdapterWeight, Linear, NamedLora, Proj};
 use crate::layers::mlp::{Mlp, MlpTape};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::{Positions, Rope};
-use crate::layers::{Ctx, GradCollector, Grads, TrainPass};
+use crate::layers::{Ctx, GradCollector, Grads, RowSpan, TrainPass};
 use crate::lora::{Lora, LoraConfig};
 use candle_core::quantized::GgmlDType;
 use candle_core::Var;
@@ -73,6 +73,14 @@ impl Block {
         Ok((y, Tape { x: x.clone(), mid, attention, mlp }))
     }
 
+    /// Ragged-batch forward (see [`Attention::forward_rows`]).
+    fn forward_rows(&self, x: &Tensor, caches: &mut [&mut KvCache], ctx: &Ctx) -> Result<Tensor> {
+        let normed = self.input_layernorm.forward(x, ctx)?;
+        let mid = (x + self.self_attn.forward_rows(&normed, caches, ctx)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&mid, ctx)?, ctx)?.0;
+        &mid + h
+    }
+
     /// Training forward: the block is one node of candle's graph, whose backward pass runs
     /// [`Block::backward`] from the activations this forward keeps, or, with gradient
     /// checkpointing (Chen et al. 2016), from a recomputation of the block from its input: one
@@ -95,8 +103,8 @@ impl Block {
         let xd = x.detach();
         let (y, tape) = self.forward(&xd, rope, pos, mask, None, ctx)?;
         let tape = if checkpoint { None } else { Some(tape) };
-        let (block, rope, pos, mask, ctx, collector) =
-            (self.clone(), rope.clone(), pos.clone(), mask.cloned(), *ctx, collector.clone());
+        let (block, rope, pos, mask, train, collector) =
+            (self.clone(), rope.clone(), pos.clone(), mask.cloned(), ctx.train, collector.clone());
         crate::ops::attach(
             x,
             y,
@@ -106,6 +114,7 @@ impl Block {
                 let tape = match &tape {
                     Some(tape) => tape,
                     None => {
+                        let ctx = Ctx { train, rows: None };
                         recomputed = block.forward(&xd, &rope, &pos, mask.as_ref(), None, &ctx)?.1;
                         &recomputed
                     }
@@ -200,8 +209,22 @@ pub struct Llama {
     rope: Rope,
     cfg: Config,
     lora: Option<LoraConfig>,
-    /// Named inference-only adapters and their weights (see [`Llama::add_named_lora`]).
-    named: Vec<(String, crate::layers::linear::AdapterWeight)>,
+    /// Named inference-only adapters: name, id, weight (see [`Llama::add_named_lora`]).
+    named: Vec<(String, usize, AdapterWeight)>,
+    /// The id the next named adapter gets: ids are never reused, so a row that names a removed
+    /// adapter cannot pick up its successor.
+    next_id: usize,
+}
+
+/// One sequence of a ragged batch step (see [`Llama::forward_rows`]).
+#[derive(Debug)]
+pub struct Row<'a> {
+    /// The tokens to run: a whole prompt, or the one token sampled last.
+    pub ids: &'a [u32],
+    /// The sequence's own cache, continued by `ids`.
+    pub cache: &'a mut Cache,
+    /// Named adapters and their weights for this sequence (none: the base model).
+    pub adapters: &'a [(String, f64)],
 }
 
 impl Llama {
@@ -240,6 +263,7 @@ impl Llama {
             cfg: cfg.clone(),
             lora: None,
             named: vec![],
+            next_id: 0,
         })
     }
 
@@ -305,7 +329,7 @@ impl Llama {
         packing: Option<Packing>,
         pass: &TrainPass,
     ) -> Result<(Tensor, GradCollector)> {
-        let ctx = Ctx { train: Some(*pass) };
+        let ctx = Ctx { train: Some(*pass), rows: None };
         let collector = GradCollector::default();
         let h = match packing {
             Some(packing) => {
@@ -485,44 +509,73 @@ impl Llama {
         weight: f64,
         mut adapter: impl FnMut(&str, usize, usize) -> crate::Result<Option<Lora>>,
     ) -> crate::Result<()> {
-        if self.named.iter().any(|(n, _)| n == name) {
+        if self.named.iter().any(|(n, ..)| n == name) {
             return Err(crate::Error::Lora(format!("two adapters are named `{name}`")));
         }
         let cell = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(weight.to_bits()));
-        for p in self.projs_mut() {
+        let id = self.next_id;
+        // Read every projection's adapter before attaching any: a failure leaves the model as
+        // it was.
+        let mut found = vec![];
+        for (i, p) in self.projs().enumerate() {
             if let Some(lora) = adapter(&p.path, p.in_dim, p.out_dim)? {
-                p.named.push((lora, cell.clone()));
+                found.push((i, lora));
             }
         }
-        self.named.push((name.to_string(), cell));
+        let mut found = found.into_iter().peekable();
+        for (i, p) in self.projs_mut().enumerate() {
+            if found.peek().is_some_and(|(j, _)| *j == i) {
+                let (_, lora) = found.next().expect("peeked");
+                p.named.push(NamedLora { id, lora, weight: cell.clone() });
+            }
+        }
+        self.named.push((name.to_string(), id, cell));
+        self.next_id += 1;
         Ok(())
+    }
+
+    /// Remove the named adapter `name` (an unknown name is an error listing the known ones).
+    pub fn remove_named_lora(&mut self, name: &str) -> crate::Result<()> {
+        let id = self.adapter_id(name)?;
+        for p in self.projs_mut() {
+            p.named.retain(|n| n.id != id);
+        }
+        self.named.retain(|(_, i, _)| *i != id);
+        Ok(())
+    }
+
+    fn adapter_id(&self, name: &str) -> crate::Result<usize> {
+        self.named.iter().find(|(n, ..)| n == name).map(|(_, id, _)| *id).ok_or_else(|| {
+            let known = self.adapter_names();
+            crate::Error::Lora(format!(
+                "no adapter named `{name}`; loaded: {}",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        })
     }
 
     /// The named adapters and their current weights, in the order they were added.
     pub fn adapter_weights(&self) -> Vec<(String, f64)> {
         self.named
             .iter()
-            .map(|(n, c)| (n.clone(), f64::from_bits(c.load(std::sync::atomic::Ordering::Relaxed))))
+            .map(|(n, _, c)| {
+                (n.clone(), f64::from_bits(c.load(std::sync::atomic::Ordering::Relaxed)))
+            })
             .collect()
     }
 
     /// The named adapters, in the order they were added.
     pub fn adapter_names(&self) -> Vec<String> {
-        self.named.iter().map(|(n, _)| n.clone()).collect()
+        self.named.iter().map(|(n, ..)| n.clone()).collect()
     }
 
     /// Set the weight of every named adapter: those in `weights` get theirs, the others 0
     /// (off). An unknown name is an error listing the known ones.
     pub fn set_adapter_weights(&self, weights: &[(&str, f64)]) -> crate::Result<()> {
         for (name, _) in weights {
-            if !self.named.iter().any(|(n, _)| n == name) {
-                return Err(crate::Error::Lora(format!(
-                    "no adapter named `{name}`; loaded: {}",
-                    self.adapter_names().join(", ")
-                )));
-            }
+            self.adapter_id(name)?;
         }
-        for (n, cell) in &self.named {
+        for (n, _, cell) in &self.named {
             let w = weights.iter().find(|(name, _)| name == n).map_or(0.0, |(_, w)| *w);
             cell.store(w.to_bits(), std::sync::atomic::Ordering::Relaxed);
         }
@@ -588,6 +641,56 @@ impl Llama {
         let t = h.dim(1)?;
         let last = h.narrow(1, t - 1, 1)?.squeeze(1)?; // [B, C]
         self.logits(&last)?.to_dtype(DType::F32)
+    }
+}
+
+impl Llama {
+    /// One step of a ragged batch: each row's tokens continue its own cache with its own
+    /// adapters (the weights set by [`Llama::set_adapter_weights`] do not apply), and the
+    /// result is the logits `[R, V]` (f32) of each row's last token. The rows are laid end to
+    /// end, so a step costs the sum of the rows' lengths, not their number times the longest:
+    /// the linear layers (most of the work) run once over all rows, and attention runs per
+    /// row over its own cache. Rows that share adapters should be neighbours: they then share
+    /// one LoRA matmul per projection.
+    pub fn forward_rows(&self, rows: &mut [Row]) -> crate::Result<Tensor> {
+        let mut spans = Vec::with_capacity(rows.len());
+        let mut ids = Vec::new();
+        let window = self.cfg.sliding_window.unwrap_or(usize::MAX);
+        for row in rows.iter() {
+            let (t, offset) = (row.ids.len(), row.cache.len);
+            if t == 0 {
+                return Err(candle_core::Error::msg("a batch row has no tokens").into());
+            }
+            self.check_length(offset + t)?;
+            let adapters = row
+                .adapters
+                .iter()
+                .map(|(name, w)| Ok((self.adapter_id(name)?, *w)))
+                .collect::<crate::Result<Vec<_>>>()?;
+            let (cos, sin) = self.rope.tables(&Positions::From(offset), 1, t)?;
+            let mask = if t == 1 && offset < window {
+                None
+            } else {
+                Some(causal_mask(t, offset, window, self.device())?)
+            };
+            spans.push(RowSpan { start: ids.len(), len: t, adapters, cos, sin, mask });
+            ids.extend_from_slice(row.ids);
+        }
+        let ctx = Ctx { train: None, rows: Some(&spans) };
+        let n = ids.len();
+        let mut x = self.embed_tokens.forward(&Tensor::from_vec(ids, (1, n), self.device())?)?;
+        for (i, block) in self.layers.iter().enumerate() {
+            let mut caches: Vec<&mut KvCache> =
+                rows.iter_mut().map(|r| &mut r.cache.layers[i]).collect();
+            x = block.forward_rows(&x, &mut caches, &ctx)?;
+        }
+        for row in rows.iter_mut() {
+            row.cache.len += row.ids.len();
+        }
+        let last: Vec<u32> = spans.iter().map(|s| (s.start + s.len - 1) as u32).collect();
+        let last = Tensor::from_vec(last, spans.len(), self.device())?;
+        let h = self.norm.forward(&x.squeeze(0)?.index_select(&last, 0)?, &Ctx::default())?;
+        Ok(self.logits(&h)?.to_dtype(DType::F32)?)
     }
 }
 
