@@ -369,6 +369,15 @@ pub struct GenerateArgs {
     /// Print prompt/decode speed to stderr when done.
     #[arg(long)]
     pub stats: bool,
+    /// Generate for every line of a JSONL file, batched, and write one JSON line per prompt to
+    /// stdout. Each line: `{"prompt": TEXT}` or `{"messages": [...]}`, optionally with `id`
+    /// (echoed), `adapter` (a NAME given as --adapter NAME=DIR, or `none`), `max_tokens`,
+    /// `temperature`, `top_p`, `seed`, `stop`; other settings come from the flags.
+    #[arg(long, conflicts_with = "prompt")]
+    pub batch_file: Option<std::path::PathBuf>,
+    /// Most sequences decoding at once with --batch-file.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Args)]

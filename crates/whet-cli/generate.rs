@@ -7,6 +7,9 @@ use std::io::{Read, Write};
 use whet_infer::{chat_template, Message, Session};
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    if let Some(file) = &args.batch_file {
+        return crate::batch::run(&args, file);
+    }
     let cfg = model::generate_config(&args.sampling)?;
     let prompt = match args.prompt.as_deref() {
         Some(p) if p != "-" => p.to_string(),

@@ -2,6 +2,7 @@
 
 mod adapter;
 mod args;
+mod batch;
 mod bench;
 mod chat;
 mod data;
