@@ -51,9 +51,50 @@ pub enum Command {
     /// Inspect LoRA adapters (whet's or PEFT's).
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Serve the model over an OpenAI-compatible HTTP API, with per-request adapters.
+    ///
+    /// Example: whet serve --adapter style=runs/style/adapter --port 8080
+    ///
+    /// Each request's `model` picks the base model (its id is in GET /v1/models) or an
+    /// adapter by NAME; requests on different adapters decode in the same batch. The
+    /// playground page is at http://HOST:PORT/.
+    Serve(ServeArgs),
     /// Benchmarks (speed goals live here, not in tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Defaults for requests that do not set them; `--max-tokens` is also the most a request
+    /// may ask for.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// The id the base model answers to; default: the model file's name.
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Allow POST /v1/adapters to load adapters from inside this directory (only).
+    #[arg(long)]
+    pub adapter_dir: Option<std::path::PathBuf>,
+    /// Address to bind; 127.0.0.1 keeps the server to this machine.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health and the page at /.
+    #[arg(long, env = "WHET_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Most requests in flight (decoding or queued); more get HTTP 429.
+    #[arg(long, default_value_t = 64)]
+    pub max_concurrent: usize,
+    /// Most sequences decoding in one batch.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Largest request body in bytes; larger gets HTTP 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ mod data;
 mod generate;
 mod info;
 mod model;
+mod serve;
 mod tokenize;
 mod train;
 
@@ -73,6 +74,7 @@ fn main() {
         args::Command::Adapter(args::AdapterCommand::Convert(a)) => adapter::convert(a),
         args::Command::Adapter(args::AdapterCommand::Check(a)) => adapter::check(a),
         args::Command::Train(a) => train::run(a),
+        args::Command::Serve(a) => serve::run(a),
         args::Command::Data(args::DataCommand::Check(a)) => data::check(a),
         args::Command::Data(args::DataCommand::Preview(a)) => data::preview(a),
         args::Command::Data(args::DataCommand::Prepare(a)) => data::prepare(a),

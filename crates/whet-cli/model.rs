@@ -13,6 +13,12 @@ pub fn model_spec(model: &Option<String>) -> String {
 
 /// Load the model named by `args` on the requested device.
 pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
+    load_with(args, seed, true)
+}
+
+/// As [`load`]; with `merge_one` false, even a single `--adapter DIR` stays unmerged, named
+/// after its directory (the server selects adapters per request).
+pub fn load_with(args: &ModelArgs, seed: u64, merge_one: bool) -> Result<(LoadedModel, Device)> {
     let device = whet_model::parse_device(&args.device)?;
     let dtype = whet_model::parse_dtype(&args.dtype)?;
     let quantize = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
@@ -22,7 +28,7 @@ pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
     match specs.as_slice() {
         [] => {}
         // One plain adapter: merged, so generation runs at base speed.
-        [one] if one.name.is_none() && one.weight.is_none() => {
+        [one] if merge_one && one.name.is_none() && one.weight.is_none() => {
             let adapter = whet_model::adapter::load_adapter(&mut model.model, &one.dir)
                 .with_context(|| format!("cannot apply the adapter in {}", one.dir.display()))?;
             warn_base(&adapter, &one.dir, &spec);
@@ -31,7 +37,7 @@ pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
         }
         several => {
             for s in several {
-                let name = s.name.clone().unwrap_or_else(|| s.dir.display().to_string());
+                let name = s.name.clone().unwrap_or_else(|| default_name(&s.dir));
                 let weight = s.weight.unwrap_or(1.0);
                 let adapter = whet_model::adapter::load_named_adapter(
                     &mut model.model,
@@ -52,6 +58,17 @@ pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
     }
     tracing::info!("loaded {} on {}", model.source, whet_model::device_name(&device));
     Ok((model, device))
+}
+
+/// An adapter's name when none is given: its directory's name (`runs/style/adapter` is
+/// `style`: a run directory's adapter lives in `adapter/`).
+fn default_name(dir: &std::path::Path) -> String {
+    let mut parts = dir.components().rev().filter_map(|c| c.as_os_str().to_str());
+    match parts.next() {
+        Some("adapter") | Some("best") => parts.next().unwrap_or("adapter").to_string(),
+        Some(n) if n != "." && n != ".." => n.to_string(),
+        _ => dir.display().to_string(),
+    }
 }
 
 /// One `--adapter` value: `DIR`, or `NAME=DIR[:WEIGHT]`.

@@ -1,0 +1,478 @@
+//! The HTTP routes: OpenAI's request and response shapes on one side, engine commands on the
+//! other.
+
+use crate::api::{self, ChatRequest, CompletionRequest, PromptInput};
+use crate::error::ApiError;
+use crate::worker::Command;
+use crate::{unix_now, AdapterEntry, AppState};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use whet_infer::{Event, GenerateConfig, Generation};
+
+type Shared = State<Arc<AppState>>;
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/", get(playground))
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/adapters", post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
+        .fallback(|| async { ApiError::not_found("not_found", "no such route".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// With `--api-key`, every route but `/health` and the static page needs the key.
+async fn auth(State(state): Shared, req: Request, next: Next) -> Response {
+    let open = matches!(req.uri().path(), "/health" | "/");
+    if let (Some(key), false) = (&state.cfg.api_key, open) {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same(g.as_bytes(), key.as_bytes())) {
+            return ApiError::unauthorized().into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Comparison whose time does not depend on where the strings differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn playground() -> Html<&'static str> {
+    Html(include_str!("playground.html"))
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn models(State(state): Shared) -> Json<Value> {
+    let base = &state.cfg.model_id;
+    let mut data = vec![json!({
+        "id": base, "object": "model", "created": state.created, "owned_by": "whet",
+    })];
+    for a in read(&state).iter() {
+        data.push(json!({
+            "id": a.name, "object": "model", "created": a.created, "owned_by": "whet",
+            "parent": base, "adapter_weight": a.weight,
+        }));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+fn read(state: &AppState) -> std::sync::RwLockReadGuard<'_, Vec<AdapterEntry>> {
+    state.adapters.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write(state: &AppState) -> std::sync::RwLockWriteGuard<'_, Vec<AdapterEntry>> {
+    state.adapters.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The body, or the error the body limit or a broken upload calls for.
+fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(state.cfg.max_body_bytes)
+        } else {
+            ApiError::bad_request(format!("cannot read the body: {e}"))
+        }
+    })
+}
+
+/// A request slot; freed when dropped (the response is done, or its client went away).
+struct Slot(Arc<AppState>);
+
+impl Slot {
+    fn take(state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let max = state.cfg.max_concurrent;
+        if state.in_flight.fetch_add(1, Ordering::SeqCst) >= max {
+            state.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::busy(max));
+        }
+        Ok(Slot(state.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What both endpoints do once they have a prompt.
+struct Job {
+    model: String,
+    prompt: Vec<u32>,
+    config: GenerateConfig,
+    adapters: Vec<(String, f64)>,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// The adapters the request's `model` names: none for the base, or one adapter.
+fn resolve_model(state: &AppState, model: &str) -> Result<Vec<(String, f64)>, ApiError> {
+    if model == state.cfg.model_id {
+        return Ok(vec![]);
+    }
+    let adapters = read(state);
+    match adapters.iter().find(|a| a.name == model) {
+        Some(a) => Ok(vec![(a.name.clone(), a.weight)]),
+        None => {
+            let known: Vec<&str> = std::iter::once(state.cfg.model_id.as_str())
+                .chain(adapters.iter().map(|a| a.name.as_str()))
+                .collect();
+            Err(ApiError {
+                param: Some("model".into()),
+                ..ApiError::not_found(
+                    "model_not_found",
+                    format!("no model `{model}`; this server has: {}", known.join(", ")),
+                )
+            })
+        }
+    }
+}
+
+fn job(state: &AppState, common: &api::Common, prompt: Vec<u32>) -> Result<Job, ApiError> {
+    let adapters = resolve_model(state, &common.model)?;
+    let limit = state.cfg.max_tokens;
+    let mut config = state.cfg.defaults.clone();
+    config.max_tokens = config.max_tokens.min(limit);
+    if let Some(n) = common.max_completion_tokens.or(common.max_tokens) {
+        if n == 0 || n > limit {
+            return Err(ApiError::unprocessable(
+                format!("`max_tokens` must be between 1 and the server's limit {limit}, got {n}"),
+                Some("max_tokens"),
+            ));
+        }
+        config.max_tokens = n;
+    }
+    if let Some(t) = common.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::unprocessable(
+                format!("`temperature` must be between 0 and 2, got {t}"),
+                Some("temperature"),
+            ));
+        }
+        config.sampling.temperature = t;
+    }
+    if let Some(p) = common.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::unprocessable(
+                format!("`top_p` must be in (0, 1], got {p}"),
+                Some("top_p"),
+            ));
+        }
+        config.sampling.top_p = p;
+    }
+    config.sampling.seed = common.seed.unwrap_or_else(rand::random);
+    config.stop = common.stop()?;
+    if prompt.is_empty() {
+        return Err(ApiError::unprocessable("the prompt is empty".into(), Some("prompt")));
+    }
+    if prompt.len() >= state.context {
+        let mut e = ApiError::unprocessable(
+            format!(
+                "the prompt has {} tokens but the model's context is {}",
+                prompt.len(),
+                state.context
+            ),
+            Some("messages"),
+        );
+        e.code = "context_length_exceeded";
+        return Err(e);
+    }
+    let vocab = state.vocab;
+    if let Some(bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+        return Err(ApiError::unprocessable(
+            format!("token id {bad} is outside the vocabulary of {vocab}"),
+            Some("prompt"),
+        ));
+    }
+    Ok(Job {
+        model: common.model.clone(),
+        prompt,
+        config,
+        adapters,
+        stream: common.stream,
+        include_usage: common.include_usage(),
+    })
+}
+
+async fn chat_completions(
+    State(state): Shared,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let slot = Slot::take(&state)?;
+    let req: ChatRequest = api::parse(&body(&state, raw)?, api::CHAT)?;
+    req.check()?;
+    let text = state
+        .template
+        .render(&req.messages()?, true)
+        .map_err(|e| ApiError::unprocessable(format!("the chat template failed: {e}"), Some("messages")))?;
+    let prompt = encode(&state, &text)?;
+    let job = job(&state, &req.common, prompt)?;
+    run(state, slot, job, Kind::Chat).await
+}
+
+async fn completions(
+    State(state): Shared,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let slot = Slot::take(&state)?;
+    let req: CompletionRequest = api::parse(&body(&state, raw)?, api::COMPLETION)?;
+    req.check()?;
+    let prompt = match req.prompt()? {
+        PromptInput::Text(t) => encode(&state, &t)?,
+        PromptInput::Ids(ids) => ids,
+    };
+    let job = job(&state, &req.common, prompt)?;
+    run(state, slot, job, Kind::Completion).await
+}
+
+fn encode(state: &AppState, text: &str) -> Result<Vec<u32>, ApiError> {
+    state
+        .tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::unprocessable(format!("cannot tokenize the prompt: {e}"), None))
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// Hand the job to the engine and answer with its result, whole or streamed.
+async fn run(state: Arc<AppState>, slot: Slot, job: Job, kind: Kind) -> Result<Response, ApiError> {
+    let (events, mut rx) = mpsc::unbounded_channel();
+    let (accepted, ok) = oneshot::channel();
+    let request = whet_infer::Request {
+        prompt: job.prompt.clone(),
+        config: job.config.clone(),
+        adapters: job.adapters.clone(),
+    };
+    let gone = || ApiError::unavailable("the server is shutting down".into());
+    state.engine.send(Command::Generate { request, events, accepted }).map_err(|_| gone())?;
+    match ok.await.map_err(|_| gone())? {
+        Ok(()) => {}
+        Err(e) if e.contains("no adapter named") => {
+            return Err(ApiError::not_found("model_not_found", e));
+        }
+        Err(e) => return Err(ApiError::unprocessable(e, None)),
+    }
+    let id = match kind {
+        Kind::Chat => format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
+        Kind::Completion => format!("cmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),
+    };
+    let created = unix_now();
+    if !job.stream {
+        // Dropping `rx` (the client hung up, so axum dropped this future) cancels generation.
+        let g = loop {
+            match rx.recv().await {
+                Some(Event::Text(_)) => {}
+                Some(Event::Done(g)) => break g,
+                Some(Event::Failed(m)) => return Err(ApiError::unavailable(format!("generation ended: {m}"))),
+                None => return Err(ApiError::internal("the engine stopped".into())),
+            }
+        };
+        drop(slot);
+        let choice = match kind {
+            Kind::Chat => json!({
+                "index": 0, "logprobs": null, "finish_reason": g.stop_reason.finish_reason(),
+                "message": {"role": "assistant", "content": g.text},
+            }),
+            Kind::Completion => json!({
+                "index": 0, "logprobs": null, "finish_reason": g.stop_reason.finish_reason(),
+                "text": g.text,
+            }),
+        };
+        let object = match kind {
+            Kind::Chat => "chat.completion",
+            Kind::Completion => "text_completion",
+        };
+        return Ok(Json(json!({
+            "id": id, "object": object, "created": created, "model": job.model,
+            "choices": [choice], "usage": usage(&g), "system_fingerprint": null,
+        }))
+        .into_response());
+    }
+    // Streaming: a task turns engine events into SSE events; when the client goes away, the
+    // body's receiver is dropped, the task's send fails, it returns, and dropping `rx` tells
+    // the engine to cancel.
+    let (sse_tx, sse_rx) = mpsc::channel::<SseEvent>(64);
+    let chunk = move |choice: Value, usage: Option<Value>| {
+        let object = match kind {
+            Kind::Chat => "chat.completion.chunk",
+            Kind::Completion => "text_completion",
+        };
+        let mut c = json!({
+            "id": id, "object": object, "created": created, "model": job.model,
+            "choices": choice, "system_fingerprint": null,
+        });
+        if job.include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
+        }
+        SseEvent::default().data(c.to_string())
+    };
+    let piece = move |text: Option<&str>, finish: Option<&str>, first: bool| match kind {
+        Kind::Chat => {
+            let delta = match (text, first) {
+                (_, true) => json!({"role": "assistant", "content": ""}),
+                (Some(t), _) => json!({"content": t}),
+                (None, _) => json!({}),
+            };
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}])
+        }
+        Kind::Completion => json!([{
+            "index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish,
+        }]),
+    };
+    let include_usage = job.include_usage;
+    tokio::spawn(async move {
+        let _slot = slot;
+        if matches!(kind, Kind::Chat) && sse_tx.send(chunk(piece(None, None, true), None)).await.is_err() {
+            return;
+        }
+        loop {
+            let event = match rx.recv().await {
+                Some(Event::Text(t)) => chunk(piece(Some(&t), None, false), None),
+                Some(Event::Done(g)) => {
+                    let last = chunk(piece(None, Some(g.stop_reason.finish_reason()), false), None);
+                    if sse_tx.send(last).await.is_err() {
+                        return;
+                    }
+                    if include_usage && sse_tx.send(chunk(json!([]), Some(usage(&g)))).await.is_err() {
+                        return;
+                    }
+                    let _ = sse_tx.send(SseEvent::default().data("[DONE]")).await;
+                    return;
+                }
+                Some(Event::Failed(m)) => {
+                    let e = ApiError::unavailable(format!("generation ended: {m}"));
+                    let _ = sse_tx.send(SseEvent::default().data(e.body().to_string())).await;
+                    return;
+                }
+                None => return,
+            };
+            if sse_tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(sse_rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, std::convert::Infallible>(e), rx))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+}
+
+fn usage(g: &Generation) -> Value {
+    json!({
+        "prompt_tokens": g.prefill_tokens,
+        "completion_tokens": g.ids.len(),
+        "total_tokens": g.prefill_tokens + g.ids.len(),
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadRequest {
+    name: String,
+    path: String,
+    weight: Option<f64>,
+}
+
+async fn load_adapter(
+    State(state): Shared,
+    raw: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = body(&state, raw)?;
+    let req: LoadRequest = serde_json::from_slice::<Value>(&raw)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))
+        .and_then(|v| {
+            serde_json::from_value(v)
+                .map_err(|e| ApiError::unprocessable(format!("invalid request: {e}"), None))
+        })?;
+    let Some(root) = &state.adapter_root else {
+        return Err(ApiError::bad_request(
+            "loading adapters at run time is off; start whet serve with --adapter-dir DIR".into(),
+        ));
+    };
+    let name = req.name.trim();
+    if name.is_empty() || name.chars().any(char::is_whitespace) || name == state.cfg.model_id {
+        return Err(ApiError::unprocessable(
+            format!("`name` `{}` must be non-empty, without spaces, and not the base model's id", req.name),
+            Some("name"),
+        ));
+    }
+    if read(&state).iter().any(|a| a.name == name) {
+        return Err(ApiError::unprocessable(format!("an adapter named `{name}` is already loaded"), Some("name")));
+    }
+    let weight = req.weight.unwrap_or(1.0);
+    if !weight.is_finite() {
+        return Err(ApiError::unprocessable(format!("`weight` {weight} is not a number"), Some("weight")));
+    }
+    // Canonical paths: `..` and symbolic links cannot lead outside the directory.
+    let dir = std::fs::canonicalize(root.join(&req.path)).map_err(|_| {
+        ApiError::not_found("adapter_not_found", format!("`path` `{}`: no such adapter directory under --adapter-dir", req.path))
+    })?;
+    if !dir.starts_with(root) || !dir.is_dir() {
+        return Err(ApiError {
+            param: Some("path".into()),
+            ..ApiError::bad_request(format!("`path` `{}` is not a directory inside --adapter-dir", req.path))
+        });
+    }
+    let (reply, done) = oneshot::channel();
+    let gone = || ApiError::unavailable("the server is shutting down".into());
+    let cmd = Command::Load { name: name.to_string(), dir, weight, reply };
+    state.engine.send(cmd).map_err(|_| gone())?;
+    done.await.map_err(|_| gone())?.map_err(|e| ApiError::unprocessable(e, Some("path")))?;
+    let entry = AdapterEntry { name: name.to_string(), weight, created: unix_now() };
+    write(&state).push(entry.clone());
+    tracing::info!("loaded adapter `{name}` from {}", req.path);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": entry.name, "object": "model", "created": entry.created, "owned_by": "whet",
+            "parent": state.cfg.model_id, "adapter_weight": weight,
+        })),
+    )
+        .into_response())
+}
+
+async fn unload_adapter(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !read(&state).iter().any(|a| a.name == name) {
+        return Err(ApiError::not_found("model_not_found", format!("no adapter `{name}` is loaded")));
+    }
+    // Out of the list first: no new request picks it while the engine removes it.
+    write(&state).retain(|a| a.name != name);
+    let (reply, done) = oneshot::channel();
+    let gone = || ApiError::unavailable("the server is shutting down".into());
+    state.engine.send(Command::Unload { name: name.clone(), reply }).map_err(|_| gone())?;
+    done.await.map_err(|_| gone())?.map_err(ApiError::internal)?;
+    tracing::info!("unloaded adapter `{name}`");
+    Ok(Json(json!({"id": name, "object": "model", "deleted": true})))
+}
