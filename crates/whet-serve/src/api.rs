@@ -45,14 +45,32 @@ pub(crate) enum Stop {
 
 /// The fields of [`Common`].
 const COMMON: &[&str] = &[
-    "model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-    "top_p", "seed", "stop", "n", "frequency_penalty", "presence_penalty", "logit_bias",
-    "logprobs", "user",
+    "model",
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "frequency_penalty",
+    "presence_penalty",
+    "logit_bias",
+    "logprobs",
+    "user",
 ];
 
 /// The fields of [`ChatRequest`] beyond [`COMMON`].
 pub(crate) const CHAT: &[&str] = &[
-    "messages", "top_logprobs", "tools", "tool_choice", "response_format", "metadata", "store",
+    "messages",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "response_format",
+    "metadata",
+    "store",
     "parallel_tool_calls",
 ];
 
@@ -137,7 +155,9 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(
     let Value::Object(fields) = &value else {
         return Err(ApiError::unprocessable("the body must be a JSON object".into(), None));
     };
-    if let Some(unknown) = fields.keys().find(|k| !COMMON.contains(&k.as_str()) && !extra.contains(&k.as_str())) {
+    if let Some(unknown) =
+        fields.keys().find(|k| !COMMON.contains(&k.as_str()) && !extra.contains(&k.as_str()))
+    {
         return Err(ApiError::unprocessable(
             format!("unknown field `{unknown}`"),
             Some(unknown.as_str()),
@@ -212,10 +232,7 @@ impl ChatRequest {
         )?;
         refuse_if(self.top_logprobs.as_ref().is_some_and(|t| !t.is_null()), "top_logprobs")?;
         if self.messages.is_empty() {
-            return Err(ApiError::unprocessable(
-                "`messages` is empty".into(),
-                Some("messages"),
-            ));
+            return Err(ApiError::unprocessable("`messages` is empty".into(), Some("messages")));
         }
         Ok(())
     }

@@ -55,7 +55,9 @@ impl ApiError {
         Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_requests",
-            format!("the server is already handling {limit} requests (--max-concurrent); retry later"),
+            format!(
+                "the server is already handling {limit} requests (--max-concurrent); retry later"
+            ),
         )
     }
 

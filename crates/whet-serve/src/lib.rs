@@ -100,9 +100,10 @@ pub async fn serve(
         ));
     }
     let adapter_root = match &cfg.adapter_dir {
-        Some(dir) => Some(std::fs::canonicalize(dir).map_err(|e| {
-            Error::Config(format!("--adapter-dir {}: {e}", dir.display()))
-        })?),
+        Some(dir) => Some(
+            std::fs::canonicalize(dir)
+                .map_err(|e| Error::Config(format!("--adapter-dir {}: {e}", dir.display())))?,
+        ),
         None => None,
     };
     let template = whet_infer::chat_template(&tokenizer)?;
@@ -139,7 +140,5 @@ pub async fn serve(
 }
 
 pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

@@ -226,10 +226,9 @@ async fn chat_completions(
     let slot = Slot::take(&state)?;
     let req: ChatRequest = api::parse(&body(&state, raw)?, api::CHAT)?;
     req.check()?;
-    let text = state
-        .template
-        .render(&req.messages()?, true)
-        .map_err(|e| ApiError::unprocessable(format!("the chat template failed: {e}"), Some("messages")))?;
+    let text = state.template.render(&req.messages()?, true).map_err(|e| {
+        ApiError::unprocessable(format!("the chat template failed: {e}"), Some("messages"))
+    })?;
     let prompt = encode(&state, &text)?;
     let job = job(&state, &req.common, prompt)?;
     run(state, slot, job, Kind::Chat).await
@@ -292,7 +291,9 @@ async fn run(state: Arc<AppState>, slot: Slot, job: Job, kind: Kind) -> Result<R
             match rx.recv().await {
                 Some(Event::Text(_)) => {}
                 Some(Event::Done(g)) => break g,
-                Some(Event::Failed(m)) => return Err(ApiError::unavailable(format!("generation ended: {m}"))),
+                Some(Event::Failed(m)) => {
+                    return Err(ApiError::unavailable(format!("generation ended: {m}")))
+                }
                 None => return Err(ApiError::internal("the engine stopped".into())),
             }
         };
@@ -351,7 +352,9 @@ async fn run(state: Arc<AppState>, slot: Slot, job: Job, kind: Kind) -> Result<R
     let include_usage = job.include_usage;
     tokio::spawn(async move {
         let _slot = slot;
-        if matches!(kind, Kind::Chat) && sse_tx.send(chunk(piece(None, None, true), None)).await.is_err() {
+        if matches!(kind, Kind::Chat)
+            && sse_tx.send(chunk(piece(None, None, true), None)).await.is_err()
+        {
             return;
         }
         loop {
@@ -362,7 +365,9 @@ async fn run(state: Arc<AppState>, slot: Slot, job: Job, kind: Kind) -> Result<R
                     if sse_tx.send(last).await.is_err() {
                         return;
                     }
-                    if include_usage && sse_tx.send(chunk(json!([]), Some(usage(&g)))).await.is_err() {
+                    if include_usage
+                        && sse_tx.send(chunk(json!([]), Some(usage(&g)))).await.is_err()
+                    {
                         return;
                     }
                     let _ = sse_tx.send(SseEvent::default().data("[DONE]")).await;
@@ -421,26 +426,49 @@ async fn load_adapter(
     let name = req.name.trim();
     if name.is_empty() || name.chars().any(char::is_whitespace) || name == state.cfg.model_id {
         return Err(ApiError::unprocessable(
-            format!("`name` `{}` must be non-empty, without spaces, and not the base model's id", req.name),
+            format!(
+                "`name` `{}` must be non-empty, without spaces, and not the base model's id",
+                req.name
+            ),
             Some("name"),
         ));
     }
     if read(&state).iter().any(|a| a.name == name) {
-        return Err(ApiError::unprocessable(format!("an adapter named `{name}` is already loaded"), Some("name")));
+        return Err(ApiError::unprocessable(
+            format!("an adapter named `{name}` is already loaded"),
+            Some("name"),
+        ));
     }
     let weight = req.weight.unwrap_or(1.0);
     if !weight.is_finite() {
-        return Err(ApiError::unprocessable(format!("`weight` {weight} is not a number"), Some("weight")));
+        return Err(ApiError::unprocessable(
+            format!("`weight` {weight} is not a number"),
+            Some("weight"),
+        ));
     }
-    // Canonical paths: `..` and symbolic links cannot lead outside the directory.
-    let dir = std::fs::canonicalize(root.join(&req.path)).map_err(|_| {
-        ApiError::not_found("adapter_not_found", format!("`path` `{}`: no such adapter directory under --adapter-dir", req.path))
+    // No `..`, then canonical paths: neither it nor a symbolic link leads outside the
+    // directory (and a missing path outside it is not told apart from an existing one).
+    let outside = || ApiError {
+        param: Some("path".into()),
+        ..ApiError::bad_request(format!(
+            "`path` `{}` is not a directory inside --adapter-dir",
+            req.path
+        ))
+    };
+    let given = std::path::Path::new(&req.path);
+    if given.components().any(|c| c == std::path::Component::ParentDir)
+        || (given.is_absolute() && !given.starts_with(root))
+    {
+        return Err(outside());
+    }
+    let dir = std::fs::canonicalize(root.join(given)).map_err(|_| {
+        ApiError::not_found(
+            "adapter_not_found",
+            format!("`path` `{}`: no such adapter directory under --adapter-dir", req.path),
+        )
     })?;
     if !dir.starts_with(root) || !dir.is_dir() {
-        return Err(ApiError {
-            param: Some("path".into()),
-            ..ApiError::bad_request(format!("`path` `{}` is not a directory inside --adapter-dir", req.path))
-        });
+        return Err(outside());
     }
     let (reply, done) = oneshot::channel();
     let gone = || ApiError::unavailable("the server is shutting down".into());
@@ -465,7 +493,10 @@ async fn unload_adapter(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     if !read(&state).iter().any(|a| a.name == name) {
-        return Err(ApiError::not_found("model_not_found", format!("no adapter `{name}` is loaded")));
+        return Err(ApiError::not_found(
+            "model_not_found",
+            format!("no adapter `{name}` is loaded"),
+        ));
     }
     // Out of the list first: no new request picks it while the engine removes it.
     write(&state).retain(|a| a.name != name);

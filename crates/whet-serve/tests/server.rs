@@ -1,0 +1,407 @@
+//! whet serve over loopback with a real HTTP client: PEFT's greedy outputs per request
+//! adapter, streaming, run-time adapters, limits and OpenAI-style errors, and the official
+//! `openai` Python client where it is installed.
+
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use whet_infer::{EngineConfig, GenerateConfig};
+use whet_model::{load, LoadedModel, ModelSource};
+use whet_serve::ServeConfig;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn adapters_dir() -> PathBuf {
+    root().join("tests/fixtures/adapters")
+}
+
+/// The tiny Llama 3 fixture with PEFT's `patterns` and `regex` adapters.
+fn model() -> LoadedModel {
+    let base = root().join("tests/fixtures/families/llama3");
+    let mut m =
+        load(&ModelSource::HfDir(base), candle_core::DType::F32, &candle_core::Device::Cpu, 0)
+            .unwrap();
+    for name in ["patterns", "regex"] {
+        whet_model::adapter::load_named_adapter(
+            &mut m.model,
+            name,
+            1.0,
+            &adapters_dir().join(name),
+        )
+        .unwrap();
+    }
+    m
+}
+
+fn config() -> ServeConfig {
+    ServeConfig {
+        model_id: "base".into(),
+        api_key: None,
+        adapter_dir: Some(adapters_dir()),
+        max_concurrent: 32,
+        max_tokens: 64,
+        max_body_bytes: 64 * 1024,
+        engine: EngineConfig::default(),
+        defaults: GenerateConfig { max_tokens: 8, ..GenerateConfig::default() },
+    }
+}
+
+struct Server {
+    url: String,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+    http: reqwest::Client,
+}
+
+impl Server {
+    async fn start(cfg: ServeConfig) -> Self {
+        let m = model();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stopped.await;
+            };
+            whet_serve::serve(listener, cfg, m.model, m.tokenizer, shutdown).await.unwrap();
+        });
+        Server { url, stop: Some(stop), done: Some(done), http: reqwest::Client::new() }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.url)).json(&body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap())
+    }
+
+    async fn raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.done.take().unwrap().await.unwrap();
+    }
+}
+
+fn golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(adapters_dir().join("golden.json")).unwrap())
+        .unwrap()
+}
+
+/// PEFT's greedy text for `adapter`, decoded by the fixture's tokenizer.
+fn peft_text(adapter: &str) -> String {
+    let ids: Vec<u32> =
+        serde_json::from_value(golden()["adapters"][adapter]["greedy"].clone()).unwrap();
+    model().tokenizer.decode(&ids).unwrap()
+}
+
+fn completion(model: &str) -> Value {
+    json!({"model": model, "prompt": golden()["ids"], "max_tokens": 8, "temperature": 0})
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an OpenAI error: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_request_adapters_give_pefts_greedy_output_even_when_concurrent() {
+    let s = Server::start(config()).await;
+    let r = s.http.get(format!("{}/v1/models", s.url)).send().await.unwrap();
+    let models: Value = r.json().await.unwrap();
+    let ids: Vec<&str> =
+        models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["base", "patterns", "regex"]);
+    // One at a time, then all at once (they then share batches).
+    for adapter in ["patterns", "regex"] {
+        let (status, body) = s.post("/v1/completions", completion(adapter)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["choices"][0]["text"], peft_text(adapter), "{adapter}");
+        assert_eq!(body["usage"]["prompt_tokens"], 12);
+        assert_eq!(body["usage"]["completion_tokens"], 8);
+        assert_eq!(body["choices"][0]["finish_reason"], "length");
+    }
+    let (base, _) = s.post("/v1/completions", completion("base")).await;
+    assert_eq!(base, 200);
+    let (_, base_alone) = s.post("/v1/completions", completion("base")).await;
+    let names = ["patterns", "base", "regex", "patterns", "regex", "base"];
+    let answers = futures_util::future::join_all(
+        names.iter().map(|n| s.post("/v1/completions", completion(n))),
+    )
+    .await;
+    for (name, (status, body)) in names.iter().zip(answers) {
+        assert_eq!(status, 200);
+        let want = match *name {
+            "base" => base_alone["choices"][0]["text"].as_str().unwrap().to_string(),
+            a => peft_text(a),
+        };
+        assert_eq!(body["choices"][0]["text"], want, "{name}");
+    }
+    s.stop().await;
+}
+
+/// The `data:` payloads of a server-sent event stream.
+async fn sse(r: reqwest::Response) -> Vec<String> {
+    let text = r.text().await.unwrap();
+    text.split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_sends_the_same_text_in_chunks_then_usage_then_done() {
+    let s = Server::start(config()).await;
+    let chat = json!({"model": "regex", "messages": [{"role": "user", "content": "hello"}],
+                      "max_tokens": 12, "temperature": 0});
+    let (status, whole) = s.post("/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, 200, "{whole}");
+    let mut streamed = chat.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let r =
+        s.http.post(format!("{}/v1/chat/completions", s.url)).json(&streamed).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let events = sse(r).await;
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"].get(0)?["delta"]["content"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let n = chunks.len();
+    assert_eq!(chunks[n - 2]["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert_eq!(chunks[n - 1]["choices"], json!([]));
+    assert_eq!(chunks[n - 1]["usage"], whole["usage"]);
+    assert!(chunks[..n - 1].iter().all(|c| c["usage"].is_null()));
+    // Completions stream too.
+    let mut c = completion("patterns");
+    c["stream"] = json!(true);
+    let r = s.http.post(format!("{}/v1/completions", s.url)).json(&c).send().await.unwrap();
+    let events = sse(r).await;
+    let text: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(text, peft_text("patterns"));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_right_status_and_an_openai_error() {
+    let s = Server::start(config()).await;
+    let chat = |extra: Value| {
+        let mut b = json!({"model": "base", "messages": [{"role": "user", "content": "hi"}]});
+        b.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (
+            chat(json!({"model": "nope"})),
+            404,
+            "no model `nope`; this server has: base, patterns, regex",
+        ),
+        (chat(json!({"max_tokens": 65})), 422, "server's limit 64"),
+        (chat(json!({"temprature": 0.5})), 422, "unknown field `temprature`"),
+        (chat(json!({"n": 2})), 422, "`n` is not supported"),
+        (chat(json!({"tools": [{"type": "function"}]})), 422, "`tools` is not supported"),
+        (chat(json!({"temperature": "hot"})), 422, "invalid request"),
+        (
+            chat(json!({"messages": [{"role": "robot", "content": "x"}]})),
+            422,
+            "`robot` is not one of",
+        ),
+        (chat(json!({"stop": ["a", "b", "c", "d", "e"]})), 422, "at most 4"),
+        (json!({"messages": [{"role": "user", "content": "x"}]}), 422, "missing field `model`"),
+        (
+            chat(json!({"messages": [{"role": "user", "content": "x ".repeat(600)}]})),
+            422,
+            "context is 512",
+        ),
+    ];
+    for (body, status, message) in cases {
+        let (got, err) = s.post("/v1/chat/completions", body.clone()).await;
+        assert_eq!(got, status, "{body} -> {err}");
+        assert!(err["error"]["message"].as_str().unwrap().contains(message), "{err}");
+        error_code(&err);
+    }
+    let (status, err) = s.raw("/v1/chat/completions", "{\"model\": ").await;
+    assert_eq!(status, 400);
+    assert!(err["error"]["message"].as_str().unwrap().contains("not valid JSON"));
+    let (status, err) =
+        s.raw("/v1/completions", &format!("{{\"prompt\": \"{}\"}}", "x".repeat(70_000))).await;
+    assert_eq!((status, error_code(&err)), (413, "body_too_large"));
+    let (status, err) =
+        s.post("/v1/completions", json!({"model": "base", "prompt": [5, 99999]})).await;
+    assert_eq!(status, 422);
+    assert!(err["error"]["message"].as_str().unwrap().contains("outside the vocabulary"), "{err}");
+    let r = s.http.get(format!("{}/v1/nothing", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // After all that, a good request is still answered.
+    let (status, _) = s.post("/v1/completions", completion("regex")).await;
+    assert_eq!(status, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_guards_everything_but_health_and_the_page() {
+    let s = Server::start(ServeConfig { api_key: Some("sekrit".into()), ..config() }).await;
+    let get = |path: &str, key: Option<&str>| {
+        let mut r = s.http.get(format!("{}{path}", s.url));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    assert_eq!(get("/health", None).await.unwrap().status(), 200);
+    let page = get("/", None).await.unwrap();
+    assert_eq!(page.status(), 200);
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("whet playground") && !html.contains("http://") && !html.contains("https://"),
+        "self-contained"
+    );
+    let r = get("/v1/models", None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(error_code(&r.json().await.unwrap()), "invalid_api_key");
+    assert_eq!(get("/v1/models", Some("wrong")).await.unwrap().status(), 401);
+    assert_eq!(get("/v1/models", Some("sekrit")).await.unwrap().status(), 200);
+    let (status, _) = s.post("/v1/completions", completion("base")).await;
+    assert_eq!(status, 401);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_load_and_unload_at_run_time_from_inside_the_adapter_dir_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("adapters");
+    std::fs::create_dir(&dir).unwrap();
+    let copy = |from: &str, to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(adapters_dir().join(from).join(f), to.join(f)).unwrap();
+        }
+    };
+    copy("layers", &dir.join("layers"));
+    copy("dora", &dir.join("dora"));
+    copy("regex", &tmp.path().join("outside"));
+    std::os::unix::fs::symlink(tmp.path().join("outside"), dir.join("escape")).unwrap();
+    let s = Server::start(ServeConfig { adapter_dir: Some(dir.clone()), ..config() }).await;
+    let load = |name: &str, path: &str| s.post("/v1/adapters", json!({"name": name, "path": path}));
+    let (status, body) = load("l", "layers").await;
+    assert_eq!(status, 201, "{body}");
+    let (_, body) = s.post("/v1/completions", completion("l")).await;
+    assert_eq!(body["choices"][0]["text"], peft_text("layers"));
+    let cases = [
+        (load("x", "../outside").await, 400, "inside --adapter-dir"),
+        (load("x", "../nothing-here").await, 400, "inside --adapter-dir"),
+        (load("x", "/etc").await, 400, "inside --adapter-dir"),
+        (load("x", "escape").await, 400, "inside --adapter-dir"),
+        (load("x", "missing").await, 404, "no such adapter directory"),
+        (load("x", "dora").await, 422, "`use_dora`"),
+        (load("l", "layers").await, 422, "already loaded"),
+        (load("base", "layers").await, 422, "base model"),
+        (s.raw("/v1/adapters", "{\"name\": \"x\"}").await, 422, "missing field `path`"),
+    ];
+    for ((status, body), want, message) in cases {
+        assert_eq!(status, want, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(message), "{body}");
+    }
+    let r = s.http.delete(format!("{}/v1/adapters/l", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, _) = s.post("/v1/completions", completion("l")).await;
+    assert_eq!(status, 404, "unloaded");
+    let r = s.http.delete(format!("{}/v1/adapters/l", s.url)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    // Loaded again under the same name: it serves again.
+    assert_eq!(load("l", "layers").await.0, 201);
+    s.stop().await;
+    let s = Server::start(ServeConfig { adapter_dir: None, ..config() }).await;
+    let (status, body) = s.post("/v1/adapters", json!({"name": "x", "path": "layers"})).await;
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"].as_str().unwrap().contains("--adapter-dir"));
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_stream_frees_its_slot_and_over_the_limit_gets_429() {
+    let cfg = ServeConfig {
+        max_concurrent: 1,
+        max_tokens: 400,
+        defaults: GenerateConfig { max_tokens: 400, stop_at_eos: false, ..Default::default() },
+        ..config()
+    };
+    let s = Server::start(cfg).await;
+    let long = json!({"model": "base", "prompt": "a", "max_tokens": 400, "stream": true});
+    let mut r = s.http.post(format!("{}/v1/completions", s.url)).json(&long).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    let (status, body) = s.post("/v1/completions", completion("base")).await;
+    assert_eq!((status, error_code(&body)), (429, "too_many_requests"));
+    drop(r); // hang up
+    let mut freed = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if s.post("/v1/completions", completion("base")).await.0 == 200 {
+            freed = true;
+            break;
+        }
+    }
+    assert!(freed, "the slot of the client that hung up was never freed");
+    s.stop().await;
+}
+
+/// The official `openai` Python package against the server: listing, a completion, a chat
+/// stream with usage, and two concurrent requests on different adapters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_client_works() {
+    let has = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has {
+        eprintln!(
+            "SKIPPED: the `openai` Python package is not installed (python3 -m pip install openai)"
+        );
+        return;
+    }
+    let s = Server::start(config()).await;
+    let script = root().join("tests/serve_openai.py");
+    let (url, patterns, regex) =
+        (format!("{}/v1", s.url), peft_text("patterns"), peft_text("regex"));
+    let ids = golden()["ids"].to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .arg(script)
+            .args([url, ids, patterns, regex])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("openai client: all checks passed"), "{text}");
+    s.stop().await;
+}
