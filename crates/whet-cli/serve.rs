@@ -6,6 +6,9 @@ use anyhow::{Context, Result};
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let defaults = model::generate_config(&args.sampling)?;
+    if let Some(dir) = &args.adapter_dir {
+        anyhow::ensure!(dir.is_dir(), "--adapter-dir {}: no such directory", dir.display());
+    }
     let (m, _device) = model::load_with(&args.model, args.sampling.seed, false)?;
     let model_id = args.model_id.clone().unwrap_or_else(|| default_id(&args.model.model));
     let cfg = whet_serve::ServeConfig {

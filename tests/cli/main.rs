@@ -3,6 +3,7 @@
 mod bad_input;
 mod commands;
 mod data;
+mod serve;
 mod train;
 
 use std::path::{Path, PathBuf};
