@@ -131,7 +131,7 @@ pub enum AdapterCommand {
     /// Example: whet adapter convert runs/style/adapter --to gguf --out style-lora.gguf
     Convert(AdapterConvertArgs),
     /// What a runtime will refuse or silently compute differently (exit 1 when it would
-    /// misbehave): `--for whet|peft|vllm|llama.cpp`.
+    /// misbehave): `--for whet|peft|vllm|llama.cpp|mistralrs`.
     ///
     /// Example: whet adapter check runs/style/adapter --for vllm
     Check(AdapterCheckArgs),

@@ -394,9 +394,27 @@ fn adapter_check_names_what_each_runtime_would_do() {
     assert!(stdout(&o).contains("rejects:     DoRA"), "{}", stdout(&o));
     assert!(check("dora", "peft").status.success(), "PEFT runs DoRA");
     assert!(stdout(&check("dora", "whet")).contains("`use_dora` = `true`"));
+    let o = check("regex", "mistralrs");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).contains("rejects:     `target_modules` as a regular expression"),
+        "{}",
+        stdout(&o)
+    );
+    let o = check("patterns", "mistralrs");
+    assert!(stdout(&o).contains("rejects:     `rank_pattern`"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("miscomputes: rsLoRA's"), "{}", stdout(&o));
+    let o = check("dora", "mistralrs");
+    assert!(
+        stdout(&o).contains("miscomputes: DoRA's magnitude vectors are ignored"),
+        "{}",
+        stdout(&o)
+    );
+    let o = check("layers", "mistralrs");
+    assert!(stdout(&o).contains("rejects:     `layers_to_transform`"), "{}", stdout(&o));
     let o = check("regex", "tgi");
     assert!(assert_one_line_error(&o)
-        .contains("unknown runtime `tgi`; whet checks for whet, peft, vllm, llama.cpp"));
+        .contains("unknown runtime `tgi`; whet checks for whet, peft, vllm, llama.cpp, mistralrs"));
 }
 
 /// Several adapters at once (`--adapter NAME=DIR[:WEIGHT]`, unmerged): one at weight 0 leaves

@@ -615,11 +615,12 @@ pub enum Finding {
 }
 
 /// The runtimes [`check_for`] knows, with the source its rules were read from.
-pub const RUNTIMES: [(&str, &str); 4] = [
+pub const RUNTIMES: [(&str, &str); 5] = [
     ("whet", "this reader"),
     ("peft", "the format's reference: PEFT reads every field it writes"),
     ("vllm", "vLLM's `PEFTHelper` (one scaling `lora_alpha / r`, or `/ sqrt(r)` with rsLoRA; default `--max-lora-rank` 16)"),
     ("llama.cpp", "llama.cpp's `convert_lora_to_gguf.py` (one `lora_alpha`, over each tensor's rank)"),
+    ("mistralrs", "mistral.rs `mistralrs-core/src/lora` (reads only `r`, `lora_alpha`, `lora_dropout` and `target_modules` as a list; scale `lora_alpha / r`; every targeted module of every layer must have tensors of rank `r`)"),
 ];
 
 /// What `runtime` (a [`RUNTIMES`] name) will refuse or silently compute differently for the
@@ -683,6 +684,42 @@ pub fn check_for(dir: &Path, runtime: &str) -> Result<Vec<Finding>> {
                     out.push(Finding::Miscomputes(format!(
                         "{what} is lost by convert_lora_to_gguf.py, which scales by `lora_alpha / r`; hint: `whet adapter convert --to gguf` folds the true scales in"
                     )));
+                }
+            }
+        }
+        "mistralrs" => {
+            if v.get("target_modules").is_some_and(|t| t.is_string()) {
+                out.push(Finding::Rejects(
+                    "`target_modules` as a regular expression: mistral.rs reads a list of names"
+                        .into(),
+                ));
+            }
+            if set("rank_pattern") {
+                out.push(Finding::Rejects(
+                    "`rank_pattern`: mistral.rs expects every adapter tensor at rank `r`, so tensors of other ranks do not load".into(),
+                ));
+            }
+            for k in ["layers_to_transform", "exclude_modules"] {
+                if set(k) {
+                    out.push(Finding::Rejects(format!(
+                        "`{k}`: mistral.rs wraps the targeted modules of every layer and stops at the first without tensors"
+                    )));
+                }
+            }
+            let ignored = [
+                ("use_rslora", "rsLoRA's `lora_alpha / sqrt(r)` becomes `lora_alpha / r`"),
+                ("alpha_pattern", "`alpha_pattern` is ignored: every module gets `lora_alpha / r`"),
+                ("use_dora", "DoRA's magnitude vectors are ignored: it runs as plain LoRA"),
+                (
+                    "modules_to_save",
+                    "`modules_to_save` is ignored: the saved modules keep the base weights",
+                ),
+                ("bias", "trained biases (`bias` other than `none`) are ignored"),
+                ("lora_bias", "`lora_bias` is ignored"),
+            ];
+            for (k, what) in ignored {
+                if set(k) {
+                    out.push(Finding::Miscomputes(what.into()));
                 }
             }
         }
