@@ -295,6 +295,29 @@ pub enum BenchCommand {
     ///
     /// Example: whet bench train --steps 5   (random:smollm2-135m, r8 on q,v, batch 4 x 128)
     Train(BenchTrainArgs),
+    /// `whet serve` under concurrent load over loopback: one stream, N streams at once, then
+    /// a burst of requests; tokens/s, requests/s, latency percentiles.
+    ///
+    /// Example: whet bench serve --streams 16 --requests 32
+    Serve(BenchServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Concurrent streams of the aggregate-throughput round (compared with one stream).
+    #[arg(long, default_value_t = 16)]
+    pub streams: usize,
+    /// Concurrent short chat requests of the last round.
+    #[arg(long, default_value_t = 32)]
+    pub requests: usize,
+    /// Tokens each request generates (end-of-sequence ignored).
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// Most sequences decoding in one batch.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Args)]

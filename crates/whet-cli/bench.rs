@@ -117,3 +117,61 @@ fn device_line(device: &candle_core::Device) -> String {
         candle_core::utils::get_num_threads()
     )
 }
+
+pub fn serve(args: crate::args::BenchServeArgs) -> Result<()> {
+    use whet_serve::bench::{bench_serve, percentile};
+    anyhow::ensure!(
+        args.streams > 0 && args.requests > 0 && args.tokens > 1 && args.max_batch > 0,
+        "--streams, --requests, --max-batch and --tokens (>1) must be positive"
+    );
+    let load_before = load_average();
+    let (m, device) = model::load_with(&args.model, 0, false)?;
+    let source = m.source.clone();
+    let cfg = whet_serve::ServeConfig {
+        model_id: "bench".into(),
+        api_key: None,
+        adapter_dir: None,
+        max_concurrent: args.requests.max(args.streams),
+        max_tokens: args.tokens,
+        max_body_bytes: 1 << 20,
+        engine: whet_infer::EngineConfig {
+            max_batch: args.max_batch,
+            ..whet_infer::EngineConfig::default()
+        },
+        defaults: whet_infer::GenerateConfig::default(),
+    };
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rounds = [1, args.streams, args.requests];
+    let r = runtime.block_on(bench_serve(m.model, m.tokenizer, cfg, &rounds, args.tokens))?;
+    let (one, many, burst) = (&r[0], &r[1], &r[2]);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "model:      {source}")?;
+    writeln!(out, "{}", device_line(&device))?;
+    writeln!(
+        out,
+        "requests:   streamed chat over loopback, {} tokens each, batch up to {}",
+        args.tokens, args.max_batch
+    )?;
+    writeln!(out, "1 stream:   {:.1} tokens/s", one.tokens_per_sec())?;
+    writeln!(
+        out,
+        "{} streams: {:.1} tokens/s aggregate ({:.2}x one stream)",
+        args.streams,
+        many.tokens_per_sec(),
+        many.tokens_per_sec() / one.tokens_per_sec().max(1e-9)
+    )?;
+    writeln!(
+        out,
+        "{} requests: {:.2} requests/s, {:.1} tokens/s; latency p50 {:.2} s, p95 {:.2} s; first token p50 {:.2} s, p95 {:.2} s",
+        args.requests,
+        burst.requests_per_sec(),
+        burst.tokens_per_sec(),
+        percentile(&burst.total, 50.0),
+        percentile(&burst.total, 95.0),
+        percentile(&burst.ttft, 50.0),
+        percentile(&burst.ttft, 95.0),
+    )?;
+    writeln!(out, "{}", whet_infer::bench::load_line(load_before))?;
+    Ok(())
+}

@@ -100,6 +100,19 @@ fn bench_generate_reports_speed_and_load() {
     }
 }
 
+#[test]
+fn bench_serve_reports_throughput_latency_and_load() {
+    let args = ["bench", "serve", "--model", "random:tiny", "--streams", "3", "--requests", "4"];
+    let o = whet(&[&args[..], &["--tokens", "6"]].concat(), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for key in
+        ["1 stream:", "3 streams:", "x one stream", "4 requests:", "requests/s", "p95", "load avg:"]
+    {
+        assert!(out.contains(key), "{out}");
+    }
+}
+
 /// Regression: `println!` panicked when stdout was a closed pipe (`whet info | head -1`).
 #[test]
 fn closed_stdout_pipe_exits_quietly() {

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod bench;
 mod error;
 mod routes;
 mod worker;
