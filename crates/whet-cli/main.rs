@@ -6,6 +6,7 @@ mod batch;
 mod bench;
 mod chat;
 mod data;
+mod eval;
 mod generate;
 mod info;
 mod model;
@@ -75,6 +76,8 @@ fn main() {
         args::Command::Adapter(args::AdapterCommand::Check(a)) => adapter::check(a),
         args::Command::Train(a) => train::run(a),
         args::Command::Serve(a) => serve::run(a),
+        args::Command::Eval(a) => eval::eval(a),
+        args::Command::Compare(a) => eval::compare(a),
         args::Command::Data(args::DataCommand::Check(a)) => data::check(a),
         args::Command::Data(args::DataCommand::Preview(a)) => data::preview(a),
         args::Command::Data(args::DataCommand::Prepare(a)) => data::prepare(a),

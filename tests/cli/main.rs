@@ -3,6 +3,7 @@
 mod bad_input;
 mod commands;
 mod data;
+mod llama_cpp;
 mod serve;
 mod train;
 

@@ -34,16 +34,7 @@ impl Round {
     }
 }
 
-/// The `p`-th percentile (0-100) by nearest rank; 0 for no values.
-pub fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
-}
+pub use whet_infer::bench::percentile;
 
 /// Serve `model` on a loopback port and run one round per entry of `rounds` (that many
 /// concurrent streamed chat requests of `tokens` tokens each).

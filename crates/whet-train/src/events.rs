@@ -13,8 +13,11 @@ pub enum Event {
         lr: f64,
         /// Global gradient norm before clipping.
         grad_norm: f64,
-        /// Tokens per second in this step (every token run through the model, prompts included,
-        /// padding not).
+        /// Tokens run through the model in this step (prompts included, padding not).
+        tokens: usize,
+        /// Seconds the step took.
+        secs: f64,
+        /// `tokens / secs`.
         tokens_per_sec: f64,
         /// Peak resident memory so far, in MB.
         peak_mb: f64,

@@ -367,12 +367,15 @@ pub fn train(
         opt.step(&grads, lr)?;
         last_loss = loss;
         state.step = step + 1;
+        let secs = start.elapsed().as_secs_f64();
         let event = Event::Step {
             step: state.step,
             loss,
             lr,
             grad_norm,
-            tokens_per_sec: tokens as f64 / start.elapsed().as_secs_f64(),
+            tokens,
+            secs,
+            tokens_per_sec: tokens as f64 / secs,
             peak_mb: peak_rss_mb(),
         };
         metrics.write(&event)?;

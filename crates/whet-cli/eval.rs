@@ -1,0 +1,198 @@
+//! `whet eval` and `whet compare`: load the models, hand them to whet-eval, print the table and
+//! write the reports.
+
+use crate::args::{CompareArgs, EvalArgs, EvalShared};
+use crate::model;
+use anyhow::{Context, Result};
+use whet_eval::compare::{self, CompareConfig};
+use whet_eval::run::{Model, Prompting, RunSettings};
+
+fn settings(s: &EvalShared) -> Result<RunSettings> {
+    anyhow::ensure!(
+        s.max_tokens > 0 && s.max_batch > 0,
+        "--max-tokens and --max-batch must be positive"
+    );
+    anyhow::ensure!(
+        s.temperature >= 0.0,
+        "--temperature must be at least 0, got `{}`",
+        s.temperature
+    );
+    anyhow::ensure!(
+        s.top_p > 0.0 && s.top_p <= 1.0,
+        "--top-p must be in (0, 1], got `{}`",
+        s.top_p
+    );
+    Ok(RunSettings {
+        max_tokens: s.max_tokens,
+        seeds: s.seeds,
+        sampling: whet_infer::SamplingConfig {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            ..Default::default()
+        },
+        latency_samples: s.latency_samples,
+        max_batch: s.max_batch,
+        bootstrap_seed: s.seed,
+        resamples: 1000,
+    })
+}
+
+fn system_prompt(s: &EvalShared) -> Result<Option<String>> {
+    match &s.system_prompt_file {
+        Some(f) => Ok(Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read --system-prompt-file {}", f.display()))?
+                .trim()
+                .to_string(),
+        )),
+        None => Ok(s.system_prompt.clone()),
+    }
+}
+
+fn into_model(m: whet_model::LoadedModel) -> Result<Model> {
+    let template = whet_infer::chat_template(&m.tokenizer)?;
+    Ok(Model { model: m.model, tokenizer: m.tokenizer, template, source: m.source })
+}
+
+/// The data directory and test file `--data` names.
+fn data_paths(data: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    if data.is_dir() {
+        (data.to_path_buf(), data.join("test.jsonl"))
+    } else {
+        (data.parent().unwrap_or(std::path::Path::new(".")).to_path_buf(), data.to_path_buf())
+    }
+}
+
+pub fn eval(args: EvalArgs) -> Result<()> {
+    let run = settings(&args.shared)?;
+    let system = system_prompt(&args.shared)?;
+    let (dir, test_path) = data_paths(&args.shared.data);
+    let test = whet_eval::read_examples(&test_path)?;
+    let shots = if args.shots > 0 {
+        compare::draw_shots(
+            &whet_eval::read_examples(&dir.join("train.jsonl"))?,
+            args.shots,
+            args.shared.seed,
+        )?
+    } else {
+        vec![]
+    };
+    let rules_path = dir.join("rules.toml");
+    let rules =
+        rules_path.is_file().then(|| whet_eval::rules::Rules::read(&rules_path)).transpose()?;
+    let references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
+    let task = whet_eval::Task::detect(&references);
+    let metrics = whet_eval::choose_metrics(&args.shared.metric, task, rules.as_ref())?;
+    let (m, _device) = model::load(&args.model, 0)?;
+    let m = into_model(m)?;
+    let adapters = m.model.adapter_weights();
+    let prompting = Prompting { adapters, system: system.clone(), shots };
+    let result =
+        whet_eval::run::run_arm(&m, &prompting, &test, task, &metrics, rules.as_ref(), &run)?;
+    let arm = compare::Arm {
+        name: "model".into(),
+        kind: if args.model.adapter.is_empty() { "prompted" } else { "finetuned" },
+        shots: args.shots,
+        model: m.source.clone(),
+        chosen: false,
+        valid_score: None,
+        cost_per_1m_queries: None,
+        machine_hours_per_1m_queries: result.secs_per_query * 1e6 / 3600.0,
+        result,
+    };
+    let report = compare::Report {
+        verdict: String::new(),
+        settings: serde_json::json!({
+            "task": task, "metrics": metrics, "data": test_path.display().to_string(),
+            "test_examples": test.len(), "model": m.source, "system_prompt": system,
+            "shots": args.shots, "seed": args.shared.seed, "seeds": args.shared.seeds,
+        }),
+        training: None,
+        warnings: vec![],
+        arms: vec![arm],
+    };
+    let a = &report.arms[0].result;
+    println!("model:       {}", m.source);
+    println!("data:        {} ({} examples, task: {task:?})", test_path.display(), test.len());
+    for (name, e) in &a.metrics {
+        println!("{name:<12} {:.3}  [{:.3}, {:.3}] (95% bootstrap)", e.mean, e.ci95[0], e.ci95[1]);
+    }
+    if let Some(c) = &a.classification {
+        println!("macro F1:    {:.3}", c.macro_f1);
+        for (label, s) in &c.per_label {
+            println!(
+                "  {label:<20} precision {:.2}  recall {:.2}  F1 {:.2}  ({} examples)",
+                s.precision, s.recall, s.f1, s.support
+            );
+        }
+    }
+    for (rule, rate) in &a.rules {
+        println!("rule {rule:<15} {:.0}% of answers", rate * 100.0);
+    }
+    if let (Some(l), Some(p)) = (a.reference_loss, a.perplexity) {
+        println!("test loss:   {l:.3} (perplexity {p:.2}) on the reference answers");
+    }
+    if let Some(s) = a.consistency.seeds {
+        println!(
+            "consistency: {:.0}% agreement across {} sampled runs",
+            s * 100.0,
+            args.shared.seeds
+        );
+    }
+    if let Some(g) = a.consistency.groups {
+        println!("consistency: {:.0}% agreement within paraphrase groups", g * 100.0);
+    }
+    println!("prompt:      {:.0} tokens per query", a.prompt_tokens_per_query);
+    if args.shared.latency_samples > 0 {
+        let l = &a.latency_ms;
+        println!(
+            "latency:     {:.0} ms median, {:.0} ms p95 (first token {:.0} ms)",
+            l.total_p50, l.total_p95, l.ttft_p50
+        );
+    }
+    if let Some(out) = &args.shared.out {
+        whet_eval::report::write(&report, out)?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+pub fn compare(args: CompareArgs) -> Result<()> {
+    let run = settings(&args.shared)?;
+    let system = system_prompt(&args.shared)?;
+    anyhow::ensure!(
+        args.shared.data.is_dir(),
+        "--data {}: whet compare needs a directory with train.jsonl, valid.jsonl and test.jsonl",
+        args.shared.data.display()
+    );
+    let device = whet_model::parse_device(&args.device)?;
+    let dtype = whet_model::parse_dtype(&args.dtype)?;
+    let spec = model::model_spec(&args.model);
+    let mut base = model::load_spec(&spec, dtype, &device, 0)?;
+    whet_model::adapter::load_named_adapter(&mut base.model, "finetuned", 1.0, &args.adapter)
+        .with_context(|| format!("cannot apply the adapter in {}", args.adapter.display()))?;
+    base.model.set_adapter_weights(&[])?;
+    let base = into_model(base)?;
+    let baseline = match &args.baseline_model {
+        Some(b) => Some(into_model(model::load_spec(b, dtype, &device, 0)?)?),
+        None => None,
+    };
+    let cfg = CompareConfig {
+        data: args.shared.data.clone(),
+        system_prompt: system,
+        shots: args.shots.clone(),
+        seed: args.shared.seed,
+        metrics: args.shared.metric.clone(),
+        price_per_1k_tokens: args.price_per_1k_tokens,
+        adapter_dir: args.adapter.clone(),
+        run,
+    };
+    let report = compare::compare(&base, baseline.as_ref(), &cfg)?;
+    print!("{}", whet_eval::report::table(&report));
+    println!("\n{}", report.verdict);
+    if let Some(out) = &args.shared.out {
+        whet_eval::report::write(&report, out)?;
+        eprintln!("wrote {}/report.{{md,html,json}}, metric.svg, latency.svg", out.display());
+    }
+    Ok(())
+}

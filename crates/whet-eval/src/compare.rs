@@ -1,0 +1,432 @@
+//! `whet compare`: the same held-out examples through prompted arms (base model, system prompt,
+//! k few-shot examples drawn by seed from the training data, the best k chosen on the
+//! validation set), the fine-tuned arm (adapter, bare prompt), fine-tuned + prompt, and
+//! optionally a larger prompted baseline; then a verdict that follows from the numbers.
+
+use crate::metrics::Estimate;
+use crate::run::{run_arm, ArmResult, Model, Prompting, RunSettings};
+use crate::{Error, Example, Task};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// What to compare.
+#[derive(Debug, Clone)]
+pub struct CompareConfig {
+    /// The data directory (`train.jsonl`, `valid.jsonl`, `test.jsonl`).
+    pub data: PathBuf,
+    /// The engineered system prompt of the prompted arms.
+    pub system_prompt: Option<String>,
+    /// Numbers of few-shot examples to try.
+    pub shots: Vec<usize>,
+    /// Seed of the shot draw and the bootstrap.
+    pub seed: u64,
+    /// `--metric` names (empty: the task's).
+    pub metrics: Vec<String>,
+    /// Price per 1,000 tokens (prompt and answer), for cost per 1M queries.
+    pub price_per_1k_tokens: Option<f64>,
+    /// The fine-tuned adapter's directory (its run directory holds the training cost).
+    pub adapter_dir: PathBuf,
+    /// Run settings of every arm.
+    pub run: RunSettings,
+}
+
+/// One arm of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Arm {
+    /// Shown in tables.
+    pub name: String,
+    /// `prompted`, `finetuned`, `finetuned+prompt` or `baseline`.
+    pub kind: &'static str,
+    /// Few-shot examples in its prompt.
+    pub shots: usize,
+    /// The model it ran.
+    pub model: String,
+    /// Whether the best prompted arm on the validation set.
+    pub chosen: bool,
+    /// The validation score that chose k (prompted arms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub valid_score: Option<f64>,
+    /// Cost per 1M queries at `--price-per-1k-tokens`.
+    pub cost_per_1m_queries: Option<f64>,
+    /// Machine-hours per 1M queries, from the measured batched throughput.
+    pub machine_hours_per_1m_queries: f64,
+    /// Everything measured.
+    #[serde(flatten)]
+    pub result: ArmResult,
+}
+
+/// What training the adapter cost, from its run directory's `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainingCost {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Tokens run through the model.
+    pub tokens: usize,
+    /// Seconds of training steps.
+    pub seconds: f64,
+}
+
+/// The whole comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Every arm, prompted ones first.
+    pub arms: Vec<Arm>,
+    /// The conclusion, in a few sentences.
+    pub verdict: String,
+    /// Task, metrics, data, models, settings.
+    pub settings: serde_json::Value,
+    /// The adapter's training cost, when its run directory says.
+    pub training: Option<TrainingCost>,
+    /// Warnings raised on the way (labels unseen in training, ...).
+    pub warnings: Vec<String>,
+}
+
+impl Report {
+    /// The metric arms are ranked by.
+    pub fn primary(&self) -> &str {
+        self.settings["metrics"][0].as_str().unwrap_or("")
+    }
+}
+
+/// Few-shot examples: `k` single-question training examples drawn by `seed`.
+pub fn draw_shots(train: &[Example], k: usize, seed: u64) -> Result<Vec<(String, String)>, Error> {
+    let pool: Vec<(String, String)> = train
+        .iter()
+        .filter(|e| e.messages.len() == 1 && e.messages[0].role == "user")
+        .map(|e| (e.messages[0].content.clone(), e.reference.clone()))
+        .collect();
+    if k > pool.len() {
+        return Err(Error::Input(format!(
+            "--shots {k} is more than the {} single-question examples of the training data",
+            pool.len()
+        )));
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut idx: Vec<usize> = (0..pool.len()).collect();
+    idx.shuffle(&mut rng);
+    Ok(idx[..k].iter().map(|&i| pool[i].clone()).collect())
+}
+
+/// Read `RUN/metrics.jsonl` beside an adapter in `RUN/adapter` (or `RUN/best`).
+pub fn training_cost(adapter: &Path) -> Option<TrainingCost> {
+    let run = [adapter.join("metrics.jsonl"), adapter.parent()?.join("metrics.jsonl")]
+        .into_iter()
+        .find(|p| p.is_file())?;
+    let text = std::fs::read_to_string(run).ok()?;
+    let (mut steps, mut tokens, mut seconds) = (0, 0, 0.0);
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if v.get("loss").is_some() {
+            steps += 1;
+            tokens += v["tokens"].as_u64().unwrap_or(0) as usize;
+            seconds += v["secs"].as_f64().unwrap_or(0.0);
+        }
+    }
+    (steps > 0).then_some(TrainingCost { steps, tokens, seconds })
+}
+
+/// Run the comparison. `base` carries the adapter as the named adapter `finetuned`.
+pub fn compare(
+    base: &Model,
+    baseline: Option<&Model>,
+    cfg: &CompareConfig,
+) -> Result<Report, Error> {
+    let read = |name: &str| crate::read_examples(&cfg.data.join(name));
+    let (train, test) = (read("train.jsonl")?, read("test.jsonl")?);
+    let valid = if cfg.data.join("valid.jsonl").is_file() { read("valid.jsonl")? } else { vec![] };
+    let references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
+    let task = Task::detect(&references);
+    let rules_path = cfg.data.join("rules.toml");
+    let rules = rules_path.is_file().then(|| crate::rules::Rules::read(&rules_path)).transpose()?;
+    let metric_names = crate::choose_metrics(&cfg.metrics, task, rules.as_ref())?;
+    let primary = metric_names[0].clone();
+    let mut warnings = vec![];
+    if task == Task::Labels {
+        let seen: std::collections::BTreeSet<String> =
+            train.iter().map(|e| crate::metrics::normalize(&e.reference)).collect();
+        let unseen: std::collections::BTreeSet<String> = references
+            .iter()
+            .map(|r| crate::metrics::normalize(r))
+            .filter(|r| !seen.contains(r))
+            .collect();
+        if !unseen.is_empty() {
+            let w = format!(
+                "test labels never seen in training: {}",
+                unseen.into_iter().collect::<Vec<_>>().join(", ")
+            );
+            tracing::warn!("{w}");
+            warnings.push(w);
+        }
+    }
+    if cfg.shots.is_empty() {
+        return Err(Error::Input("--shots needs at least one number".into()));
+    }
+    let run = |model: &Model, p: &Prompting, examples: &[Example]| {
+        run_arm(model, p, examples, task, &metric_names, rules.as_ref(), &cfg.run)
+    };
+    let mut arms = vec![];
+    let mut best: Option<(usize, f64, Vec<(String, String)>)> = None;
+    for &k in &cfg.shots {
+        let shots = draw_shots(&train, k, cfg.seed)?;
+        let p =
+            Prompting { adapters: vec![], system: cfg.system_prompt.clone(), shots: shots.clone() };
+        // The best k is chosen on the validation set, so that the test set judges it fairly.
+        let valid_score = if valid.is_empty() {
+            None
+        } else {
+            let quick = RunSettings { seeds: 0, latency_samples: 0, ..cfg.run.clone() };
+            let r = run_arm(base, &p, &valid, task, &metric_names[..1], rules.as_ref(), &quick)?;
+            Some(r.metrics[&primary].mean)
+        };
+        let result = run(base, &p, &test)?;
+        let choose = valid_score.unwrap_or(result.metrics[&primary].mean);
+        if best.as_ref().is_none_or(|(_, s, _)| choose > *s) {
+            best = Some((arms.len(), choose, shots));
+        }
+        arms.push(arm(
+            format!("prompted, {k}-shot"),
+            "prompted",
+            k,
+            &base.source,
+            valid_score,
+            result,
+            cfg,
+        ));
+    }
+    let (best_i, _, best_shots) = best.expect("at least one k");
+    arms[best_i].chosen = true;
+    let ft = Prompting { adapters: vec![("finetuned".into(), 1.0)], system: None, shots: vec![] };
+    arms.push(arm(
+        "fine-tuned".into(),
+        "finetuned",
+        0,
+        &base.source,
+        None,
+        run(base, &ft, &test)?,
+        cfg,
+    ));
+    if cfg.system_prompt.is_some() {
+        let ftp = Prompting { system: cfg.system_prompt.clone(), ..ft };
+        arms.push(arm(
+            "fine-tuned + prompt".into(),
+            "finetuned+prompt",
+            0,
+            &base.source,
+            None,
+            run(base, &ftp, &test)?,
+            cfg,
+        ));
+    }
+    if let Some(big) = baseline {
+        let k = best_shots.len();
+        let p =
+            Prompting { adapters: vec![], system: cfg.system_prompt.clone(), shots: best_shots };
+        arms.push(arm(
+            format!("baseline, {k}-shot"),
+            "baseline",
+            k,
+            &big.source,
+            None,
+            run(big, &p, &test)?,
+            cfg,
+        ));
+    }
+    let training = training_cost(&cfg.adapter_dir);
+    let verdict = verdict(&arms, &primary);
+    let settings = serde_json::json!({
+        "task": task,
+        "metrics": metric_names,
+        "data": cfg.data.display().to_string(),
+        "test_examples": test.len(),
+        "valid_examples": valid.len(),
+        "train_examples": train.len(),
+        "system_prompt": cfg.system_prompt,
+        "shots": cfg.shots,
+        "seed": cfg.seed,
+        "seeds": cfg.run.seeds,
+        "sampling": {"temperature": cfg.run.sampling.temperature, "top_p": cfg.run.sampling.top_p},
+        "max_tokens": cfg.run.max_tokens,
+        "latency_samples": cfg.run.latency_samples,
+        "price_per_1k_tokens": cfg.price_per_1k_tokens,
+        "model": base.source,
+        "adapter": cfg.adapter_dir.display().to_string(),
+        "baseline_model": baseline.map(|b| b.source.clone()),
+        "rules": rules.as_ref().map(|r| r.rules.iter().map(|x| x.name.clone()).collect::<Vec<_>>()),
+    });
+    Ok(Report { arms, verdict, settings, training, warnings })
+}
+
+fn arm(
+    name: String,
+    kind: &'static str,
+    shots: usize,
+    model: &str,
+    valid_score: Option<f64>,
+    result: ArmResult,
+    cfg: &CompareConfig,
+) -> Arm {
+    let tokens = result.prompt_tokens_per_query + result.completion_tokens_per_query;
+    Arm {
+        name,
+        kind,
+        shots,
+        model: model.to_string(),
+        chosen: false,
+        valid_score,
+        cost_per_1m_queries: cfg.price_per_1k_tokens.map(|p| tokens / 1000.0 * p * 1e6),
+        machine_hours_per_1m_queries: result.secs_per_query * 1e6 / 3600.0,
+        result,
+    }
+}
+
+fn fmt(e: &Estimate) -> String {
+    format!("{:.3} [{:.3}, {:.3}]", e.mean, e.ci95[0], e.ci95[1])
+}
+
+/// The verdict: fine-tuned against the prompted arm chosen on validation, then the baseline.
+pub fn verdict(arms: &[Arm], metric: &str) -> String {
+    let Some(ft) = arms.iter().find(|a| a.kind == "finetuned") else { return String::new() };
+    let Some(pr) =
+        arms.iter().find(|a| a.chosen).or_else(|| arms.iter().find(|a| a.kind == "prompted"))
+    else {
+        return String::new();
+    };
+    let (f, p) = (&ft.result.metrics[metric], &pr.result.metrics[metric]);
+    let saved = pr.result.prompt_tokens_per_query - ft.result.prompt_tokens_per_query;
+    let tokens = if saved > 0.0 {
+        format!(
+            " Fine-tuning needs {saved:.0} fewer prompt tokens per query ({:.0}% of the prompted arm's {:.0}).",
+            100.0 * saved / pr.result.prompt_tokens_per_query.max(1e-9),
+            pr.result.prompt_tokens_per_query
+        )
+    } else {
+        String::new()
+    };
+    let mut v = if f.ci95[0] > p.ci95[1] {
+        format!(
+            "Fine-tuning wins on {metric}: {} against {} for the best prompt ({}); the 95% intervals do not overlap.{tokens}",
+            fmt(f), fmt(p), pr.name
+        )
+    } else if p.mean >= f.mean {
+        format!(
+            "Prompting is good enough here: the best prompt ({}) scores {} on {metric} against the fine-tuned model's {}.{tokens}",
+            pr.name, fmt(p), fmt(f)
+        )
+    } else {
+        format!(
+            "No clear winner on {metric}: fine-tuned {} against {} for the best prompt ({}); the 95% intervals overlap, so more test examples are needed to tell them apart.{tokens}",
+            fmt(f), fmt(p), pr.name
+        )
+    };
+    if let (Some(a), Some(b)) = (ft.result.consistency.seeds, pr.result.consistency.seeds) {
+        v.push_str(&format!(
+            " Answers agree across sampled runs {:.0}% of the time fine-tuned, {:.0}% prompted.",
+            100.0 * a,
+            100.0 * b
+        ));
+    }
+    if let (Some(a), Some(b)) = (ft.result.consistency.groups, pr.result.consistency.groups) {
+        v.push_str(&format!(" Across paraphrases: {:.0}% against {:.0}%.", 100.0 * a, 100.0 * b));
+    }
+    if let Some(big) = arms.iter().find(|a| a.kind == "baseline") {
+        let b = &big.result.metrics[metric];
+        let how = if f.ci95[0] > b.ci95[1] {
+            "beats"
+        } else if b.ci95[0] > f.ci95[1] {
+            "trails"
+        } else {
+            "is level with (overlapping intervals)"
+        };
+        let lat = if big.result.latency_ms.total_p50 > 0.0 {
+            format!(
+                ", answering in {:.0} ms against its {:.0} ms (median)",
+                ft.result.latency_ms.total_p50, big.result.latency_ms.total_p50
+            )
+        } else {
+            String::new()
+        };
+        v.push_str(&format!(
+            " The fine-tuned small model {how} the larger prompted {} ({}){lat}.",
+            big.model,
+            fmt(b)
+        ));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Estimate;
+
+    fn arm(kind: &'static str, mean: f64, lo: f64, hi: f64, prompt: f64) -> Arm {
+        let mut metrics = std::collections::BTreeMap::new();
+        metrics.insert("accuracy".to_string(), Estimate { mean, ci95: [lo, hi] });
+        Arm {
+            name: kind.to_string(),
+            kind,
+            shots: 0,
+            model: "m".into(),
+            chosen: kind == "prompted",
+            valid_score: None,
+            cost_per_1m_queries: None,
+            machine_hours_per_1m_queries: 0.0,
+            result: ArmResult {
+                metrics,
+                classification: None,
+                rules: Default::default(),
+                consistency: Default::default(),
+                prompt_tokens_per_query: prompt,
+                completion_tokens_per_query: 2.0,
+                latency_ms: Default::default(),
+                secs_per_query: 0.1,
+                reference_loss: None,
+                perplexity: None,
+                outputs: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn the_verdict_goes_both_ways() {
+        let win = verdict(
+            &[arm("prompted", 0.5, 0.4, 0.6, 200.0), arm("finetuned", 0.9, 0.8, 0.95, 40.0)],
+            "accuracy",
+        );
+        assert!(win.starts_with("Fine-tuning wins on accuracy"), "{win}");
+        assert!(win.contains("160 fewer prompt tokens per query (80%"), "{win}");
+        let enough = verdict(
+            &[arm("prompted", 0.9, 0.8, 0.95, 200.0), arm("finetuned", 0.85, 0.75, 0.9, 40.0)],
+            "accuracy",
+        );
+        assert!(enough.starts_with("Prompting is good enough here"), "{enough}");
+        let unclear = verdict(
+            &[arm("prompted", 0.7, 0.6, 0.8, 200.0), arm("finetuned", 0.75, 0.65, 0.85, 40.0)],
+            "accuracy",
+        );
+        assert!(unclear.starts_with("No clear winner"), "{unclear}");
+        let mut three =
+            vec![arm("prompted", 0.5, 0.4, 0.6, 200.0), arm("finetuned", 0.9, 0.8, 0.95, 40.0)];
+        three.push(arm("baseline", 0.6, 0.5, 0.7, 200.0));
+        assert!(verdict(&three, "accuracy").contains("beats the larger prompted m"));
+    }
+
+    #[test]
+    fn shots_are_drawn_by_seed_and_bounded() {
+        let ex = |i: usize| Example {
+            messages: vec![whet_infer::Message::new("user", format!("q{i}"))],
+            reference: format!("a{i}"),
+            group: None,
+            at: String::new(),
+        };
+        let train: Vec<Example> = (0..10).map(ex).collect();
+        let a = draw_shots(&train, 3, 1).unwrap();
+        assert_eq!(a, draw_shots(&train, 3, 1).unwrap());
+        assert_ne!(a, draw_shots(&train, 3, 2).unwrap());
+        assert_eq!(a.len(), 3);
+        let e = draw_shots(&train, 11, 1).unwrap_err().to_string();
+        assert!(e.contains("--shots 11 is more than the 10"), "{e}");
+    }
+}
