@@ -80,7 +80,12 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let rules_path = dir.join("rules.toml");
     let rules =
         rules_path.is_file().then(|| whet_eval::rules::Rules::read(&rules_path)).transpose()?;
-    let references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
+    // Labels repeat over the training data too, when it is there.
+    let train = dir.join("train.jsonl");
+    let mut references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
+    if train.is_file() {
+        references.extend(whet_eval::read_examples(&train)?.into_iter().map(|e| e.reference));
+    }
     let task = whet_eval::Task::detect(&references);
     let metrics = whet_eval::choose_metrics(&args.shared.metric, task, rules.as_ref())?;
     let (m, _device) = model::load(&args.model, 0)?;

@@ -137,7 +137,10 @@ pub fn compare(
     let (train, test) = (read("train.jsonl")?, read("test.jsonl")?);
     let valid = if cfg.data.join("valid.jsonl").is_file() { read("valid.jsonl")? } else { vec![] };
     let references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
-    let task = Task::detect(&references);
+    // Labels repeat over the training data too: small test sets alone say little.
+    let all: Vec<String> =
+        references.iter().chain(train.iter().map(|e| &e.reference)).cloned().collect();
+    let task = Task::detect(&all);
     let rules_path = cfg.data.join("rules.toml");
     let rules = rules_path.is_file().then(|| crate::rules::Rules::read(&rules_path)).transpose()?;
     let metric_names = crate::choose_metrics(&cfg.metrics, task, rules.as_ref())?;

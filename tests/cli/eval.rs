@@ -1,0 +1,267 @@
+//! `whet eval` and `whet compare` end to end on the tiny Llama 3 fixture with a PEFT adapter:
+//! every report, its shape, and bad input.
+
+use super::{assert_one_line_error, root, stderr, stdout, whet};
+use serde_json::Value;
+use std::path::Path;
+
+/// A labels dataset: `n` examples per split over three intents.
+fn labels_data(dir: &Path, test_label: &str) {
+    let line = |q: &str, a: &str, group: Option<usize>| {
+        let mut v = serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]});
+        if let Some(g) = group {
+            v["group"] = g.into();
+        }
+        v.to_string()
+    };
+    let labels = ["refund", "cancel", "other"];
+    let split = |n: usize, last: &str| {
+        (0..n)
+            .map(|i| {
+                let label = if i == n - 1 { last } else { labels[i % 3] };
+                line(&format!("question {i} about {}", labels[i % 3]), label, Some(i / 2))
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            + "\n"
+    };
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("train.jsonl"), split(9, "refund")).unwrap();
+    std::fs::write(dir.join("valid.jsonl"), split(4, "cancel")).unwrap();
+    std::fs::write(dir.join("test.jsonl"), split(6, test_label)).unwrap();
+}
+
+fn fixture() -> (String, String) {
+    let s = |p: &str| root().join(p).to_str().unwrap().to_string();
+    (s("tests/fixtures/families/llama3"), s("tests/fixtures/adapters/regex"))
+}
+
+#[test]
+fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
+    let (base, adapter) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    labels_data(&data, "shipping");
+    let out = tmp.path().join("report");
+    let o = whet(
+        &[
+            "compare",
+            "--model",
+            &base,
+            "--adapter",
+            &adapter,
+            "--data",
+            data.to_str().unwrap(),
+            "--system-prompt",
+            "Answer with one label: refund, cancel or other.",
+            "--shots",
+            "0,2",
+            "--seeds",
+            "2",
+            "--latency-samples",
+            "1",
+            "--max-tokens",
+            "3",
+            "--price-per-1k-tokens",
+            "0.5",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = stdout(&o);
+    for arm in ["prompted, 0-shot", "prompted, 2-shot", "fine-tuned", "fine-tuned + prompt"] {
+        assert!(table.contains(arm), "{table}");
+    }
+    for f in ["report.json", "report.md", "report.html", "metric.svg", "latency.svg"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let arms = r["arms"].as_array().unwrap();
+    let kinds: Vec<&str> = arms.iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["prompted", "prompted", "finetuned", "finetuned+prompt"]);
+    for a in arms {
+        let acc = &a["metrics"]["accuracy"];
+        assert!(acc["mean"].is_number(), "{}", a["metrics"]);
+        let (mean, lo, hi) = (
+            acc["mean"].as_f64().unwrap(),
+            acc["ci95"][0].as_f64().unwrap(),
+            acc["ci95"][1].as_f64().unwrap(),
+        );
+        assert!(lo <= mean && mean <= hi, "{a}");
+        for k in ["ttft_p50", "ttft_p95", "total_p50", "total_p95"] {
+            assert!(a["latency_ms"][k].as_f64().unwrap() > 0.0, "{k} in {a}");
+        }
+        assert!(
+            a["consistency"]["seeds"].is_number() && a["consistency"]["groups"].is_number(),
+            "{a}"
+        );
+        let tokens = a["prompt_tokens_per_query"].as_f64().unwrap()
+            + a["completion_tokens_per_query"].as_f64().unwrap();
+        assert!(
+            (a["cost_per_1m_queries"].as_f64().unwrap() - tokens / 1000.0 * 0.5 * 1e6).abs() < 1e-6
+        );
+    }
+    let tokens = |i: usize| arms[i]["prompt_tokens_per_query"].as_f64().unwrap();
+    assert!(tokens(1) > tokens(0), "two shots make longer prompts");
+    assert!(tokens(2) < tokens(0), "the fine-tuned arm has no system prompt");
+    assert_eq!(arms.iter().filter(|a| a["chosen"] == true).count(), 1);
+    assert!(!r["verdict"].as_str().unwrap().is_empty());
+    assert_eq!(r["settings"]["task"], "labels");
+    assert!(
+        r["warnings"][0].as_str().unwrap().contains("never seen in training: shipping"),
+        "{}",
+        r["warnings"]
+    );
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("<svg") && html.contains("Verdict") && !html.contains("<script"),
+        "self-contained"
+    );
+    assert!(std::fs::read_to_string(out.join("report.md")).unwrap().contains("| fine-tuned |"));
+}
+
+#[test]
+fn eval_scores_one_model_and_writes_its_report() {
+    let (base, adapter) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    labels_data(&data, "refund");
+    let out = tmp.path().join("eval");
+    let o = whet(
+        &[
+            "eval",
+            "--model",
+            &base,
+            "--adapter",
+            &adapter,
+            "--data",
+            data.to_str().unwrap(),
+            "--max-tokens",
+            "3",
+            "--seeds",
+            "0",
+            "--latency-samples",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = stdout(&o);
+    for key in ["accuracy", "exact_match", "macro F1:", "test loss:", "perplexity", "prompt:"] {
+        assert!(s.contains(key), "{s}");
+    }
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert!(r["arms"][0]["reference_loss"].as_f64().unwrap() > 0.0);
+    assert!(r["arms"][0]["classification"]["confusion"].is_object());
+    // A rules file makes rule adherence the first metric.
+    std::fs::write(data.join("rules.toml"), "[[rule]]\nname = \"short\"\nmax_words = 50\n")
+        .unwrap();
+    let o = whet(
+        &[
+            "eval",
+            "--model",
+            &base,
+            "--data",
+            data.to_str().unwrap(),
+            "--metric",
+            "rules",
+            "--max-tokens",
+            "3",
+            "--seeds",
+            "0",
+            "--latency-samples",
+            "0",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("rules        1.000"), "{}", stdout(&o));
+}
+
+#[test]
+fn bad_eval_input_is_refused_in_one_line_and_writes_nothing() {
+    let (base, adapter) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    labels_data(&data, "refund");
+    let out = tmp.path().join("out");
+    let d = data.to_str().unwrap().to_string();
+    let o_ = out.to_str().unwrap().to_string();
+    let compare = |extra: &[&str]| {
+        let mut args = vec![
+            "compare",
+            "--model",
+            &base,
+            "--adapter",
+            &adapter,
+            "--data",
+            &d,
+            "--out",
+            &o_,
+            "--seeds",
+            "0",
+            "--max-tokens",
+            "2",
+        ];
+        args.extend(extra);
+        whet(&args, "")
+    };
+    let e = assert_one_line_error(&compare(&["--shots", "0,40"]));
+    assert!(e.contains("--shots 40 is more than the 9"), "{e}");
+    let e = assert_one_line_error(&compare(&["--metric", "bleu"]));
+    assert!(e.contains("--metric `bleu`: not one of accuracy"), "{e}");
+    std::fs::write(data.join("rules.toml"), "[[rule]]\nname = 3\n").unwrap();
+    let e = assert_one_line_error(&compare(&[]));
+    assert!(e.contains("rules.toml"), "{e}");
+    std::fs::remove_file(data.join("rules.toml")).unwrap();
+    // An adapter for another base: one tensor of another width.
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::copy(
+        Path::new(&adapter).join("adapter_config.json"),
+        other.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors = candle_core::safetensors::load(
+        Path::new(&adapter).join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    tensors.insert(
+        name.into(),
+        candle_core::Tensor::zeros((3, 32), candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, other.join("adapter_model.safetensors")).unwrap();
+    let o = whet(
+        &[
+            "compare",
+            "--model",
+            &base,
+            "--adapter",
+            other.to_str().unwrap(),
+            "--data",
+            &d,
+            "--out",
+            &o_,
+        ],
+        "",
+    );
+    let e = assert_one_line_error(&o);
+    assert!(e.contains("q_proj.lora_A") && e.contains("32"), "another base's adapter: {e}");
+    std::fs::write(
+        data.join("test.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"no answer\"}]}\n",
+    )
+    .unwrap();
+    let e = assert_one_line_error(&compare(&[]));
+    assert!(e.contains("test.jsonl:1"), "{e}");
+    assert!(!out.exists(), "nothing written after a failure");
+}
