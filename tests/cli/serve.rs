@@ -113,7 +113,7 @@ fn bad_batch_lines_are_refused_naming_the_line() {
 }
 
 /// `whet serve` on a free port; the address it printed.
-fn serve(args: &[&str]) -> (Child, String) {
+pub fn serve(args: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
         .arg("serve")
         .args(args)
