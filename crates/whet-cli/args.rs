@@ -150,6 +150,11 @@ pub struct CompareArgs {
     /// is machine-hours.
     #[arg(long)]
     pub price_per_1k_tokens: Option<f64>,
+    /// Train adapters on growing subsets of train.jsonl (sizes, or `all`), with the adapter's
+    /// run settings (its whet.toml) and seed, into OUT/learning-curve/N/, and plot the metric
+    /// against the number of examples beside the best prompted arm.
+    #[arg(long, value_delimiter = ',', requires = "out")]
+    pub learning_curve: Vec<String>,
     #[arg(long, default_value = "auto")]
     pub device: String,
     #[arg(long, default_value = "f32")]

@@ -114,6 +114,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         }),
         training: None,
         warnings: vec![],
+        learning_curve: None,
         arms: vec![arm],
     };
     let a = &report.arms[0].result;
@@ -192,7 +193,12 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         adapter_dir: args.adapter.clone(),
         run,
     };
-    let report = compare::compare(&base, baseline.as_ref(), &cfg)?;
+    let sizes = curve_sizes(&args)?;
+    let mut report = compare::compare(&base, baseline.as_ref(), &cfg)?;
+    if !sizes.is_empty() {
+        let points = learning_curve(&args, &cfg, &spec, &sizes)?;
+        report.learning_curve = compare::LearningCurve::new(points, &report);
+    }
     print!("{}", whet_eval::report::table(&report));
     println!("\n{}", report.verdict);
     if let Some(out) = &args.shared.out {
@@ -200,4 +206,72 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         eprintln!("wrote {}/report.{{md,html,json}}, metric.svg, latency.svg", out.display());
     }
     Ok(())
+}
+
+/// `--learning-curve` sizes; `all` is the whole training set. Checked before any work.
+fn curve_sizes(args: &CompareArgs) -> Result<Vec<String>> {
+    for s in &args.learning_curve {
+        anyhow::ensure!(
+            s == "all" || s.parse::<usize>().is_ok_and(|n| n > 0),
+            "--learning-curve `{s}`: give positive numbers of examples or `all`"
+        );
+    }
+    Ok(args.learning_curve.clone())
+}
+
+/// Train one adapter per size on the first N training examples (shuffled by --seed), with the
+/// settings of the adapter's own run, and score each.
+fn learning_curve(
+    args: &CompareArgs,
+    cfg: &CompareConfig,
+    spec: &str,
+    sizes: &[String],
+) -> Result<Vec<(usize, whet_eval::metrics::Estimate)>> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let out = args.shared.out.as_ref().context("--learning-curve needs --out")?;
+    let train_path = cfg.data.join("train.jsonl");
+    let text = std::fs::read_to_string(&train_path)
+        .with_context(|| format!("cannot read {}", train_path.display()))?;
+    let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed));
+    let saved = args.adapter.parent().map(|run| run.join("whet.toml")).filter(|p| p.is_file());
+    let base_cfg = match &saved {
+        Some(p) => whet_train::TrainConfig::from_file_with_steps(p)?.0,
+        None => whet_train::TrainConfig::default(),
+    };
+    let mut points = vec![];
+    let mut seen = std::collections::BTreeSet::new();
+    for size in sizes {
+        let n = if size == "all" { lines.len() } else { size.parse::<usize>()?.min(lines.len()) };
+        if !seen.insert(n) {
+            continue;
+        }
+        let dir = out.join("learning-curve").join(n.to_string());
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data)?;
+        std::fs::write(data.join("train.jsonl"), lines[..n].join("\n") + "\n")?;
+        if cfg.data.join("valid.jsonl").is_file() {
+            std::fs::copy(cfg.data.join("valid.jsonl"), data.join("valid.jsonl"))?;
+        }
+        let mut c = base_cfg.clone();
+        c.model = spec.to_string();
+        c.data = data.display().to_string();
+        c.device = args.device.clone();
+        c.dtype = args.dtype.clone();
+        eprintln!("learning curve: training on {n} examples ({} steps) ...", c.steps);
+        let adapter = crate::train::train_quietly(c, &dir.join("run"))?;
+        let device = whet_model::parse_device(&args.device)?;
+        let dtype = whet_model::parse_dtype(&args.dtype)?;
+        let mut m = model::load_spec(spec, dtype, &device, 0)?;
+        whet_model::adapter::load_named_adapter(&mut m.model, "finetuned", 1.0, &adapter)?;
+        m.model.set_adapter_weights(&[])?;
+        let e = compare::score_finetuned(&into_model(m)?, cfg)?;
+        eprintln!(
+            "learning curve: {n} examples: {:.3} [{:.3}, {:.3}]",
+            e.mean, e.ci95[0], e.ci95[1]
+        );
+        points.push((n, e));
+    }
+    Ok(points)
 }

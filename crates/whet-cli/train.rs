@@ -106,6 +106,34 @@ fn prepared_with_pack(dir: &Path) -> bool {
         .is_some_and(|m| m.settings.get("pack").is_some_and(|v| v == "true"))
 }
 
+/// Train with `c` into the run directory `out` (replaced), without a progress display (steps
+/// are logged at info level), for `whet compare --learning-curve`; the adapter's directory.
+pub fn train_quietly(mut c: TrainConfig, out: &Path) -> Result<std::path::PathBuf> {
+    c.validate()?;
+    let device = whet_model::parse_device(&c.device)?;
+    let dtype = whet_model::parse_dtype(&c.dtype)?;
+    let mut m = crate::model::load_spec(&c.model, dtype, &device, c.seed)?;
+    let text = ModelText::from_tokenizer(m.tokenizer.clone(), &c.template_vars)?;
+    let data = load_data(&c, &text)?;
+    if data.train.is_empty() {
+        bail!("{}: no training examples", c.data);
+    }
+    c.resolve_steps(whet_train::trainer::training_rows(&data, &c));
+    if out.exists() {
+        std::fs::remove_dir_all(out).with_context(|| format!("cannot remove {}", out.display()))?;
+    }
+    let stop = AtomicBool::new(false);
+    let mut on_event = |e: &Event| {
+        if let Event::Step { step, loss, .. } = e {
+            if step % 10 == 0 {
+                tracing::info!("{}: step {step}/{}: loss {loss:.4}", out.display(), c.steps);
+            }
+        }
+    };
+    whet_train::train(&mut m.model, &data, &c, out, false, &stop, &mut on_event)?;
+    Ok(out.join("adapter"))
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut c = config(&a)?;
     c.validate()?;

@@ -265,3 +265,67 @@ fn bad_eval_input_is_refused_in_one_line_and_writes_nothing() {
     assert!(e.contains("test.jsonl:1"), "{e}");
     assert!(!out.exists(), "nothing written after a failure");
 }
+
+#[test]
+fn the_learning_curve_trains_on_growing_subsets() {
+    let (base, adapter) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    labels_data(&data, "refund");
+    let out = tmp.path().join("report");
+    let o = whet(
+        &[
+            "compare",
+            "--model",
+            &base,
+            "--adapter",
+            &adapter,
+            "--data",
+            data.to_str().unwrap(),
+            "--shots",
+            "0",
+            "--seeds",
+            "0",
+            "--latency-samples",
+            "0",
+            "--max-tokens",
+            "2",
+            "--learning-curve",
+            "3,all",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let points = r["learning_curve"]["points"].as_array().unwrap();
+    assert_eq!(points.iter().map(|p| p[0].as_u64().unwrap()).collect::<Vec<_>>(), [3, 9]);
+    assert!(r["learning_curve"]["prompted"]["mean"].is_number());
+    for n in [3, 9] {
+        let run = out.join(format!("learning-curve/{n}"));
+        assert!(run.join("run/adapter/adapter_config.json").is_file(), "adapter {n} kept");
+        let lines = std::fs::read_to_string(run.join("data/train.jsonl")).unwrap().lines().count();
+        assert_eq!(lines, n);
+    }
+    assert!(out.join("learning-curve.svg").is_file());
+    assert!(std::fs::read_to_string(out.join("report.html")).unwrap().contains("Learning curve"));
+    let o = whet(
+        &[
+            "compare",
+            "--model",
+            &base,
+            "--adapter",
+            &adapter,
+            "--data",
+            data.to_str().unwrap(),
+            "--learning-curve",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(assert_one_line_error(&o).contains("--learning-curve `0`"));
+}

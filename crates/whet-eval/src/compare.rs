@@ -81,6 +81,33 @@ pub struct Report {
     pub training: Option<TrainingCost>,
     /// Warnings raised on the way (labels unseen in training, ...).
     pub warnings: Vec<String>,
+    /// The metric of adapters trained on growing subsets of the training data.
+    pub learning_curve: Option<LearningCurve>,
+}
+
+/// `--learning-curve`: the fine-tuned metric against the number of training examples, with the
+/// best prompted arm as the line to cross.
+#[derive(Debug, Clone, Serialize)]
+pub struct LearningCurve {
+    /// (training examples, metric on the test set).
+    pub points: Vec<(usize, Estimate)>,
+    /// The best prompted arm's metric.
+    pub prompted: Estimate,
+    /// Its name.
+    pub prompted_name: String,
+    /// The fewest examples whose adapter beats the prompted mean, if any.
+    pub crosses_at: Option<usize>,
+}
+
+impl LearningCurve {
+    /// Build from points and the report's chosen prompted arm.
+    pub fn new(points: Vec<(usize, Estimate)>, report: &Report) -> Option<Self> {
+        let m = report.primary().to_string();
+        let arm = report.arms.iter().find(|a| a.chosen)?;
+        let prompted = arm.result.metrics[&m];
+        let crosses_at = points.iter().find(|(_, e)| e.mean > prompted.mean).map(|(n, _)| *n);
+        Some(Self { points, prompted, prompted_name: arm.name.clone(), crosses_at })
+    }
 }
 
 impl Report {
@@ -127,12 +154,26 @@ pub fn training_cost(adapter: &Path) -> Option<TrainingCost> {
     (steps > 0).then_some(TrainingCost { steps, tokens, seconds })
 }
 
-/// Run the comparison. `base` carries the adapter as the named adapter `finetuned`.
-pub fn compare(
-    base: &Model,
-    baseline: Option<&Model>,
-    cfg: &CompareConfig,
-) -> Result<Report, Error> {
+/// The data of a comparison, its task and metrics.
+pub struct Setup {
+    /// Training examples (shots are drawn from them).
+    pub train: Vec<Example>,
+    /// Validation examples (the best k is chosen on them).
+    pub valid: Vec<Example>,
+    /// Test examples.
+    pub test: Vec<Example>,
+    /// The task the references show.
+    pub task: Task,
+    /// `rules.toml` beside the data.
+    pub rules: Option<crate::rules::Rules>,
+    /// The metrics, the first the one arms are ranked by.
+    pub metrics: Vec<String>,
+    /// Warnings (labels unseen in training).
+    pub warnings: Vec<String>,
+}
+
+/// Read the data directory and decide the task and metrics.
+pub fn setup(cfg: &CompareConfig) -> Result<Setup, Error> {
     let read = |name: &str| crate::read_examples(&cfg.data.join(name));
     let (train, test) = (read("train.jsonl")?, read("test.jsonl")?);
     let valid = if cfg.data.join("valid.jsonl").is_file() { read("valid.jsonl")? } else { vec![] };
@@ -143,8 +184,7 @@ pub fn compare(
     let task = Task::detect(&all);
     let rules_path = cfg.data.join("rules.toml");
     let rules = rules_path.is_file().then(|| crate::rules::Rules::read(&rules_path)).transpose()?;
-    let metric_names = crate::choose_metrics(&cfg.metrics, task, rules.as_ref())?;
-    let primary = metric_names[0].clone();
+    let metrics = crate::choose_metrics(&cfg.metrics, task, rules.as_ref())?;
     let mut warnings = vec![];
     if task == Task::Labels {
         let seen: std::collections::BTreeSet<String> =
@@ -163,6 +203,27 @@ pub fn compare(
             warnings.push(w);
         }
     }
+    Ok(Setup { train, valid, test, task, rules, metrics, warnings })
+}
+
+/// The primary metric of `model` with its named adapter `finetuned`, bare prompt, on the test
+/// set (for learning curves: no consistency runs, no latency).
+pub fn score_finetuned(model: &Model, cfg: &CompareConfig) -> Result<Estimate, Error> {
+    let s = setup(cfg)?;
+    let quick = RunSettings { seeds: 0, latency_samples: 0, ..cfg.run.clone() };
+    let ft = Prompting { adapters: vec![("finetuned".into(), 1.0)], system: None, shots: vec![] };
+    let r = run_arm(model, &ft, &s.test, s.task, &s.metrics[..1], s.rules.as_ref(), &quick)?;
+    Ok(r.metrics[&s.metrics[0]])
+}
+
+/// Run the comparison. `base` carries the adapter as the named adapter `finetuned`.
+pub fn compare(
+    base: &Model,
+    baseline: Option<&Model>,
+    cfg: &CompareConfig,
+) -> Result<Report, Error> {
+    let Setup { train, valid, test, task, rules, metrics: metric_names, warnings } = setup(cfg)?;
+    let primary = metric_names[0].clone();
     if cfg.shots.is_empty() {
         return Err(Error::Input("--shots needs at least one number".into()));
     }
@@ -258,7 +319,7 @@ pub fn compare(
         "baseline_model": baseline.map(|b| b.source.clone()),
         "rules": rules.as_ref().map(|r| r.rules.iter().map(|x| x.name.clone()).collect::<Vec<_>>()),
     });
-    Ok(Report { arms, verdict, settings, training, warnings })
+    Ok(Report { arms, verdict, settings, training, warnings, learning_curve: None })
 }
 
 fn arm(

@@ -139,6 +139,49 @@ pub fn latency_svg(r: &Report) -> String {
     )
 }
 
+/// The learning curve: metric (with intervals) against training examples, the best prompted
+/// arm as a horizontal line.
+pub fn curve_svg(r: &Report) -> Option<String> {
+    let c = r.learning_curve.as_ref()?;
+    let (w, h, l, b, t) = (640.0, 340.0, 60.0, 40.0, 30.0);
+    let max_n = c.points.iter().map(|(n, _)| *n).max().unwrap_or(1).max(1) as f64;
+    let max_y = c
+        .points
+        .iter()
+        .map(|(_, e)| e.ci95[1])
+        .chain([c.prompted.ci95[1]])
+        .fold(0.0f64, f64::max)
+        .max(1e-9)
+        * 1.1;
+    let x = |n: f64| l + (w - l - 20.0) * n / max_n;
+    let y = |v: f64| h - b - (h - b - t) * (v / max_y).clamp(0.0, 1.0);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"sans-serif\" font-size=\"12\">\
+        <text x=\"10\" y=\"18\" font-size=\"14\">{} against training examples (line: {})</text>\
+        <line x1=\"{l}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#999\"/><line x1=\"{l}\" y1=\"{t}\" x2=\"{l}\" y2=\"{:.1}\" stroke=\"#999\"/>",
+        esc(r.primary()), esc(&c.prompted_name), h - b, w - 20.0, h - b, h - b);
+    let _ = write!(s, "<line x1=\"{l}\" x2=\"{:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#b55\" stroke-dasharray=\"6 4\"/>", w - 20.0, y(c.prompted.mean), y(c.prompted.mean));
+    let path: Vec<String> =
+        c.points.iter().map(|(n, e)| format!("{:.1},{:.1}", x(*n as f64), y(e.mean))).collect();
+    let _ = write!(
+        s,
+        "<polyline fill=\"none\" stroke=\"#5b7f5e\" stroke-width=\"2\" points=\"{}\"/>",
+        path.join(" ")
+    );
+    for (n, e) in &c.points {
+        let px = x(*n as f64);
+        let _ = write!(s, "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#222\"/><circle cx=\"{px:.1}\" cy=\"{:.1}\" r=\"3.5\" fill=\"#5b7f5e\"/><text x=\"{px:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{n}</text>",
+            y(e.ci95[0]), y(e.ci95[1]), y(e.mean), h - b + 16.0);
+    }
+    let _ = write!(
+        s,
+        "<text x=\"{l}\" y=\"{:.1}\">0</text><text x=\"4\" y=\"{:.1}\">{:.2}</text></svg>",
+        h - 6.0,
+        t + 4.0,
+        max_y
+    );
+    Some(s)
+}
+
 /// `report.md`.
 pub fn markdown(r: &Report) -> String {
     let mut s = String::from("# whet compare\n\n");
@@ -212,6 +255,17 @@ pub fn html(r: &Report) -> String {
     }
     s.push_str("</table><p>* the prompted arm chosen on the validation set.</p>");
     let _ = write!(s, "<h2>{}</h2>{}<h2>Latency</h2>{}", esc(m), metric_svg(r), latency_svg(r));
+    if let (Some(svg), Some(c)) = (curve_svg(r), &r.learning_curve) {
+        let _ = write!(
+            s,
+            "<h2>Learning curve</h2>{svg}<p>{}</p>",
+            match c.crosses_at {
+                Some(n) =>
+                    format!("Fine-tuning passes the best prompt from {n} training examples."),
+                None => "No adapter of the curve passes the best prompt.".into(),
+            }
+        );
+    }
     if let Some(t) = &r.training {
         let _ = write!(
             s,
@@ -239,16 +293,24 @@ pub fn write(r: &Report, out: &Path) -> Result<(), Error> {
         .prefix(".whet-report-")
         .tempdir_in(parent)
         .map_err(|e| io(parent, e))?;
-    let files = [
+    let mut files = vec![
         ("report.json", serde_json::to_string_pretty(r).unwrap_or_default()),
         ("report.md", markdown(r)),
         ("report.html", html(r)),
         ("metric.svg", metric_svg(r)),
         ("latency.svg", latency_svg(r)),
     ];
+    if let Some(svg) = curve_svg(r) {
+        files.push(("learning-curve.svg", svg));
+    }
     for (name, text) in files {
         let p = tmp.path().join(name);
         std::fs::write(&p, text).map_err(|e| io(&p, e))?;
+    }
+    // The adapters `--learning-curve` trained into `out` stay.
+    let curve = out.join("learning-curve");
+    if curve.is_dir() {
+        std::fs::rename(&curve, tmp.path().join("learning-curve")).map_err(|e| io(&curve, e))?;
     }
     if out.exists() {
         std::fs::remove_dir_all(out).map_err(|e| io(out, e))?;
