@@ -12,16 +12,7 @@ fn settings(s: &EvalShared) -> Result<RunSettings> {
         s.max_tokens > 0 && s.max_batch > 0,
         "--max-tokens and --max-batch must be positive"
     );
-    anyhow::ensure!(
-        s.temperature >= 0.0,
-        "--temperature must be at least 0, got `{}`",
-        s.temperature
-    );
-    anyhow::ensure!(
-        s.top_p > 0.0 && s.top_p <= 1.0,
-        "--top-p must be in (0, 1], got `{}`",
-        s.top_p
-    );
+    model::check_sampling(s.temperature, s.top_p)?;
     Ok(RunSettings {
         max_tokens: s.max_tokens,
         seeds: s.seeds,

@@ -143,18 +143,16 @@ pub fn hint_for(err: &anyhow::Error) -> Option<String> {
     None
 }
 
+/// `--temperature` and `--top-p` in range.
+pub fn check_sampling(temperature: f64, top_p: f64) -> Result<()> {
+    anyhow::ensure!(temperature >= 0.0, "--temperature must be at least 0, got `{temperature}`");
+    anyhow::ensure!(top_p > 0.0 && top_p <= 1.0, "--top-p must be in (0, 1], got `{top_p}`");
+    Ok(())
+}
+
 /// Generation settings from the sampling flags.
 pub fn generate_config(s: &SamplingArgs) -> Result<GenerateConfig> {
-    anyhow::ensure!(
-        s.temperature >= 0.0,
-        "--temperature must be at least 0, got `{}`",
-        s.temperature
-    );
-    anyhow::ensure!(
-        s.top_p > 0.0 && s.top_p <= 1.0,
-        "--top-p must be in (0, 1], got `{}`",
-        s.top_p
-    );
+    check_sampling(s.temperature, s.top_p)?;
     anyhow::ensure!(
         s.repetition_penalty > 0.0,
         "--repetition-penalty must be positive, got `{}`",

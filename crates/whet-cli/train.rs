@@ -106,18 +106,26 @@ fn prepared_with_pack(dir: &Path) -> bool {
         .is_some_and(|m| m.settings.get("pack").is_some_and(|v| v == "true"))
 }
 
+/// The base model and the data of `c`, on its device.
+fn model_and_data(
+    c: &TrainConfig,
+) -> Result<(whet_model::LoadedModel, TrainData, candle_core::Device)> {
+    let device = whet_model::parse_device(&c.device)?;
+    let dtype = whet_model::parse_dtype(&c.dtype)?;
+    let m = crate::model::load_spec(&c.model, dtype, &device, c.seed)?;
+    let text = ModelText::from_tokenizer(m.tokenizer.clone(), &c.template_vars)?;
+    let data = load_data(c, &text)?;
+    if data.train.is_empty() {
+        bail!("{}: no training examples", c.data);
+    }
+    Ok((m, data, device))
+}
+
 /// Train with `c` into the run directory `out` (replaced), without a progress display (steps
 /// are logged at info level), for `whet compare --learning-curve`; the adapter's directory.
 pub fn train_quietly(mut c: TrainConfig, out: &Path) -> Result<std::path::PathBuf> {
     c.validate()?;
-    let device = whet_model::parse_device(&c.device)?;
-    let dtype = whet_model::parse_dtype(&c.dtype)?;
-    let mut m = crate::model::load_spec(&c.model, dtype, &device, c.seed)?;
-    let text = ModelText::from_tokenizer(m.tokenizer.clone(), &c.template_vars)?;
-    let data = load_data(&c, &text)?;
-    if data.train.is_empty() {
-        bail!("{}: no training examples", c.data);
-    }
+    let (mut m, data, _device) = model_and_data(&c)?;
     c.resolve_steps(whet_train::trainer::training_rows(&data, &c));
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("cannot remove {}", out.display()))?;
@@ -147,14 +155,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !a.overwrite {
         whet_train::checkpoint::check_run_dir(&a.out, &c, a.resume)?;
     }
-    let device = whet_model::parse_device(&c.device)?;
-    let dtype = whet_model::parse_dtype(&c.dtype)?;
-    let mut m = crate::model::load_spec(&c.model, dtype, &device, c.seed)?;
-    let text = ModelText::from_tokenizer(m.tokenizer.clone(), &c.template_vars)?;
-    let data = load_data(&c, &text)?;
-    if data.train.is_empty() {
-        bail!("{}: no training examples", c.data);
-    }
+    let (mut m, data, device) = model_and_data(&c)?;
     if a.pack().is_none() && prepared_with_pack(Path::new(&c.data)) && !c.pack {
         tracing::warn!(
             "packing examples: {} was prepared with --pack (--no-pack turns it off)",
