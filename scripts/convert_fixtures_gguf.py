@@ -8,7 +8,7 @@
 
 One patch: the converter identifies a BPE vocabulary by hashing how it tokenizes a test text and
 knows only released models' vocabularies, not the fixtures' toy byte-level one. It is told to
-call that vocabulary `gpt2`; the tensors, their names, the q/k permutation, `rope_freqs.weight`
+call that vocabulary `gpt-2` (llama.cpp's name of the GPT-2 pre-tokenizer); the tensors, their names, the q/k permutation, `rope_freqs.weight`
 and the metadata are the converter's own. Writes tests/fixtures/families/NAME.gguf (f32), and
 tests/fixtures/adapters/regex.llama-cpp.gguf with `convert_lora_to_gguf.py`.
 """
@@ -25,7 +25,7 @@ def main():
     import convert_hf_to_gguf
     from conversion.base import TextModel
 
-    TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt2"
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
     for d in sorted((ROOT / "tests/fixtures/families").iterdir()):
         if not d.is_dir():
             continue
@@ -35,13 +35,13 @@ def main():
         print(f"wrote {out}")
     # The `regex` PEFT adapter (plain r and alpha) through llama.cpp's own LoRA converter, the
     # reference for `whet adapter convert --to gguf`.
-    import convert_lora_to_gguf
+    import runpy
 
     adapters = ROOT / "tests/fixtures/adapters"
     sys.argv = ["convert_lora_to_gguf.py", str(adapters / "regex"), "--base",
                 str(ROOT / "tests/fixtures/families/llama3"), "--outfile",
                 str(adapters / "regex.llama-cpp.gguf"), "--outtype", "f32"]
-    convert_lora_to_gguf.main()
+    runpy.run_path(str(llama_cpp / "convert_lora_to_gguf.py"), run_name="__main__")
 
 
 if __name__ == "__main__":

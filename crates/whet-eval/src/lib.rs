@@ -201,7 +201,15 @@ mod tests {
     #[test]
     fn the_task_follows_the_references() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        assert_eq!(Task::detect(&s(&["refund", "cancel", "refund", "other"])), Task::Labels);
+        assert_eq!(
+            Task::detect(&s(&["refund", "cancel", "refund", "other", "cancel", "other"])),
+            Task::Labels
+        );
+        assert_eq!(
+            Task::detect(&s(&["a b", "c d", "e f", "g h"])),
+            Task::Text,
+            "short but never repeated"
+        );
         assert_eq!(Task::detect(&s(&["{\"a\": 1}", "{\"a\": 2}"])), Task::Json);
         assert_eq!(
             Task::detect(&s(&["Hi there!\n- one", "Hello, a longer answer here"])),
@@ -220,6 +228,6 @@ mod tests {
         std::fs::write(&p, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n")
             .unwrap();
         let err = read_examples(&p).unwrap_err().to_string();
-        assert!(err.contains("test.jsonl:1") && err.contains("reference"), "{err}");
+        assert!(err.contains("test.jsonl:1") && err.contains("no assistant turn"), "{err}");
     }
 }
