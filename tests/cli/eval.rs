@@ -64,6 +64,8 @@ fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
             "3",
             "--price-per-1k-tokens",
             "0.5",
+            "--baseline-model",
+            &base,
             "--out",
             out.to_str().unwrap(),
         ],
@@ -81,7 +83,7 @@ fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     let arms = r["arms"].as_array().unwrap();
     let kinds: Vec<&str> = arms.iter().map(|a| a["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, ["prompted", "prompted", "finetuned", "finetuned+prompt"]);
+    assert_eq!(kinds, ["prompted", "prompted", "finetuned", "finetuned+prompt", "baseline"]);
     for a in arms {
         let acc = &a["metrics"]["accuracy"];
         assert!(acc["mean"].is_number(), "{}", a["metrics"]);
@@ -108,7 +110,10 @@ fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
     assert!(tokens(1) > tokens(0), "two shots make longer prompts");
     assert!(tokens(2) < tokens(0), "the fine-tuned arm has no system prompt");
     assert_eq!(arms.iter().filter(|a| a["chosen"] == true).count(), 1);
-    assert!(!r["verdict"].as_str().unwrap().is_empty());
+    let verdict = r["verdict"].as_str().unwrap();
+    assert!(verdict.contains("the larger prompted"), "{verdict}");
+    let chosen = arms.iter().find(|a| a["chosen"] == true).unwrap();
+    assert_eq!(arms[4]["shots"], chosen["shots"], "the baseline is prompted like the chosen arm");
     assert_eq!(r["settings"]["task"], "labels");
     assert!(
         r["warnings"][0].as_str().unwrap().contains("never seen in training: shipping"),
