@@ -64,6 +64,9 @@ struct Seq {
     /// Adapter names and weights as one key: rows with equal keys are kept together.
     group: String,
     sink: Sink,
+    /// More continuations of the same prompt, each with its own settings and sink: they fork
+    /// from this sequence once its prompt is in, so the prompt runs once for all.
+    forks: Vec<(GenerateConfig, Sink)>,
     cache: Cache,
     /// Prompt tokens and generated tokens whose keys and values are in `cache`.
     seen: Vec<u32>,
@@ -98,18 +101,31 @@ impl Engine {
     /// Queue a request; its events go to `sink`. A request the model cannot run (empty or
     /// too long a prompt, an unknown adapter) is refused here, before it joins a batch.
     pub fn submit(&mut self, model: &Llama, req: Request, sink: Sink) -> Result<(), Error> {
+        self.submit_forks(model, req.prompt, req.adapters, vec![(req.config, sink)])
+    }
+
+    /// Queue several continuations of one prompt (the greedy answer and sampled ones, say),
+    /// each with its own settings and sink: the prompt runs once, and its cache is copied for
+    /// each continuation.
+    pub fn submit_forks(
+        &mut self,
+        model: &Llama,
+        prompt: Vec<u32>,
+        adapters: Vec<(String, f64)>,
+        forks: Vec<(GenerateConfig, Sink)>,
+    ) -> Result<(), Error> {
         let context = model.config().max_position_embeddings;
-        if req.prompt.is_empty() {
+        if prompt.is_empty() {
             return Err(Error::Prompt("the prompt is empty".into()));
         }
-        if req.prompt.len() >= context {
+        if prompt.len() >= context {
             return Err(Error::Prompt(format!(
                 "the prompt has {} tokens but the model's context is {context}",
-                req.prompt.len()
+                prompt.len()
             )));
         }
         let known = model.adapter_names();
-        for (name, _) in &req.adapters {
+        for (name, _) in &adapters {
             if !known.contains(name) {
                 return Err(Error::Prompt(format!(
                     "no adapter named `{name}`; loaded: {}",
@@ -117,19 +133,21 @@ impl Engine {
                 )));
             }
         }
-        let group = req.adapters.iter().map(|(n, w)| format!("{n}={w}")).collect::<Vec<_>>();
-        let out = TextStream::new(&req.config);
+        let mut forks = forks.into_iter();
+        let Some((config, sink)) = forks.next() else { return Ok(()) };
+        let group = adapters.iter().map(|(n, w)| format!("{n}={w}")).collect::<Vec<_>>();
         self.waiting.push_back(Seq {
-            out,
+            out: TextStream::new(&config),
             group: group.join(","),
-            sampler: req.config.sampling.processor(),
+            sampler: config.sampling.processor(),
             cache: Cache::new(model.config()),
             seen: vec![],
-            pending: req.prompt.clone(),
-            prompt: req.prompt,
-            config: req.config,
-            adapters: req.adapters,
+            pending: prompt.clone(),
+            prompt,
+            config,
+            adapters,
             sink,
+            forks: forks.collect(),
             submitted: Instant::now(),
             admitted: None,
             prefill_secs: 0.0,
@@ -212,13 +230,43 @@ impl Engine {
                 keep.push(s); // the prompt is not all in yet
                 continue;
             }
-            match advance(&mut s, i, &logits, tokenizer, context) {
-                Ok(Some(ended)) => {
-                    (s.sink)(ended);
+            // The prompt is in: the other continuations start here, from the same logits.
+            let mut seqs = vec![];
+            for (config, sink) in std::mem::take(&mut s.forks) {
+                match s.cache.fork() {
+                    Ok(cache) => seqs.push(Seq {
+                        out: TextStream::new(&config),
+                        sampler: config.sampling.processor(),
+                        config,
+                        sink,
+                        cache,
+                        group: s.group.clone(),
+                        seen: s.seen.clone(),
+                        pending: vec![],
+                        prompt: s.prompt.clone(),
+                        adapters: s.adapters.clone(),
+                        forks: vec![],
+                        submitted: s.submitted,
+                        admitted: s.admitted,
+                        prefill_secs: 0.0,
+                        first_token: None,
+                    }),
+                    Err(e) => {
+                        let mut sink = sink;
+                        sink(Event::Failed(format!("cannot copy the prompt's cache: {e}")));
+                    }
                 }
-                Ok(None) => keep.push(s),
-                Err(e) => {
-                    (s.sink)(Event::Failed(e.to_string()));
+            }
+            seqs.insert(0, s);
+            for mut s in seqs {
+                match advance(&mut s, i, &logits, tokenizer, context) {
+                    Ok(Some(ended)) => {
+                        (s.sink)(ended);
+                    }
+                    Ok(None) => keep.push(s),
+                    Err(e) => {
+                        (s.sink)(Event::Failed(e.to_string()));
+                    }
                 }
             }
         }
@@ -284,31 +332,60 @@ pub fn generate_all(
     requests: Vec<Request>,
     cfg: EngineConfig,
 ) -> Vec<Result<Generation, Error>> {
-    let n = requests.len();
+    let jobs = requests.into_iter().map(|r| (r.prompt, r.adapters, vec![r.config])).collect();
+    generate_forks(model, tokenizer, jobs, cfg)
+        .into_iter()
+        .map(|mut v| v.pop().unwrap_or_else(|| Err(Error::Prompt("no result".into()))))
+        .collect()
+}
+
+/// For each (prompt, adapters, settings), one generation per settings, the prompt run once
+/// (see [`Engine::submit_forks`]); results in order.
+pub fn generate_forks(
+    model: &Llama,
+    tokenizer: &ModelTokenizer,
+    jobs: Vec<(Vec<u32>, Vec<(String, f64)>, Vec<GenerateConfig>)>,
+    cfg: EngineConfig,
+) -> Vec<Vec<Result<Generation, Error>>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let mut engine = Engine::new(cfg);
-    let mut out: Vec<Option<Result<Generation, Error>>> = (0..n).map(|_| None).collect();
-    for (i, req) in requests.into_iter().enumerate() {
-        let tx = tx.clone();
-        let sink: Sink = Box::new(move |e| {
-            match e {
-                Event::Text(_) => {}
-                Event::Done(g) => drop(tx.send((i, Ok(g)))),
-                Event::Failed(m) => drop(tx.send((i, Err(Error::Prompt(m))))),
+    let mut out: Vec<Vec<Option<Result<Generation, Error>>>> =
+        jobs.iter().map(|(_, _, c)| (0..c.len()).map(|_| None).collect()).collect();
+    for (i, (prompt, adapters, configs)) in jobs.into_iter().enumerate() {
+        let forks = configs
+            .into_iter()
+            .enumerate()
+            .map(|(j, config)| {
+                let tx = tx.clone();
+                let sink: Sink = Box::new(move |e| {
+                    match e {
+                        Event::Text(_) => {}
+                        Event::Done(g) => drop(tx.send((i, j, Ok(g)))),
+                        Event::Failed(m) => drop(tx.send((i, j, Err(Error::Prompt(m))))),
+                    }
+                    true
+                });
+                (config, sink)
+            })
+            .collect();
+        if let Err(e) = engine.submit_forks(model, prompt, adapters, forks) {
+            let msg = e.to_string();
+            for slot in &mut out[i] {
+                *slot = Some(Err(Error::Prompt(msg.clone())));
             }
-            true
-        });
-        if let Err(e) = engine.submit(model, req, sink) {
-            out[i] = Some(Err(e));
         }
     }
     drop(tx);
     engine.run(model, tokenizer);
-    for (i, r) in rx.try_iter() {
-        out[i] = Some(r);
+    for (i, j, r) in rx.try_iter() {
+        out[i][j] = Some(r);
     }
     out.into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(Error::Prompt("the sequence never ended".into()))))
+        .map(|v| {
+            v.into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(Error::Prompt("the sequence never ended".into()))))
+                .collect()
+        })
         .collect()
 }
 

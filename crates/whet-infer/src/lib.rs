@@ -6,7 +6,7 @@ pub mod bench;
 pub mod engine;
 pub mod generate;
 
-pub use engine::{generate_all, Engine, EngineConfig, Event, Request, Sink};
+pub use engine::{generate_all, generate_forks, Engine, EngineConfig, Event, Request, Sink};
 pub use generate::{Error, GenerateConfig, Generation, SamplingConfig, Session, StopReason};
 
 pub use whet_data::{ChatTemplate, Message, TemplateError};

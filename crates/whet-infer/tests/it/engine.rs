@@ -122,6 +122,37 @@ fn each_row_keeps_its_own_sampling_and_stop_conditions() {
 }
 
 #[test]
+fn forks_of_one_prompt_equal_separate_requests() {
+    let m = tiny();
+    let prompt = m.tokenizer.encode("fork me").unwrap();
+    let sampled = |seed| GenerateConfig {
+        max_tokens: 10,
+        stop_at_eos: false,
+        sampling: SamplingConfig { temperature: 1.0, seed, ..Default::default() },
+        ..Default::default()
+    };
+    let configs = vec![greedy(10), sampled(3), sampled(4)];
+    let separate = generate_all(
+        &m.model,
+        &m.tokenizer,
+        configs.iter().map(|c| request(&prompt, c.clone(), None)).collect(),
+        EngineConfig::default(),
+    );
+    let forked = whet_infer::generate_forks(
+        &m.model,
+        &m.tokenizer,
+        vec![(prompt.clone(), vec![], configs)],
+        EngineConfig::default(),
+    );
+    assert_eq!(forked.len(), 1);
+    for (a, b) in separate.into_iter().zip(forked.into_iter().next().unwrap()) {
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.ids, b.ids);
+        assert_eq!(b.prefill_tokens, prompt.len());
+    }
+}
+
+#[test]
 fn a_cancelled_sequence_leaves_and_the_others_finish() {
     let m = tiny();
     let prompt = m.tokenizer.encode("one two").unwrap();

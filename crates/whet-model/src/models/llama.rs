@@ -188,6 +188,21 @@ impl Cache {
         self.layers.iter_mut().for_each(KvCache::reset);
         self.len = 0;
     }
+
+    /// An independent copy, to continue one prompt several ways. (`clone` would not do:
+    /// candle's cache writes new positions into its buffer in place, so clones would
+    /// overwrite each other's.)
+    pub fn fork(&self) -> Result<Self> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let mut copy = KvCache::new(2, l.k_cache().max_seq_len());
+            if let (Some(k), Some(v)) = (l.k()?, l.v()?) {
+                copy.append(&k.contiguous()?, &v.contiguous()?)?;
+            }
+            layers.push(copy);
+        }
+        Ok(Self { layers, len: self.len })
+    }
 }
 
 /// Packed rows: several examples per row, each restarting its positions.
