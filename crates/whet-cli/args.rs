@@ -397,6 +397,29 @@ pub enum BenchCommand {
     ///
     /// Example: whet bench serve --streams 16 --requests 32
     Serve(BenchServeArgs),
+    /// `whet eval` speed: held-out examples scored per second (batched greedy generation,
+    /// stopping at end of turn).
+    ///
+    /// Example: whet bench eval --data data/intents --repeat 12
+    Eval(BenchEvalArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchEvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A test file, or a data directory (its test.jsonl).
+    #[arg(long)]
+    pub data: std::path::PathBuf,
+    /// Score the test set this many times over (500 examples = 40 x 12 + ...).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Most sequences generated at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
 }
 
 #[derive(Debug, Args)]

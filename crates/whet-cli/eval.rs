@@ -266,3 +266,53 @@ fn learning_curve(
     }
     Ok(points)
 }
+
+pub fn bench(args: crate::args::BenchEvalArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.repeat > 0 && args.max_tokens > 0 && args.max_batch > 0,
+        "--repeat, --max-tokens and --max-batch must be positive"
+    );
+    let load_before = whet_infer::bench::load_average();
+    let (_, test_path) = data_paths(&args.data);
+    let once = whet_eval::read_examples(&test_path)?;
+    let test: Vec<_> = (0..args.repeat).flat_map(|_| once.iter().cloned()).collect();
+    let references: Vec<String> = once.iter().map(|e| e.reference.clone()).collect();
+    let task = whet_eval::Task::detect(&references);
+    let metrics = whet_eval::choose_metrics(&[], task, None)?;
+    let (m, device) = model::load(&args.model, 0)?;
+    let m = into_model(m)?;
+    let prompting = Prompting { adapters: m.model.adapter_weights(), ..Default::default() };
+    let run = RunSettings {
+        max_tokens: args.max_tokens,
+        seeds: 0,
+        sampling: Default::default(),
+        latency_samples: 0,
+        max_batch: args.max_batch,
+        bootstrap_seed: 0,
+        resamples: 10,
+    };
+    let start = std::time::Instant::now();
+    let r = whet_eval::run::run_arm(&m, &prompting, &test, task, &metrics, None, &run)?;
+    let secs = start.elapsed().as_secs_f64();
+    println!("model:      {}", m.source);
+    println!("device:     {}", whet_model::device_name(&device));
+    println!(
+        "examples:   {} ({} x {}), batch up to {}, at most {} tokens each",
+        test.len(),
+        once.len(),
+        args.repeat,
+        args.max_batch,
+        args.max_tokens
+    );
+    println!(
+        "scored:     {:.2} examples/s ({secs:.1} s; generation {:.1} s, the rest reference loss)",
+        test.len() as f64 / secs,
+        r.secs_per_query * test.len() as f64
+    );
+    println!(
+        "tokens:     {:.0} prompt + {:.1} generated per example",
+        r.prompt_tokens_per_query, r.completion_tokens_per_query
+    );
+    println!("{}", whet_infer::bench::load_line(load_before));
+    Ok(())
+}

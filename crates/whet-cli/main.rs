@@ -85,6 +85,7 @@ fn main() {
         args::Command::Bench(args::BenchCommand::Data(a)) => data::bench(a),
         args::Command::Bench(args::BenchCommand::Train(a)) => bench::train(a),
         args::Command::Bench(args::BenchCommand::Serve(a)) => bench::serve(a),
+        args::Command::Bench(args::BenchCommand::Eval(a)) => eval::bench(a),
     };
     if let Err(err) = result {
         // Output piped into `head` closes early; that is not an error worth a message.

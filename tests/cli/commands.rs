@@ -113,6 +113,31 @@ fn bench_serve_reports_throughput_latency_and_load() {
     }
 }
 
+#[test]
+fn bench_eval_reports_examples_per_second() {
+    let base = root().join("tests/fixtures/families/llama3");
+    let o = whet(
+        &[
+            "bench",
+            "eval",
+            "--model",
+            base.to_str().unwrap(),
+            "--data",
+            "data/intents",
+            "--repeat",
+            "2",
+            "--max-tokens",
+            "3",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for key in ["examples:   80 (40 x 2)", "examples/s", "load avg:"] {
+        assert!(out.contains(key), "{out}");
+    }
+}
+
 /// Regression: `println!` panicked when stdout was a closed pipe (`whet info | head -1`).
 #[test]
 fn closed_stdout_pipe_exits_quietly() {
