@@ -110,13 +110,40 @@ impl Linear {
 /// switching adapters needs no `&mut` model.
 pub(crate) type AdapterWeight = std::sync::Arc<std::sync::atomic::AtomicU64>;
 
-/// A named inference-only adapter of one projection.
+/// A named inference-only adapter of one projection, kept in the layout its forward pass
+/// wants: decoding runs it once per token per projection, so every op saved counts.
 #[derive(Debug, Clone)]
 pub(crate) struct NamedLora {
     /// The model-wide id of the adapter (see [`crate::Llama::add_named_lora`]).
     pub(crate) id: usize,
-    pub(crate) lora: Lora,
     pub(crate) weight: AdapterWeight,
+    /// `A^T`, `[in, r]`, contiguous.
+    a_t: Tensor,
+    /// `(scale B)^T`, `[r, out]`, contiguous.
+    b_t: Tensor,
+}
+
+impl NamedLora {
+    pub(crate) fn new(id: usize, lora: &Lora, weight: AdapterWeight) -> Result<Self> {
+        let a_t = lora.a.as_tensor().detach().t()?.contiguous()?;
+        let b_t = (lora.b.as_tensor().detach() * lora.scale)?.t()?.contiguous()?;
+        Ok(Self { id, weight, a_t, b_t })
+    }
+
+    /// `w * scale * x A^T B^T` for `x` `[.., in]`, in `x`'s dtype.
+    fn delta(&self, x: &Tensor, w: f64) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let x2 = x.to_dtype(self.a_t.dtype())?.flatten_to(dims.len() - 2)?;
+        let mut h = x2.matmul(&self.a_t)?; // [N, r]: the weight costs least here
+        if w != 1.0 {
+            h = (h * w)?;
+        }
+        let y = h.matmul(&self.b_t)?;
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = y.dim(1)?;
+        y.reshape(out)?.to_dtype(x.dtype())
+    }
 }
 
 /// A projection inside a block: a frozen linear layer, optionally wrapped by a LoRA adapter
@@ -156,7 +183,7 @@ impl Proj {
                 let w = f64::from_bits(named.weight.load(std::sync::atomic::Ordering::Relaxed));
                 if w != 0.0 {
                     // x A^T B^T scale, beside the shared base: several adapters, one base.
-                    let delta = (named.lora.forward(x, None)?.0 * w)?.to_dtype(y.dtype())?;
+                    let delta = named.delta(x, w)?.to_dtype(y.dtype())?;
                     y = (y + delta)?;
                 }
             }
@@ -208,7 +235,7 @@ impl Proj {
             }
             let mut piece = y.narrow(1, start, len)?;
             for (named, w) in adapters {
-                let delta = (named.lora.forward(&x.narrow(1, start, len)?, None)?.0 * w)?;
+                let delta = named.delta(&x.narrow(1, start, len)?, w)?;
                 piece = (piece + delta.to_dtype(y.dtype())?)?;
             }
             pieces.push(piece);

@@ -541,7 +541,7 @@ impl Llama {
         for (i, p) in self.projs_mut().enumerate() {
             if found.peek().is_some_and(|(j, _)| *j == i) {
                 let (_, lora) = found.next().expect("peeked");
-                p.named.push(NamedLora { id, lora, weight: cell.clone() });
+                p.named.push(NamedLora::new(id, &lora, cell.clone())?);
             }
         }
         self.named.push((name.to_string(), id, cell));
