@@ -25,6 +25,7 @@ fn settings(s: &EvalShared) -> Result<RunSettings> {
         max_batch: s.max_batch,
         bootstrap_seed: s.seed,
         resamples: 1000,
+        reference_loss: true,
     })
 }
 
@@ -290,6 +291,7 @@ pub fn bench(args: crate::args::BenchEvalArgs) -> Result<()> {
         max_batch: args.max_batch,
         bootstrap_seed: 0,
         resamples: 10,
+        reference_loss: false,
     };
     let start = std::time::Instant::now();
     let r = whet_eval::run::run_arm(&m, &prompting, &test, task, &metrics, None, &run)?;

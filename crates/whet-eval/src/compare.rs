@@ -210,7 +210,8 @@ pub fn setup(cfg: &CompareConfig) -> Result<Setup, Error> {
 /// set (for learning curves: no consistency runs, no latency).
 pub fn score_finetuned(model: &Model, cfg: &CompareConfig) -> Result<Estimate, Error> {
     let s = setup(cfg)?;
-    let quick = RunSettings { seeds: 0, latency_samples: 0, ..cfg.run.clone() };
+    let quick =
+        RunSettings { seeds: 0, latency_samples: 0, reference_loss: false, ..cfg.run.clone() };
     let ft = Prompting { adapters: vec![("finetuned".into(), 1.0)], system: None, shots: vec![] };
     let r = run_arm(model, &ft, &s.test, s.task, &s.metrics[..1], s.rules.as_ref(), &quick)?;
     Ok(r.metrics[&s.metrics[0]])
@@ -227,8 +228,14 @@ pub fn compare(
     if cfg.shots.is_empty() {
         return Err(Error::Input("--shots needs at least one number".into()));
     }
+    // The loss of the references says most without shots in the prompt, and costs a forward
+    // pass per example: it is computed for the arms without shots.
     let run = |model: &Model, p: &Prompting, examples: &[Example]| {
-        run_arm(model, p, examples, task, &metric_names, rules.as_ref(), &cfg.run)
+        let s = RunSettings {
+            reference_loss: cfg.run.reference_loss && p.shots.is_empty(),
+            ..cfg.run.clone()
+        };
+        run_arm(model, p, examples, task, &metric_names, rules.as_ref(), &s)
     };
     let mut arms = vec![];
     let mut best: Option<(usize, f64, Vec<(String, String)>)> = None;
@@ -240,7 +247,12 @@ pub fn compare(
         let valid_score = if valid.is_empty() {
             None
         } else {
-            let quick = RunSettings { seeds: 0, latency_samples: 0, ..cfg.run.clone() };
+            let quick = RunSettings {
+                seeds: 0,
+                latency_samples: 0,
+                reference_loss: false,
+                ..cfg.run.clone()
+            };
             let r = run_arm(base, &p, &valid, task, &metric_names[..1], rules.as_ref(), &quick)?;
             Some(r.metrics[&primary].mean)
         };

@@ -52,6 +52,8 @@ pub struct RunSettings {
     pub bootstrap_seed: u64,
     /// Bootstrap resamples.
     pub resamples: usize,
+    /// Whether to compute the loss of the reference answers (one forward pass per example).
+    pub reference_loss: bool,
 }
 
 /// What one arm measured.
@@ -227,13 +229,15 @@ pub fn run_arm(
         consistency.seeds = mean(&per);
     }
     let latency_ms = latency(model, prompting, examples, &greedy, s.latency_samples)?;
-    let (reference_loss, perplexity) = match reference_loss(model, prompting, examples) {
-        Ok(l) => (Some(l), Some(l.exp())),
-        Err(e) => {
-            tracing::warn!("reference loss not computed: {e}");
-            (None, None)
-        }
-    };
+    let (reference_loss, perplexity) =
+        match s.reference_loss.then(|| reference_loss(model, prompting, examples)) {
+            Some(Ok(l)) => (Some(l), Some(l.exp())),
+            Some(Err(e)) => {
+                tracing::warn!("reference loss not computed: {e}");
+                (None, None)
+            }
+            None => (None, None),
+        };
     let n = examples.len() as f64;
     Ok(ArmResult {
         metrics: result_metrics,
