@@ -121,18 +121,41 @@ pub(crate) struct NamedLora {
     a_t: Tensor,
     /// `(scale B)^T`, `[r, out]`, contiguous.
     b_t: Tensor,
+    /// `A` `[r, in]` and `(scale B)^T` as host vectors, on the CPU in f32 (see
+    /// [`NamedLora::delta`]).
+    host: Option<std::sync::Arc<(Vec<f32>, Vec<f32>)>>,
 }
+
+/// Rows up to which [`NamedLora::delta`] computes on the host: decoding steps.
+const HOST_ROWS: usize = 32;
 
 impl NamedLora {
     pub(crate) fn new(id: usize, lora: &Lora, weight: AdapterWeight) -> Result<Self> {
-        let a_t = lora.a.as_tensor().detach().t()?.contiguous()?;
+        let a = lora.a.as_tensor().detach();
+        let a_t = a.t()?.contiguous()?;
         let b_t = (lora.b.as_tensor().detach() * lora.scale)?.t()?.contiguous()?;
-        Ok(Self { id, weight, a_t, b_t })
+        let host =
+            (crate::ops::kernels_enabled() && a.device().is_cpu() && a.dtype() == DType::F32)
+                .then(|| -> Result<_> {
+                    Ok(std::sync::Arc::new((
+                        a.flatten_all()?.to_vec1()?,
+                        b_t.flatten_all()?.to_vec1()?,
+                    )))
+                })
+                .transpose()?;
+        Ok(Self { id, weight, a_t, b_t, host })
     }
 
-    /// `w * scale * x A^T B^T` for `x` `[.., in]`, in `x`'s dtype.
+    /// `w * scale * x A^T B^T` for `x` `[.., in]`, in `x`'s dtype. A decoding step has a row
+    /// or a few: two rank-r matmuls of that size cost the thread pool's wake-up more than the
+    /// arithmetic (0.65x the merged model's decode speed with 210 adapted projections), so on
+    /// the CPU they are plain loops over contiguous rows.
     fn delta(&self, x: &Tensor, w: f64) -> Result<Tensor> {
         let dims = x.dims().to_vec();
+        let rows = x.elem_count() / dims[dims.len() - 1];
+        if let (Some(host), true) = (&self.host, rows <= HOST_ROWS && x.dtype() == DType::F32) {
+            return self.delta_host(host, x, w as f32);
+        }
         let x2 = x.to_dtype(self.a_t.dtype())?.flatten_to(dims.len() - 2)?;
         let mut h = x2.matmul(&self.a_t)?; // [N, r]: the weight costs least here
         if w != 1.0 {
@@ -144,6 +167,43 @@ impl NamedLora {
         out[last] = y.dim(1)?;
         y.reshape(out)?.to_dtype(x.dtype())
     }
+
+    fn delta_host(&self, host: &(Vec<f32>, Vec<f32>), x: &Tensor, w: f32) -> Result<Tensor> {
+        let (a, b_t) = host;
+        let (r, inn) = self.a_t.dims2().map(|(i, r)| (r, i))?;
+        let out = self.b_t.dim(1)?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let rows = xv.len() / inn;
+        let mut y = vec![0f32; rows * out];
+        let mut h = vec![0f32; r];
+        for (xr, yr) in xv.chunks_exact(inn).zip(y.chunks_exact_mut(out)) {
+            for (hj, aj) in h.iter_mut().zip(a.chunks_exact(inn)) {
+                *hj = w * dot(xr, aj);
+            }
+            for (hj, bj) in h.iter().zip(b_t.chunks_exact(out)) {
+                for (yo, bo) in yr.iter_mut().zip(bj) {
+                    *yo += hj * bo;
+                }
+            }
+        }
+        let mut shape = x.dims().to_vec();
+        let last = shape.len() - 1;
+        shape[last] = out;
+        Tensor::from_vec(y, shape, x.device())
+    }
+}
+
+/// Dot product with eight partial sums, which the compiler turns into SIMD lanes.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (xa, xb) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += xa[k] * xb[k];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// A projection inside a block: a frozen linear layer, optionally wrapped by a LoRA adapter
@@ -274,5 +334,48 @@ impl Proj {
         grads.push((lora.a.as_tensor().clone(), d.a));
         grads.push((lora.b.as_tensor().clone(), d.b));
         Ok(d.x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn the_host_lora_delta_equals_the_matmuls() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (5, 37), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (19, 5), &dev).unwrap();
+        let lora = Lora::from_tensors(&a, &b, 0.7, &dev, DType::F32).unwrap();
+        let weight = AdapterWeight::default();
+        let with_host = NamedLora::new(0, &lora, weight.clone()).unwrap();
+        assert!(with_host.host.is_some());
+        let without = NamedLora { host: None, ..with_host.clone() };
+        for rows in [1, 3, HOST_ROWS] {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 37), &dev).unwrap();
+            let (h, m) = (with_host.delta(&x, 0.5).unwrap(), without.delta(&x, 0.5).unwrap());
+            assert_eq!(h.dims(), [1, rows, 19]);
+            let want = (x
+                .squeeze(0)
+                .unwrap()
+                .matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap()
+                * 0.35)
+                .unwrap();
+            let err = |t: &Tensor| {
+                (t.squeeze(0).unwrap() - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(err(&h) < 1e-4 && err(&m) < 1e-4, "{} {}", err(&h), err(&m));
+        }
     }
 }
