@@ -306,11 +306,7 @@ pub fn bench(args: crate::args::BenchEvalArgs) -> Result<()> {
         args.max_batch,
         args.max_tokens
     );
-    println!(
-        "scored:     {:.2} examples/s ({secs:.1} s; generation {:.1} s, the rest reference loss)",
-        test.len() as f64 / secs,
-        r.secs_per_query * test.len() as f64
-    );
+    println!("scored:     {:.2} examples/s ({secs:.1} s)", test.len() as f64 / secs);
     println!(
         "tokens:     {:.0} prompt + {:.1} generated per example",
         r.prompt_tokens_per_query, r.completion_tokens_per_query
