@@ -238,7 +238,9 @@ pub fn compare(
         run_arm(model, p, examples, task, &metric_names, rules.as_ref(), &s)
     };
     let mut arms = vec![];
-    let mut best: Option<(usize, f64, Vec<(String, String)>)> = None;
+    // (arm index, validation score, its shots)
+    type Best = (usize, f64, Vec<(String, String)>);
+    let mut best: Option<Best> = None;
     for &k in &cfg.shots {
         let shots = draw_shots(&train, k, cfg.seed)?;
         let p =

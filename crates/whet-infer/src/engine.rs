@@ -339,12 +339,15 @@ pub fn generate_all(
         .collect()
 }
 
+/// A prompt, its adapters, and the settings of each continuation (see [`generate_forks`]).
+pub type ForkJob = (Vec<u32>, Vec<(String, f64)>, Vec<GenerateConfig>);
+
 /// For each (prompt, adapters, settings), one generation per settings, the prompt run once
 /// (see [`Engine::submit_forks`]); results in order.
 pub fn generate_forks(
     model: &Llama,
     tokenizer: &ModelTokenizer,
-    jobs: Vec<(Vec<u32>, Vec<(String, f64)>, Vec<GenerateConfig>)>,
+    jobs: Vec<ForkJob>,
     cfg: EngineConfig,
 ) -> Vec<Vec<Result<Generation, Error>>> {
     let (tx, rx) = std::sync::mpsc::channel();
