@@ -101,9 +101,15 @@ impl AdapterSpec {
     }
 }
 
-/// A different base in the adapter's config is worth a word, not a refusal.
+/// A different base in the adapter's config is worth a word, not a refusal. Names are compared
+/// by their last component: a checkout moved elsewhere, or a hub id against its downloaded
+/// directory, is the same base.
 fn warn_base(adapter: &whet_model::adapter::PeftAdapter, dir: &std::path::Path, spec: &str) {
-    if let Some(base) = adapter.base_model.as_deref().filter(|b| *b != spec) {
+    let last = |s: &str| {
+        let s = s.trim_end_matches('/');
+        s.rsplit('/').next().unwrap_or(s).to_string()
+    };
+    if let Some(base) = adapter.base_model.as_deref().filter(|b| last(b) != last(spec)) {
         tracing::warn!(
             "the adapter in {} was trained on `{base}`, and is applied to `{spec}`",
             dir.display()

@@ -520,3 +520,35 @@ fn patterns_golden() -> (Vec<u32>, Vec<f64>) {
         serde_json::from_value(golden["adapters"]["patterns"]["logits"]["11"].clone()).unwrap();
     (ids, want)
 }
+
+/// A different `base_model_name_or_path` is a warning naming both; the same model elsewhere
+/// (a moved checkout: the fixture adapters name an absolute path) is not.
+#[test]
+fn another_base_is_a_warning_and_a_moved_one_is_not() {
+    let adapter = root().join("tests/fixtures/adapters/regex");
+    let run = |base: &str| {
+        let model = root().join("tests/fixtures/families").join(base);
+        let o = whet(
+            &[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--prompt",
+                "a",
+                "--max-tokens",
+                "2",
+            ],
+            "",
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let other = run("qwen2");
+    assert!(
+        other.contains("was trained on") && other.contains("llama3") && other.contains("qwen2"),
+        "{other}"
+    );
+    assert!(!run("llama3").contains("was trained on"));
+}

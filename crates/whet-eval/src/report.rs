@@ -91,8 +91,14 @@ fn bars_svg(title: &str, rows: &[(String, f64, Option<[f64; 2]>)], max: f64, uni
                 y + 10.0
             );
         }
-        let _ =
-            write!(s, "<text x=\"{:.1}\" y=\"{:.1}\">{:.3}{unit}</text>", x(*v) + 6.0, y + 13.0, v);
+        // Milliseconds whole, scores to three places.
+        let digits = if unit.is_empty() { 3 } else { 0 };
+        let _ = write!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\">{v:.digits$}{unit}</text>",
+            x(*v) + 6.0,
+            y + 13.0
+        );
     }
     s.push_str("</svg>");
     s
