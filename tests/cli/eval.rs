@@ -36,22 +36,27 @@ fn fixture() -> (String, String) {
     (s("tests/fixtures/families/llama3"), s("tests/fixtures/adapters/regex"))
 }
 
+/// `whet compare --model FIXTURE --adapter regex --data DATA --out OUT EXTRA...`.
+fn compare(data: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    let (base, adapter) = fixture();
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let mut args =
+        vec!["compare", "--model", &base, "--adapter", &adapter, "--data", d, "--out", o];
+    args.extend(extra);
+    whet(&args, "")
+}
+
 #[test]
 fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
-    let (base, adapter) = fixture();
+    let (base, _) = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     labels_data(&data, "shipping");
     let out = tmp.path().join("report");
-    let o = whet(
+    let o = compare(
+        &data,
+        &out,
         &[
-            "compare",
-            "--model",
-            &base,
-            "--adapter",
-            &adapter,
-            "--data",
-            data.to_str().unwrap(),
             "--system-prompt",
             "Answer with one label: refund, cancel or other.",
             "--shots",
@@ -66,10 +71,7 @@ fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
             "0.5",
             "--baseline-model",
             &base,
-            "--out",
-            out.to_str().unwrap(),
         ],
-        "",
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let table = stdout(&o);
@@ -199,23 +201,7 @@ fn bad_eval_input_is_refused_in_one_line_and_writes_nothing() {
     let d = data.to_str().unwrap().to_string();
     let o_ = out.to_str().unwrap().to_string();
     let compare = |extra: &[&str]| {
-        let mut args = vec![
-            "compare",
-            "--model",
-            &base,
-            "--adapter",
-            &adapter,
-            "--data",
-            &d,
-            "--out",
-            &o_,
-            "--seeds",
-            "0",
-            "--max-tokens",
-            "2",
-        ];
-        args.extend(extra);
-        whet(&args, "")
+        compare(&data, &out, &[&["--seeds", "0", "--max-tokens", "2"], extra].concat())
     };
     let e = assert_one_line_error(&compare(&["--shots", "0,40"]));
     assert!(e.contains("--shots 40 is more than the 9"), "{e}");
@@ -273,35 +259,12 @@ fn bad_eval_input_is_refused_in_one_line_and_writes_nothing() {
 
 #[test]
 fn the_learning_curve_trains_on_growing_subsets() {
-    let (base, adapter) = fixture();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     labels_data(&data, "refund");
     let out = tmp.path().join("report");
-    let o = whet(
-        &[
-            "compare",
-            "--model",
-            &base,
-            "--adapter",
-            &adapter,
-            "--data",
-            data.to_str().unwrap(),
-            "--shots",
-            "0",
-            "--seeds",
-            "0",
-            "--latency-samples",
-            "0",
-            "--max-tokens",
-            "2",
-            "--learning-curve",
-            "3,all",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        "",
-    );
+    let quick = ["--shots", "0", "--seeds", "0", "--latency-samples", "0", "--max-tokens", "2"];
+    let o = compare(&data, &out, &[&quick[..], &["--learning-curve", "3,all"]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
@@ -316,21 +279,6 @@ fn the_learning_curve_trains_on_growing_subsets() {
     }
     assert!(out.join("learning-curve.svg").is_file());
     assert!(std::fs::read_to_string(out.join("report.html")).unwrap().contains("Learning curve"));
-    let o = whet(
-        &[
-            "compare",
-            "--model",
-            &base,
-            "--adapter",
-            &adapter,
-            "--data",
-            data.to_str().unwrap(),
-            "--learning-curve",
-            "0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        "",
-    );
+    let o = compare(&data, &out, &["--learning-curve", "0"]);
     assert!(assert_one_line_error(&o).contains("--learning-curve `0`"));
 }
