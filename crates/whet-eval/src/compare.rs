@@ -273,7 +273,9 @@ pub fn compare(
             cfg,
         ));
     }
-    let (best_i, _, best_shots) = best.expect("at least one k");
+    let Some((best_i, _, best_shots)) = best else {
+        return Err(Error::Input("--shots needs at least one number".into()));
+    };
     arms[best_i].chosen = true;
     let ft = Prompting { adapters: vec![("finetuned".into(), 1.0)], system: None, shots: vec![] };
     arms.push(arm(

@@ -539,8 +539,7 @@ impl Llama {
         }
         let mut found = found.into_iter().peekable();
         for (i, p) in self.projs_mut().enumerate() {
-            if found.peek().is_some_and(|(j, _)| *j == i) {
-                let (_, lora) = found.next().expect("peeked");
+            if let Some((_, lora)) = found.next_if(|(j, _)| *j == i) {
                 p.named.push(NamedLora::new(id, &lora, cell.clone())?);
             }
         }
