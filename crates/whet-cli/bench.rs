@@ -43,7 +43,8 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
     let load_before = load_average();
     let device = whet_model::parse_device(&args.device)?;
     let dtype = whet_model::parse_dtype(&args.dtype)?;
-    let mut m = model::load_spec(&args.model, dtype, &device, 0)?;
+    let quantize = args.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let mut m = model::load_spec_quantized(&args.model, dtype, &device, 0, quantize)?;
     let vocab = m.config.vocab_size as u32;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let n = args.batch_size * (args.steps + 1);
@@ -63,6 +64,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         batch_size: args.batch_size,
         max_seq_len: args.seq_len,
         grad_checkpoint: args.grad_checkpoint,
+        quantize_base: args.quantize_base.clone(),
         eval_every: 0,
         save_every: 0,
         ..Default::default()

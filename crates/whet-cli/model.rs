@@ -124,7 +124,18 @@ pub fn load_spec(
     device: &Device,
     seed: u64,
 ) -> Result<LoadedModel> {
-    whet_model::load(&source(spec)?, dtype, device, seed)
+    load_spec_quantized(spec, dtype, device, seed, None)
+}
+
+/// As [`load_spec`], the linear layers quantized to `quantize` while loading (QLoRA's base).
+pub fn load_spec_quantized(
+    spec: &str,
+    dtype: candle_core::DType,
+    device: &Device,
+    seed: u64,
+    quantize: Option<candle_core::quantized::GgmlDType>,
+) -> Result<LoadedModel> {
+    whet_model::load_quantized(&source(spec)?, dtype, device, seed, quantize)
         .with_context(|| format!("cannot load model `{spec}`"))
 }
 

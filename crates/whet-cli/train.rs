@@ -27,6 +27,9 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
     macro_rules! set {
         ($($flag:ident => $field:ident),* $(,)?) => { $( if let Some(v) = a.$flag.clone() { c.$field = v; } )* };
     }
+    if a.quantize_base.is_some() {
+        c.quantize_base = a.quantize_base.clone();
+    }
     set!(model => model, data => data, dtype => dtype, device => device, rank => r, alpha => lora_alpha,
          dropout => lora_dropout, targets => target_modules, learning_rate => learning_rate,
          lr_schedule => lr_schedule, warmup_steps => warmup_steps, steps => steps,
@@ -112,7 +115,8 @@ fn model_and_data(
 ) -> Result<(whet_model::LoadedModel, TrainData, candle_core::Device)> {
     let device = whet_model::parse_device(&c.device)?;
     let dtype = whet_model::parse_dtype(&c.dtype)?;
-    let m = crate::model::load_spec(&c.model, dtype, &device, c.seed)?;
+    let quantize = c.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let m = crate::model::load_spec_quantized(&c.model, dtype, &device, c.seed, quantize)?;
     let text = ModelText::from_tokenizer(m.tokenizer.clone(), &c.template_vars)?;
     let data = load_data(c, &text)?;
     if data.train.is_empty() {

@@ -402,3 +402,35 @@ fn train_flags_turn_settings_on_and_off() {
     let err = assert_one_line_error(&whet(&args, ""));
     assert!(err.contains("`overlong` = `squash`: expected truncate or drop"), "{err}");
 }
+
+/// QLoRA: a run over a base kept in q8_0 records it in whet.toml and learns the pattern (the
+/// adapter then works over the dense base too); an unknown quantization is refused by name
+/// before anything is written.
+#[test]
+fn qlora_run_over_a_quantized_base_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dataset(dir.path());
+    let out = dir.path().join("run");
+    let mut args = train_args(&data, out.to_str().unwrap(), "30");
+    args.extend(["--quantize-base", "q5_1"]);
+    let err = assert_one_line_error(&whet(&args, ""));
+    assert!(err.contains("`quantize_base` = `q5_1`: expected q8_0 or q4_0"), "{err}");
+    assert!(!out.exists(), "nothing created for a refused run");
+    let at = args.len() - 1;
+    args[at] = "q8_0";
+    let o = whet(&args, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("linear layers quantized to Q8_0"), "{}", stderr(&o));
+    let toml = std::fs::read_to_string(out.join("whet.toml")).unwrap();
+    assert!(toml.contains("quantize_base = \"q8_0\""), "{toml}");
+    let adapter = out.join("adapter");
+    let tuned = whet(
+        &["generate", "--model", "random:tiny", "--adapter", adapter.to_str().unwrap()]
+            .into_iter()
+            .chain(["--chat", "--prompt", "q1", "--max-tokens", "8"])
+            .collect::<Vec<_>>(),
+        "",
+    );
+    assert!(tuned.status.success(), "{}", stderr(&tuned));
+    assert!(stdout(&tuned).starts_with("answer"), "learned: {:?}", stdout(&tuned));
+}

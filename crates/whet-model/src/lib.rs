@@ -22,6 +22,8 @@ pub use config::{Arch, Config, ConfigFile};
 pub use device::{device_name, parse_device, parse_dtype, parse_quantization};
 pub use error::{Error, Result};
 pub use io::tokenizer::ModelTokenizer;
-pub use io::{load, load_tokenizer, LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT};
+pub use io::{
+    load, load_quantized, load_tokenizer, LoadedModel, ModelSource, DEFAULT_MODEL, FETCH_HINT,
+};
 pub use layers::{GradCollector, TrainPass};
 pub use models::llama::{Cache, Llama, Packing, Row};

@@ -18,6 +18,11 @@ pub struct TrainConfig {
     pub dtype: String,
     /// Device.
     pub device: String,
+    /// Keep the frozen base's linear layers block-quantized (`q8_0`, `q4_0`) while training,
+    /// QLoRA-style: the base weighs about a quarter (q8_0) or an eighth (q4_0) of f32, at the
+    /// cost of quantization noise in the frozen weights. None: the base stays in `dtype`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantize_base: Option<String>,
     /// LoRA rank.
     pub r: usize,
     /// LoRA alpha.
@@ -90,6 +95,7 @@ impl Default for TrainConfig {
             data: String::new(),
             dtype: "f32".into(),
             device: "auto".into(),
+            quantize_base: None,
             r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
@@ -213,6 +219,11 @@ impl TrainConfig {
         {
             if v == 0 {
                 return bad(field, "0".into(), "must be at least 1");
+            }
+        }
+        if let Some(q) = &self.quantize_base {
+            if whet_model::parse_quantization(q).is_err() {
+                return bad("quantize_base", q.clone(), "expected q8_0 or q4_0");
             }
         }
         if self.max_seq_len < 2 {

@@ -25,7 +25,12 @@ pub(crate) fn read_config(dir: &Path) -> Result<Config> {
     file.into_config(&config_path)
 }
 
-pub(crate) fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+pub(crate) fn load_hf_dir(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    quantize: Option<candle_core::quantized::GgmlDType>,
+) -> Result<LoadedModel> {
     let config = read_config(dir)?;
     let tokenizer = tokenizer_from_dir(dir, &config)?;
     let files = safetensors_files(dir)?;
@@ -39,7 +44,8 @@ pub(crate) fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<L
     let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
         .map_err(|e| Error::corrupt(dir, e))?;
     let names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
-    let model = crate::io::load_every_tensor(Box::new(st), names, &config, dtype, device, dir)?;
+    let model =
+        crate::io::load_every_tensor(Box::new(st), names, &config, dtype, device, dir, quantize)?;
     let source = format!("{} (safetensors, {dtype:?})", dir.display());
     Ok(LoadedModel { model, config, tokenizer, source })
 }

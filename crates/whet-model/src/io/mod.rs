@@ -13,6 +13,7 @@ pub mod tokenizer;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::models::llama::Llama;
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -88,12 +89,29 @@ pub struct LoadedModel {
 
 /// Load a model on `device` with weights in `dtype`. `seed` only matters for random presets.
 pub fn load(source: &ModelSource, dtype: DType, device: &Device, seed: u64) -> Result<LoadedModel> {
-    match source {
-        ModelSource::Gguf(path) => load_gguf(path, dtype, device),
-        ModelSource::HfDir(dir) => load_hf_dir(dir, dtype, device),
-        ModelSource::Hub(id) => load_hf_dir(&resolve_hub(id)?, dtype, device),
-        ModelSource::Random(name) => load_random(name, dtype, device, seed),
+    load_quantized(source, dtype, device, seed, None)
+}
+
+/// As [`load`], with every linear layer quantized to `quantize` as soon as its block is built
+/// (see [`Llama::load_quantized`]): QLoRA's frozen base, never whole in f32 for random presets
+/// and safetensors.
+pub fn load_quantized(
+    source: &ModelSource,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+    quantize: Option<GgmlDType>,
+) -> Result<LoadedModel> {
+    let mut m = match source {
+        ModelSource::Gguf(path) => load_gguf(path, dtype, device, quantize),
+        ModelSource::HfDir(dir) => load_hf_dir(dir, dtype, device, quantize),
+        ModelSource::Hub(id) => load_hf_dir(&resolve_hub(id)?, dtype, device, quantize),
+        ModelSource::Random(name) => load_random(name, dtype, device, seed, quantize),
+    }?;
+    if let Some(q) = quantize {
+        m.source = format!("{}, linear layers quantized to {q:?}", m.source);
     }
+    Ok(m)
 }
 
 /// Load only the tokenizer (and chat template) of a model, without its weights: what dataset
@@ -143,7 +161,12 @@ fn open_gguf(path: &Path) -> Result<(GgufFile, Config, ModelTokenizer)> {
     Ok((gguf, config, tokenizer))
 }
 
-fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+fn load_gguf(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    quantize: Option<GgmlDType>,
+) -> Result<LoadedModel> {
     let (gguf, config, tokenizer) = open_gguf(path)?;
     let mut tensors = gguf.tensors(config.num_heads, config.num_kv_heads, dtype, device)?;
     // Some converters store a tied head anyway; the embedding is the one used.
@@ -153,7 +176,8 @@ fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> 
     let types: std::collections::BTreeSet<String> =
         gguf.content.tensor_infos.values().map(|t| format!("{:?}", t.ggml_dtype)).collect();
     let names: Vec<String> = tensors.keys().cloned().collect();
-    let model = load_every_tensor(Box::new(tensors), names, &config, dtype, device, path)?;
+    let model =
+        load_every_tensor(Box::new(tensors), names, &config, dtype, device, path, quantize)?;
     let types: Vec<String> = types.into_iter().collect();
     let source = format!("{} (GGUF {}, dequantized to {dtype:?})", path.display(), types.join("/"));
     Ok(LoadedModel { model, config, tokenizer, source })
@@ -169,11 +193,12 @@ pub(crate) fn load_every_tensor(
     dtype: DType,
     device: &Device,
     path: &Path,
+    quantize: Option<GgmlDType>,
 ) -> Result<Llama> {
     let used = Arc::new(Mutex::new(BTreeSet::new()));
     let tracked = Tracked { inner: backend, used: used.clone() };
     let vb = VarBuilder::from_backend(Box::new(tracked), dtype, device.clone());
-    let model = Llama::load(vb, config).map_err(|e| Error::corrupt(path, e))?;
+    let model = Llama::load_quantized(vb, config, quantize).map_err(|e| Error::corrupt(path, e))?;
     let used = crate::ops::lock(&used)?;
     let ignorable = |n: &str| {
         // Precomputed RoPE tables of old checkpoints; a tied head stored anyway.

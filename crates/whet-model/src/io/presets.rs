@@ -65,7 +65,8 @@ pub fn preset(name: &str) -> Option<Config> {
 /// Normal initializers are drawn uniform with the same standard deviation. Keeps what it drew.
 struct RandomBackend {
     seed: u64,
-    drawn: Arc<Mutex<HashMap<String, Tensor>>>,
+    /// What it drew, when asked to keep it.
+    drawn: Option<Arc<Mutex<HashMap<String, Tensor>>>>,
 }
 
 impl SimpleBackend for RandomBackend {
@@ -96,7 +97,9 @@ impl SimpleBackend for RandomBackend {
             }
         };
         let t = Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
-        crate::ops::lock(&self.drawn)?.insert(name.to_string(), t.clone());
+        if let Some(drawn) = &self.drawn {
+            crate::ops::lock(drawn)?.insert(name.to_string(), t.clone());
+        }
         Ok(t)
     }
 
@@ -118,7 +121,7 @@ fn build(
     seed: u64,
 ) -> Result<(Llama, HashMap<String, Tensor>)> {
     let drawn = Arc::new(Mutex::new(HashMap::new()));
-    let backend = RandomBackend { seed, drawn: drawn.clone() };
+    let backend = RandomBackend { seed, drawn: Some(drawn.clone()) };
     let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
     let model = Llama::load(vb, cfg)?;
     let drawn = std::mem::take(&mut *crate::ops::lock(&drawn)?);
@@ -141,12 +144,16 @@ pub(crate) fn load_random(
     dtype: DType,
     device: &Device,
     seed: u64,
+    quantize: Option<candle_core::quantized::GgmlDType>,
 ) -> Result<LoadedModel> {
     let config = preset(name).ok_or_else(|| Error::Source {
         spec: format!("random:{name}"),
         msg: "unknown preset".into(),
     })?;
-    let (model, _) = build(&config, dtype, device, seed)?;
+    // Nothing kept beside the model, so a quantized block's f32 draws are freed as it is built.
+    let backend = RandomBackend { seed, drawn: None };
+    let vb = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    let model = Llama::load_quantized(vb, &config, quantize)?;
     let tokenizer = ModelTokenizer::byte_level()?;
     Ok(LoadedModel {
         model,

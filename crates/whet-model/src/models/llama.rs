@@ -246,6 +246,20 @@ impl Llama {
     /// Build the model from weights named as in Hugging Face checkpoints (`model.layers.0...`).
     /// The initializers named here are what random presets draw (see [`crate::io::presets`]).
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        Self::load_quantized(vb, cfg, None)
+    }
+
+    /// As [`Llama::load`], with each block's linear layers quantized to `quantize` as soon as
+    /// the block is built, so that the f32 weights of only one block are held at a time (what
+    /// the backend keeps aside, the loader cannot free).
+    pub fn load_quantized(
+        vb: VarBuilder,
+        cfg: &Config,
+        quantize: Option<GgmlDType>,
+    ) -> Result<Self> {
+        if let Some(q) = quantize {
+            check_quantizable(cfg, q)?;
+        }
         let (c, v) = (cfg.hidden_size, cfg.vocab_size);
         // Embedding and head rows get std 2/sqrt(C) rather than 0.02 in random presets: with
         // RMS-normalised hidden states, 0.02 caps every logit near 0.02 * C, and a random model
@@ -260,14 +274,23 @@ impl Llama {
         )?;
         let embed_tokens = Embedding::new(embeddings, c);
         let layers = (0..cfg.num_layers)
-            .map(|i| Block::load(vb_m.pp("layers").pp(i), cfg))
+            .map(|i| {
+                let mut block = Block::load(vb_m.pp("layers").pp(i), cfg)?;
+                if let Some(q) = quantize {
+                    block.projs_mut().try_for_each(|p| p.base.quantize(q))?;
+                }
+                Ok(block)
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(vb_m.pp("norm"), c, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings {
+        let mut lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.embeddings().clone(), None)
         } else {
             Linear::load(vb.pp("lm_head"), c, v, false, wide)?
         };
+        if let Some(q) = quantize {
+            lm_head.quantize(q)?;
+        }
         let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
         Ok(Self {
             embed_tokens,
@@ -301,12 +324,7 @@ impl Llama {
     /// `dtype`, for inference: decoding reads every weight once per token, so smaller weights
     /// decode faster. Block size 32 types (`Q8_0`, `Q4_0`) fit any width divisible by 32.
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
-        let block = dtype.block_size();
-        let (c, m) = (self.cfg.hidden_size, self.cfg.intermediate_size);
-        if c % block != 0 || m % block != 0 || (self.cfg.num_heads * self.cfg.head_dim) % block != 0
-        {
-            candle_core::bail!("cannot quantize to {dtype:?}: layer widths {c} and {m} are not multiples of its block size {block}")
-        }
+        check_quantizable(&self.cfg, dtype)?;
         for p in self.projs_mut() {
             p.base.quantize(dtype)?;
         }
@@ -720,6 +738,16 @@ fn causal_mask(t: usize, offset: usize, window: usize, device: &Device) -> Resul
         })
         .collect();
     Tensor::from_vec(mask, (t, s), device)
+}
+
+/// Every linear layer's input width must be whole blocks of `dtype`.
+fn check_quantizable(cfg: &Config, dtype: GgmlDType) -> Result<()> {
+    let block = dtype.block_size();
+    let (c, m) = (cfg.hidden_size, cfg.intermediate_size);
+    if c % block != 0 || m % block != 0 || (cfg.num_heads * cfg.head_dim) % block != 0 {
+        candle_core::bail!("cannot quantize to {dtype:?}: layer widths {c} and {m} are not multiples of its block size {block}")
+    }
+    Ok(())
 }
 
 #[cfg(test)]

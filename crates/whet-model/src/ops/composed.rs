@@ -2,6 +2,7 @@
 //! what CUDA and Metal run (with candle's fused forward kernels where they exist), what f64
 //! gradient checks run, and what `WHET_KERNELS=portable` forces on the CPU.
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor, D};
 
 /// RMSNorm's value, outside the graph: candle's fused kernel, or composed where it has none
@@ -147,4 +148,24 @@ pub(super) fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor>
             ((p - onehot)? / n as f64)?.broadcast_mul(&g.to_dtype(DType::F32)?)?.to_dtype(dtype)
         }),
     )
+}
+
+/// `x @ w^T` with `w` dequantized whole (in `x`'s dtype) for the product and then dropped.
+pub(super) fn quantized_matmul(x: &Tensor, w: &QTensor) -> Result<Tensor> {
+    let wd = w.dequantize(x.device())?.to_dtype(x.dtype())?;
+    let dims = x.dims();
+    let y = x.flatten_to(dims.len() - 2)?.matmul(&wd.t()?)?;
+    let mut out = dims.to_vec();
+    out[dims.len() - 1] = wd.dim(0)?;
+    y.reshape(out)
+}
+
+/// `g @ w` with `w` dequantized whole, [`quantized_matmul`]'s input gradient.
+pub(super) fn quantized_matmul_backward(g: &Tensor, w: &QTensor) -> Result<Tensor> {
+    let wd = w.dequantize(g.device())?.to_dtype(g.dtype())?;
+    let dims = g.dims();
+    let dx = g.flatten_to(dims.len() - 2)?.matmul(&wd)?;
+    let mut out = dims.to_vec();
+    out[dims.len() - 1] = wd.dim(1)?;
+    dx.reshape(out)
 }

@@ -23,7 +23,9 @@ pub use graph::attach;
 pub(crate) use graph::lock;
 use graph::{AttentionNode, FrozenMatmul, Precomputed};
 
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Result, Tensor};
+use std::sync::Arc;
 
 /// Maps the output gradient (and the op's output) to the input gradient.
 pub type GradFn = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
@@ -63,6 +65,44 @@ pub fn frozen_matmul_backward(grad: &Tensor, weight: &Tensor) -> Result<Tensor> 
         Ok(cpu::gemm::matmul_pooled(m, k, n, (s[0], n, 1), (s[1], k, 1)))
     })?;
     Tensor::from_vec(dx, out, g.device())
+}
+
+/// `x @ w^T` for a frozen block-quantized `w` `[out, in]` (QLoRA's base, quantized prefill),
+/// differentiable in `x` (f32): on the CPU the weight is dequantized a tile at a time into an
+/// f32 gemm (`cpu/qgemm.rs`); elsewhere dequantized whole for the product and dropped.
+pub fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
+    let xd = x.detach().contiguous()?;
+    let (dims, k) = (xd.dims().to_vec(), w.shape().dims2()?.1);
+    let y = match cpu::qgemm::QWeight::new(w).filter(|_| kernel(&xd)) {
+        Some(qw) => {
+            let m = xd.elem_count() / k;
+            let y = cpu::with_f32(&[&xd], |s| cpu::qgemm::forward(s[0], m, &qw))?;
+            let mut out = dims;
+            let last = out.len() - 1;
+            out[last] = w.shape().dims2()?.0;
+            Tensor::from_vec(y, out, xd.device())?
+        }
+        None => composed::quantized_matmul(&xd, w)?,
+    };
+    let w = w.clone();
+    attach(x, y, "quantized-matmul", Box::new(move |g, _| quantized_matmul_backward(g, &w)))
+}
+
+/// The input gradient of [`quantized_matmul`] for output gradient `g` `[.., out]`: `g @ w`.
+pub fn quantized_matmul_backward(g: &Tensor, w: &QTensor) -> Result<Tensor> {
+    let g = g.contiguous()?;
+    let (n, k) = w.shape().dims2()?;
+    match cpu::qgemm::QWeight::new(w).filter(|_| kernel(&g)) {
+        Some(qw) => {
+            let m = g.elem_count() / n;
+            let dx = cpu::with_f32(&[&g], |s| cpu::qgemm::backward(s[0], m, &qw))?;
+            let mut out = g.dims().to_vec();
+            let last = out.len() - 1;
+            out[last] = k;
+            Tensor::from_vec(dx, out, g.device())
+        }
+        None => composed::quantized_matmul_backward(&g, w),
+    }
 }
 
 /// RMSNorm `x * r * weight` with `r = 1/sqrt(mean(x^2) + eps)` over the last dimension `C`,

@@ -197,3 +197,34 @@ fn a_target_outside_the_vocabulary_is_an_error() {
     let e = cross_entropy(&logits, &targets).unwrap_err().to_string();
     assert!(e.contains("target token 5 is outside the vocabulary of 5"), "{e}");
 }
+
+/// The quantized matmul — tiled kernel and composed path — equals the dense product with the
+/// dequantized weight, in value and input gradient, for block-32 and block-256 types and for
+/// weights of one tile and of several (the last one partial).
+#[test]
+fn quantized_matmul_equals_the_dequantized_product() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let d = Device::Cpu;
+    for (dtype, rows, cols) in
+        [(GgmlDType::Q8_0, 40, 64), (GgmlDType::Q4_0, 1100, 512), (GgmlDType::Q4K, 300, 2048)]
+    {
+        let w = Tensor::randn(0f32, 1., (rows, cols), &d).unwrap();
+        let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+        assert!(cpu::qgemm::QWeight::new(&q).is_some(), "{dtype:?} takes the kernel");
+        let wd = q.dequantize(&d).unwrap();
+        let x = Var::randn(0f32, 1., (2, 9, cols), &d).unwrap();
+        let probe = Tensor::randn(0f32, 1., (2, 9, rows), &d).unwrap();
+        let dense = x.as_tensor().broadcast_matmul(&wd.t().unwrap()).unwrap();
+        let want = (&dense * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let ours = quantized_matmul(x.as_tensor(), &q).unwrap();
+        let tol = 1e-4 * (cols as f32).sqrt();
+        close(&ours, &dense, tol);
+        let got = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        close(got.get(&x).unwrap(), want.get(&x).unwrap(), tol);
+        close(&quantized_matmul_backward(&probe, &q).unwrap(), want.get(&x).unwrap(), tol);
+        let composed = composed::quantized_matmul(x.as_tensor(), &q).unwrap();
+        close(&composed, &dense, tol);
+        let back = composed::quantized_matmul_backward(&probe, &q).unwrap();
+        close(&back, want.get(&x).unwrap(), tol);
+    }
+}

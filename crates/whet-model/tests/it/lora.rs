@@ -243,3 +243,55 @@ fn one_step_equals_pytorch_peft() {
         }
     }
 }
+
+/// QLoRA: training over a base kept block-quantized (Q4_0, Q8_0) gives the loss and adapter
+/// gradients of training over a dense base holding the same dequantized values, and a prefill
+/// over it the same logits: the dequantizing kernel (under `WHET_KERNELS=portable`, the
+/// composed path) changes the memory, not the arithmetic.
+#[test]
+fn qlora_equals_training_over_the_dequantized_base() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use whet_model::io::presets;
+    let dev = Device::Cpu;
+    let cfg = presets::preset("tiny").unwrap();
+    for q in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
+        let mut w = presets::random_weights(&cfg, DType::F32, &dev, 21).unwrap();
+        for (name, t) in w.iter_mut() {
+            if name.ends_with("proj.weight") || name == "lm_head.weight" {
+                *t = QTensor::quantize(t, q).unwrap().dequantize(&dev).unwrap();
+            }
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &dev);
+        let mut dense = whet_model::Llama::load(vb, &cfg).unwrap();
+        let tiny = ModelSource::Random("tiny".into());
+        let mut quant =
+            whet_model::load_quantized(&tiny, DType::F32, &dev, 21, Some(q)).unwrap().model;
+        let prefill = |m: &whet_model::Llama| m.forward(&ids(), None).unwrap();
+        let (a, b) = (prefill(&dense), prefill(&quant));
+        assert!(max_diff(&a, &b) < 1e-5, "{q:?} prefill: {}", max_diff(&a, &b));
+        let lora = LoraConfig::new(4, 8.0, 0.0, "all-linear", false).unwrap();
+        for m in [&mut dense, &mut quant] {
+            m.add_lora(&lora, 5).unwrap();
+            perturb_b(m, 3);
+        }
+        let step = |m: &whet_model::Llama| {
+            let (logits, collector) = m.forward_train(&ids(), &TrainPass::default()).unwrap();
+            let loss = masked_cross_entropy(&logits, &ids(), &loss_mask()).unwrap().0;
+            let grads = collector.backward(&loss).unwrap();
+            let named: Vec<(String, Tensor)> = m
+                .lora_vars()
+                .into_iter()
+                .map(|(n, v)| (n, grads.get(&v).expect("a gradient per adapter").clone()))
+                .collect();
+            (loss.to_scalar::<f32>().unwrap(), named)
+        };
+        let ((l1, g1), (l2, g2)) = (step(&dense), step(&quant));
+        assert!((l1 - l2).abs() < 1e-5 * l1.abs(), "{q:?} loss {l1} vs {l2}");
+        assert_eq!(g1.len(), g2.len());
+        for ((name, a), (_, b)) in g1.iter().zip(&g2) {
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            assert!(scale > 0.0, "{name}: zero gradient");
+            assert!(max_diff(a, b) < 1e-4 * scale, "{q:?} {name}: {}", max_diff(a, b));
+        }
+    }
+}

@@ -43,6 +43,32 @@ pub(in crate::ops) fn matmul_pooled(
     dst
 }
 
+/// `dst [m, n] (+)= lhs [m, k] @ rhs [k, n]` with the threads of the current rayon pool, `dst`'s
+/// rows `dst_rs` apart (a block of columns of a wider matrix); added to `dst` when
+/// `accumulate`, else written over it.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::ops) fn gemm_strided(
+    dst: &mut [f32],
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+) {
+    assert!(
+        m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && n <= dst_rs),
+        "matmul: output size"
+    );
+    let par = match rayon::current_num_threads() {
+        1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    // SAFETY: the assertion keeps every `dst` index in bounds; a `&mut` slice overlaps nothing.
+    unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, k, lhs, rhs, accumulate, par) }
+}
+
 /// The frozen matmul `x [.., k] @ w^T` (`w` `[n, k]`) on the current pool's threads (candle's
 /// matmul always uses all of them); `None` when the layouts are not contiguous.
 pub(in crate::ops) fn frozen_matmul(
@@ -77,6 +103,27 @@ unsafe fn gemm_into(
     rhs: Operand,
     par: gemm::Parallelism,
 ) {
+    // SAFETY: as the caller vouches; rows `n` apart is a dense `[m, n]`.
+    unsafe { gemm_raw(dst, n, m, n, k, lhs, rhs, false, par) }
+}
+
+/// `dst [m, n] (+)= lhs [m, k] @ rhs [k, n]`, `dst`'s rows `dst_rs` apart.
+///
+/// # Safety
+/// `dst` must be valid for reading and writing `(m - 1) * dst_rs + n` values and not overlap
+/// the operands.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
     let fits = |(s, rs, cs): Operand, rows: usize, cols: usize| {
         rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < s.len()
     };
@@ -90,15 +137,15 @@ unsafe fn gemm_into(
             k,
             dst,
             1,
-            n as isize,
-            false,
+            dst_rs as isize,
+            accumulate,
             lhs.0.as_ptr(),
             lhs.2 as isize,
             lhs.1 as isize,
             rhs.0.as_ptr(),
             rhs.2 as isize,
             rhs.1 as isize,
-            0.0,
+            1.0, // alpha: dst = alpha * dst + beta * lhs @ rhs, dst read only when accumulating
             1.0,
             false,
             false,

@@ -5,6 +5,7 @@ pub(super) mod attention;
 pub(super) mod cross_entropy;
 pub(super) mod gemm;
 pub(super) mod norm;
+pub(super) mod qgemm;
 pub(super) mod swiglu;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
