@@ -10,6 +10,14 @@ scripts/fetch-llama-cpp.sh
 python3 -c "import openai" 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check openai==3.57.0 ||
   echo "note: could not install openai; the server's openai-client test will skip"
+# OpenMPI (and libclang, which the MPI bindings are generated with), for the data-parallel
+# training tests; where it cannot be installed, those tests skip and say so.
+if ! command -v mpirun >/dev/null || ! [ -e /usr/include/x86_64-linux-gnu/mpi/mpi.h -o -e /usr/include/mpi.h ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq \
+      openmpi-bin libopenmpi-dev libclang-dev >/dev/null; } ||
+    echo "note: could not install OpenMPI; the mpirun tests will skip"
+fi
 # Tests that need the default model fail instead of skipping when it is missing.
 export WHET_REQUIRE_MODEL=1
 cargo test --workspace --locked
@@ -19,3 +27,8 @@ cargo test --workspace --locked
 # quantized matmul, and a bf16 run whose loss falls.
 WHET_KERNELS=portable cargo test --workspace --locked -- \
   lora:: families:: adapters:: bf16_base_trains_f32_adapters quantized_matmul
+# Data-parallel training under mpirun: a whet built with MPI (the default build's run above
+# checked the refusal of a whet without it).
+if command -v mpirun >/dev/null; then
+  cargo test --locked --features mpi --test cli -- mpi::
+fi

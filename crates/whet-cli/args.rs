@@ -646,6 +646,10 @@ pub struct TrainArgs {
     /// Device: auto, cpu, cuda, cuda:N, metal [default: auto].
     #[arg(long)]
     pub device: Option<String>,
+    /// Data-parallel training over MPI even with one rank (a launch of several ranks by
+    /// `mpirun` or `srun` is detected without it); needs a whet built with `--features mpi`.
+    #[arg(long)]
+    pub distributed: bool,
     /// QLoRA: keep the frozen base block-quantized while training, `q8_0` (a quarter of f32's
     /// memory, near-lossless) or `q4_0` (an eighth) [default: the base stays in --dtype].
     #[arg(long)]

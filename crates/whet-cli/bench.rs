@@ -41,6 +41,8 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         "--steps, --seq-len and --batch-size must be positive"
     );
     let load_before = load_average();
+    // Under mpirun: the same global batch, split across the ranks.
+    let world = whet_train::World::from_launch(false)?;
     let device = whet_model::parse_device(&args.device)?;
     let dtype = whet_model::parse_dtype(&args.dtype)?;
     let quantize = args.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
@@ -71,7 +73,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut speeds = vec![];
+    let (mut speeds, mut reduce) = (vec![], vec![]);
     whet_train::train(
         &mut m.model,
         &data,
@@ -79,14 +81,22 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         &dir.path().join("run"),
         false,
         &stop,
+        &world,
         &mut |e| {
-            if let whet_train::Event::Step { step, tokens_per_sec, .. } = e {
+            if let whet_train::Event::Step { step, tokens_per_sec, secs, allreduce_secs, .. } = e {
                 if *step > 1 {
                     speeds.push(*tokens_per_sec);
+                    reduce.push((*allreduce_secs, *secs));
                 }
             }
         },
     )?;
+    let root = world.is_root();
+    let size = world.size();
+    world.finish();
+    if !root {
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "model:      {}", m.source)?;
     writeln!(out, "{}", device_line(&device))?;
@@ -106,7 +116,19 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         speeds.len(),
         speeds.iter().map(|s| format!("{s:.0}")).collect::<Vec<_>>().join(", ")
     )?;
-    writeln!(out, "peak RSS:   {:.0} MB", whet_train::trainer::peak_rss_mb())?;
+    if size > 1 {
+        let (r, s): (f64, f64) = reduce.iter().fold((0.0, 0.0), |(a, b), (r, s)| (a + r, b + s));
+        let n = reduce.len().max(1) as f64;
+        writeln!(
+            out,
+            "ranks:      {} (MPI); all-reduce {:.1} ms per step ({:.1}% of a step; rank 0's wait for the others included)",
+            size,
+            1e3 * r / n,
+            100.0 * r / s.max(1e-9)
+        )?;
+    }
+    let whose = if size > 1 { " (rank 0)" } else { "" };
+    writeln!(out, "peak RSS:   {:.0} MB{whose}", whet_train::trainer::peak_rss_mb())?;
     writeln!(out, "{}", whet_infer::bench::load_line(load_before))?;
     Ok(())
 }

@@ -50,7 +50,9 @@ fn training_threads() {
         // Sound: called before this process starts any other thread.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    let threads = candle_core::utils::get_num_threads();
+    // Ranks of a distributed run on one machine share its cores.
+    let ranks_here = whet_train::dist::Launch::from_env().map_or(1, |l| l.local_size.max(1));
+    let threads = (candle_core::utils::get_num_threads() / ranks_here).max(1);
     // Fails only if the pool already exists, which nothing before this point creates.
     let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
 }
@@ -104,7 +106,21 @@ fn main() {
             eprintln!("error: {} problem(s) in the data; nothing was written", errors.len());
             std::process::exit(1);
         }
+        // In a distributed run, rank 0 reports what every rank met alike; the others say
+        // what only they met, naming themselves.
+        let rank = whet_train::dist::Launch::from_env().map_or(0, |l| l.rank);
+        let on_rank = err.chain().find_map(|e| match e.downcast_ref::<whet_train::TrainError>() {
+            Some(whet_train::TrainError::OnRank { rank, .. }) => Some(*rank),
+            _ => None,
+        });
+        if on_rank.is_some_and(|r| r != 0) {
+            std::process::exit(1);
+        }
         let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+        if rank != 0 && on_rank.is_none() {
+            eprintln!("error: rank {rank}: {}", dedup_chain(&chain));
+            std::process::exit(1);
+        }
         eprintln!("error: {}", dedup_chain(&chain));
         if let Some(hint) = model::hint_for(&err) {
             eprintln!("hint: {hint}");

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use whet_train::{Event, TrainConfig, TrainData};
+use whet_train::{Event, TrainConfig, TrainData, World};
 
 /// The settings: the resumed run's, or --config's, or the defaults; then the flags.
 fn config(a: &TrainArgs) -> Result<TrainConfig> {
@@ -109,11 +109,16 @@ fn prepared_with_pack(dir: &Path) -> bool {
         .is_some_and(|m| m.settings.get("pack").is_some_and(|v| v == "true"))
 }
 
-/// The base model and the data of `c`, on its device.
+/// The base model and the data of `c`, on its device (in a distributed run, a CUDA device is
+/// the GPU of this rank's local rank).
 fn model_and_data(
     c: &TrainConfig,
+    world: &World,
 ) -> Result<(whet_model::LoadedModel, TrainData, candle_core::Device)> {
-    let device = whet_model::parse_device(&c.device)?;
+    let mut device = whet_model::parse_device(&c.device)?;
+    if world.size() > 1 && device.is_cuda() && !c.device.contains(':') {
+        device = candle_core::Device::new_cuda(world.local_rank())?;
+    }
     let dtype = whet_model::parse_dtype(&c.dtype)?;
     let quantize = c.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
     let m = crate::model::load_spec_quantized(&c.model, dtype, &device, c.seed, quantize)?;
@@ -129,7 +134,8 @@ fn model_and_data(
 /// are logged at info level), for `whet compare --learning-curve`; the adapter's directory.
 pub fn train_quietly(mut c: TrainConfig, out: &Path) -> Result<std::path::PathBuf> {
     c.validate()?;
-    let (mut m, data, _device) = model_and_data(&c)?;
+    let world = World::single();
+    let (mut m, data, _device) = model_and_data(&c, &world)?;
     c.resolve_steps(whet_train::trainer::training_rows(&data, &c));
     if out.exists() {
         std::fs::remove_dir_all(out).with_context(|| format!("cannot remove {}", out.display()))?;
@@ -142,24 +148,26 @@ pub fn train_quietly(mut c: TrainConfig, out: &Path) -> Result<std::path::PathBu
             }
         }
     };
-    whet_train::train(&mut m.model, &data, &c, out, false, &stop, &mut on_event)?;
+    whet_train::train(&mut m.model, &data, &c, out, false, &stop, &world, &mut on_event)?;
     Ok(out.join("adapter"))
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut c = config(&a)?;
     c.validate()?;
+    let world = World::from_launch(a.distributed)?;
+    let root = world.is_root();
     if a.overwrite && a.out.exists() && !a.out.join("whet.toml").exists() {
         bail!(
             "{} is not a whet run directory (no whet.toml); refusing to delete it",
             a.out.display()
         );
     }
-    // Fail before the slow model load when the run directory cannot be used.
-    if !a.overwrite {
+    // Fail before the slow model load when the run directory cannot be used (rank 0 owns it).
+    if !a.overwrite && root {
         whet_train::checkpoint::check_run_dir(&a.out, &c, a.resume)?;
     }
-    let (mut m, data, device) = model_and_data(&c)?;
+    let (mut m, data, device) = model_and_data(&c, &world)?;
     if a.pack().is_none() && prepared_with_pack(Path::new(&c.data)) && !c.pack {
         tracing::warn!(
             "packing examples: {} was prepared with --pack (--no-pack turns it off)",
@@ -169,12 +177,23 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     c.resolve_steps(whet_train::trainer::training_rows(&data, &c));
     // The previous run goes only now that model and data have loaded.
-    if a.overwrite && a.out.exists() {
+    if a.overwrite && a.out.exists() && root {
         std::fs::remove_dir_all(&a.out)
             .with_context(|| format!("cannot remove {}", a.out.display()))?;
     }
-    let quiet = !tracing::enabled!(tracing::Level::WARN);
+    let quiet = !tracing::enabled!(tracing::Level::WARN) || !root;
     if !quiet {
+        if world.is_distributed() {
+            eprintln!(
+                "distributed: {} ranks over MPI; rank {} (local rank {}) on {}; the global batch is {} x {} micro-batches, split across the ranks",
+                world.size(),
+                world.rank(),
+                world.local_rank(),
+                whet_model::device_name(&device),
+                c.batch_size,
+                c.grad_accum
+            );
+        }
         eprintln!(
             "training {} on {} ({} train / {} valid examples), {} on {}",
             c.target_modules,
@@ -230,8 +249,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
         Event::Checkpoint { step } => tracing::info!("checkpoint at step {step}"),
     };
     let summary =
-        whet_train::train(&mut m.model, &data, &c, &a.out, a.resume, &stop, &mut on_event)?;
+        whet_train::train(&mut m.model, &data, &c, &a.out, a.resume, &stop, &world, &mut on_event)?;
     bar.finish_and_clear();
+    world.finish();
+    if !root {
+        return Ok(());
+    }
     let mut out = std::io::stdout().lock();
     writeln!(out, "steps:          {} of {}", summary.steps, c.steps)?;
     writeln!(out, "final loss:     {:.4}", summary.final_loss)?;

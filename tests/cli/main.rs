@@ -5,6 +5,7 @@ mod commands;
 mod data;
 mod eval;
 mod llama_cpp;
+mod mpi;
 mod pages;
 mod serve;
 mod train;

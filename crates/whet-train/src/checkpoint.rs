@@ -248,10 +248,21 @@ impl Metrics {
             Event::Checkpoint { .. } => {}
         }
         let v = match e {
-            Event::Step { step, loss, lr, grad_norm, tokens, secs, tokens_per_sec, peak_mb } => {
+            Event::Step {
+                step,
+                loss,
+                lr,
+                grad_norm,
+                tokens,
+                secs,
+                tokens_per_sec,
+                allreduce_secs,
+                peak_mb,
+            } => {
                 serde_json::json!({
                 "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                "secs": secs, "tokens_per_sec": tokens_per_sec, "peak_rss_mb": peak_mb})
+                "secs": secs, "tokens_per_sec": tokens_per_sec, "allreduce_secs": allreduce_secs,
+                "peak_rss_mb": peak_mb})
             }
             Event::Eval { step, val_loss, .. } => {
                 serde_json::json!({"step": step, "val_loss": val_loss})

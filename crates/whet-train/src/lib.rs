@@ -2,12 +2,13 @@
 //! gradient accumulation and clipping, validation and early stopping, atomic checkpoints with
 //! true resume, and adapters in PEFT's format.
 //!
-//! Modules depend one way: [`trainer`] (the loop) uses [`checkpoint`], `shards`, [`optim`] and
-//! [`config`]; all of them report through [`error`] and [`events`], which depend on nothing here.
+//! Modules depend one way: [`trainer`] (the loop) uses [`checkpoint`], `shards`, [`dist`]
+//! (ranks of an MPI job), [`optim`] and [`config`]; all of them report through [`error`] and [`events`], which depend on nothing here.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod error;
 pub mod events;
 pub mod optim;
@@ -16,6 +17,7 @@ mod shards;
 pub mod trainer;
 
 pub use config::TrainConfig;
+pub use dist::World;
 pub use error::TrainError;
 pub use events::{Event, Summary};
 pub use trainer::{train, TrainData};

@@ -3,6 +3,7 @@
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{learning_rate, TrainConfig};
+use crate::dist::World;
 use crate::error::TrainError;
 use crate::events::{Event, Summary};
 use crate::optim::{AdamW, AdamWParams};
@@ -170,10 +171,12 @@ fn batch_loss(
     Ok((loss, collector, n, rows.iter().map(|r| r.ids.len()).sum()))
 }
 
-/// Loss (mean over the trained tokens of `rows`) and adapter gradients of `weight * loss` for
-/// one micro-batch, and the number of tokens run. Shards of the rows run side by side (see
-/// [`Shards`]), each shard's loss weighted by its share of the trained tokens and the gradients
-/// summed in shard order, so that a run repeats bit for bit on the same machine.
+/// This rank's part of the loss (mean over the trained tokens of all `rows`) and of the adapter
+/// gradients of `weight * loss` for one micro-batch, and the number of tokens it ran. The rank
+/// takes its consecutive rows of the batch ([`World::rows`]); shards of those run side by side
+/// (see [`Shards`]), each shard's loss weighted by its share of the whole batch's trained
+/// tokens and the gradients summed in shard order, so that a run repeats bit for bit on the
+/// same machine, and the ranks' parts sum to the single-process step.
 #[allow(clippy::too_many_arguments)]
 fn forward_backward(
     model: &Llama,
@@ -183,13 +186,17 @@ fn forward_backward(
     weight: f64,
     vars: &[candle_core::Var],
     shards: &Shards,
+    world: &World,
     device: &Device,
 ) -> Result<(f64, usize, Vec<Tensor>), TrainError> {
     let total = trained_tokens(rows);
     if total == 0 {
         return Err(TrainError::Run("a batch without trained tokens".into()));
     }
-    let parts = shards.run(rows, |shard, first_row| {
+    let mine = world.rows(rows.len());
+    let offset = mine.start;
+    let parts = shards.run(&rows[mine], |shard, first_row| {
+        let first_row = offset + first_row;
         let share = trained_tokens(shard) as f64 / total as f64;
         if share == 0.0 {
             return Ok(None);
@@ -220,7 +227,110 @@ fn forward_backward(
             None => g,
         });
     }
-    Ok((loss, tokens, grads.unwrap_or_default()))
+    // A rank whose rows train nothing (or that has none) adds zeros.
+    let grads = match grads {
+        Some(g) => g,
+        None => vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<Result<_, _>>()?,
+    };
+    Ok((loss, tokens, grads))
+}
+
+/// Sum this rank's `grads` and `[loss, tokens]` over all ranks: one f32 buffer holding
+/// every LoRA gradient end to end, and one small f64 one; returns the seconds it took.
+fn all_reduce(
+    world: &World,
+    step: usize,
+    grads: &mut [Tensor],
+    scalars: &mut [f64],
+) -> Result<f64, TrainError> {
+    if world.size() == 1 {
+        return Ok(0.0);
+    }
+    let start = Instant::now();
+    // A dead or hung rank fails the job here, named, within the timeout.
+    world.check_in(step)?;
+    let flat: Vec<Tensor> = grads
+        .iter()
+        .map(|g| g.flatten_all()?.to_dtype(candle_core::DType::F32))
+        .collect::<Result<_, _>>()?;
+    let mut buf = Tensor::cat(&flat, 0)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+    world.sum_f32(&mut buf)?;
+    world.sum_f64(scalars)?;
+    let mut at = 0;
+    for g in grads.iter_mut() {
+        let n = g.elem_count();
+        let summed = Tensor::from_slice(&buf[at..at + n], g.shape(), &Device::Cpu)?;
+        *g = summed.to_dtype(g.dtype())?.to_device(g.device())?;
+        at += n;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Rank 0's adapter values on every rank (their seeded initialisations already agree; this
+/// makes it so whatever the ranks' RNGs or files did).
+fn broadcast_adapter(world: &World, vars: &[candle_core::Var]) -> Result<(), TrainError> {
+    if world.size() == 1 {
+        return Ok(());
+    }
+    for v in vars {
+        let mut host = v.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?;
+        let mut buf = host.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        world.broadcast_f32(&mut buf)?;
+        host = Tensor::from_vec(buf, v.shape(), &Device::Cpu)?;
+        v.set(&host.to_dtype(v.dtype())?.to_device(v.device())?)?;
+    }
+    Ok(())
+}
+
+/// Refuse a job whose ranks would not train the same thing: rank 0's digest of the resolved
+/// settings and data, and of the whet binary, against each rank's; and more ranks than rows.
+fn check_ranks_agree(world: &World, cfg: &TrainConfig, data: &TrainData) -> Result<(), TrainError> {
+    if world.size() == 1 {
+        return Ok(());
+    }
+    let rank = world.rank();
+    if world.size() > cfg.batch_size {
+        return Err(TrainError::OnRank {
+            rank,
+            msg: format!(
+                "{} ranks but `batch_size` = {}: every rank needs at least one row of each micro-batch; hint: raise --batch-size to at least {} (the global batch) or start fewer ranks",
+                world.size(),
+                cfg.batch_size,
+                world.size()
+            ),
+        });
+    }
+    let settings = format!("{}{:?}", cfg.to_toml(), data.fingerprints());
+    let exe = std::env::current_exe().and_then(std::fs::read).unwrap_or_default();
+    let digests = [settings.as_bytes(), &exe].map(|b| whet_data::cache::sha256_hex(b).into_bytes());
+    let mut flags = vec![0.0; 2 * world.size()];
+    for (k, mine) in digests.iter().enumerate() {
+        let mut root = mine.clone();
+        world.broadcast_bytes(&mut root)?;
+        if &root != mine {
+            flags[2 * rank + k] = 1.0;
+        }
+    }
+    world.sum_f64(&mut flags)?;
+    let differing: Vec<String> = (0..world.size())
+        .filter_map(|r| {
+            let what = match (flags[2 * r] > 0.0, flags[2 * r + 1] > 0.0) {
+                (false, false) => return None,
+                (true, false) => "its settings or data",
+                (false, true) => "its whet binary",
+                (true, true) => "its settings or data, and its whet binary",
+            };
+            Some(format!("rank {r}: {what}"))
+        })
+        .collect();
+    if differing.is_empty() {
+        return Ok(());
+    }
+    let msg = format!(
+        "the ranks disagree with rank 0 ({}); hint: start every rank with the same command, data and whet build",
+        differing.join("; ")
+    );
+    Err(if world.is_root() { TrainError::Dist(msg) } else { TrainError::OnRank { rank, msg } })
 }
 
 /// The rows of micro-batch `g`: epochs are seeded shuffles of all rows, so the data order is a
@@ -246,17 +356,19 @@ fn micro_batch<'a>(
 }
 
 /// Mean validation loss over all validation rows, in inference mode (no adapter dropout, no
-/// activations kept for a backward pass); batches are split into shards like training's.
+/// activations kept for a backward pass); batches are split across ranks and into shards like
+/// training's, and the sums reduced.
 fn evaluate(
     model: &Llama,
     rows: &[Row],
     batch: usize,
     shards: &Shards,
+    world: &World,
     device: &Device,
 ) -> Result<f64, TrainError> {
     let (mut sum, mut n) = (0.0, 0usize);
     for chunk in rows.chunks(batch) {
-        let refs: Vec<&Row> = chunk.iter().collect();
+        let refs: Vec<&Row> = chunk[world.rows(chunk.len())].iter().collect();
         let parts = shards.run(&refs, |shard, _| {
             if trained_tokens(shard) == 0 {
                 return Ok((0.0, 0));
@@ -269,11 +381,17 @@ fn evaluate(
             n += k;
         }
     }
-    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+    let mut total = [sum, n as f64];
+    world.sum_f64(&mut total)?;
+    let (sum, n) = (total[0], total[1]);
+    Ok(if n == 0.0 { f64::NAN } else { sum / n })
 }
 
 /// Train LoRA adapters on `model` into `run`; with `resume`, continue from `run`'s checkpoint.
-/// `stop` (set by Ctrl-C) ends the run after the current step with a checkpoint.
+/// `stop` (set by Ctrl-C) ends the run after the current step with a checkpoint. In a `world`
+/// of several ranks each runs its rows of every batch, the gradients are summed across them,
+/// and rank 0 alone writes `run`.
+#[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &mut Llama,
     data: &TrainData,
@@ -281,6 +399,7 @@ pub fn train(
     run: &Path,
     resume: bool,
     stop: &AtomicBool,
+    world: &World,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<Summary, TrainError> {
     if data.train.is_empty() {
@@ -293,8 +412,9 @@ pub fn train(
     let cfg = &resolved;
     let (lora, schedule) = cfg.validate()?;
     let device = model.device().clone();
+    check_ranks_agree(world, cfg, data)?;
     model.add_lora(&lora, cfg.seed)?;
-    checkpoint::prepare_run_dir(run, cfg, resume)?;
+    prepare_run_dir(world, run, cfg, resume)?;
     let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
     let shards = Shards::new(&device, cfg.batch_size)?;
     let params = AdamWParams {
@@ -307,6 +427,7 @@ pub fn train(
     let mut state = TrainState::default();
     let fingerprints = data.fingerprints();
     if resume {
+        // Every rank reads the checkpoint rank 0 wrote.
         state = checkpoint::load(run, model, &mut opt)?;
         for (split, was) in &state.data_sha256 {
             if fingerprints.get(split) != Some(was) {
@@ -318,8 +439,10 @@ pub fn train(
             }
         }
     }
+    broadcast_adapter(world, &vars)?;
     state.data_sha256 = fingerprints;
-    let mut metrics = checkpoint::Metrics::open(run, state.step)?;
+    let root = world.is_root();
+    let mut metrics = if root { Some(checkpoint::Metrics::open(run, state.step)?) } else { None };
     let mut last_loss = f64::NAN;
     let mut stopped = None;
     let mut order = (0, vec![]);
@@ -343,6 +466,7 @@ pub fn train(
                 weight,
                 &vars,
                 &shards,
+                world,
                 &device,
             )?;
             loss_sum += loss;
@@ -354,6 +478,18 @@ pub fn train(
                 });
             }
         }
+        let mut grads: Vec<Tensor> = grads.into_iter().flatten().collect();
+        let mut scalars = [loss_sum, tokens as f64];
+        let allreduce_secs = all_reduce(world, step, &mut grads, &mut scalars).map_err(|e| match e {
+            TrainError::Dist(msg) => TrainError::Dist(format!(
+                "{msg}; the last checkpoint ({}) is intact; hint: `whet train --out {} --resume` continues from it, with any number of ranks",
+                checkpoint::describe(run),
+                run.display()
+            )),
+            e => e,
+        })?;
+        let [loss_sum, tokens] = scalars;
+        let tokens = tokens as usize;
         let loss = loss_sum / cfg.grad_accum as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
@@ -362,7 +498,6 @@ pub fn train(
                 checkpoint: checkpoint::describe(run),
             });
         }
-        let mut grads: Vec<Tensor> = grads.into_iter().flatten().collect();
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         opt.step(&grads, lr)?;
         last_loss = loss;
@@ -376,27 +511,34 @@ pub fn train(
             tokens,
             secs,
             tokens_per_sec: tokens as f64 / secs,
+            allreduce_secs,
             peak_mb: peak_rss_mb(),
         };
-        metrics.write(&event)?;
+        if let Some(m) = &mut metrics {
+            m.write(&event)?;
+        }
         on_event(&event);
 
         let last = state.step == cfg.steps;
         if !valid_rows.is_empty()
             && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last)
         {
-            let val_loss = evaluate(model, &valid_rows, cfg.batch_size, &shards, &device)?;
+            let val_loss = evaluate(model, &valid_rows, cfg.batch_size, &shards, world, &device)?;
             let best = state.best_val.is_none_or(|b| val_loss < b);
             if best {
                 state.best_val = Some(val_loss);
                 state.bad_evals = 0;
-                checkpoint::save_adapter_atomically(model, &run.join("best"), &cfg.model)?;
+                if root {
+                    checkpoint::save_adapter_atomically(model, &run.join("best"), &cfg.model)?;
+                }
             } else {
                 state.bad_evals += 1;
             }
             let event = Event::Eval { step: state.step, val_loss, best };
-            metrics.write(&event)?;
-            metrics.plot();
+            if let Some(m) = &mut metrics {
+                m.write(&event)?;
+                m.plot();
+            }
             on_event(&event);
             if cfg.patience > 0 && state.bad_evals >= cfg.patience {
                 stopped = Some(format!(
@@ -405,11 +547,17 @@ pub fn train(
                 ));
             }
         }
-        let interrupted = stop.load(Ordering::SeqCst);
-        if interrupted && stopped.is_none() {
+        // Ctrl-C reaches the ranks at different moments; they stop at the same step.
+        let mut interrupted = [f64::from(u8::from(stop.load(Ordering::SeqCst)))];
+        world.sum_f64(&mut interrupted)?;
+        if interrupted[0] > 0.0 && stopped.is_none() {
             stopped = Some("interrupted".into());
         }
-        if (cfg.save_every > 0 && state.step % cfg.save_every == 0) || last || stopped.is_some() {
+        if root
+            && ((cfg.save_every > 0 && state.step % cfg.save_every == 0)
+                || last
+                || stopped.is_some())
+        {
             checkpoint::save(run, model, &opt, &state)?;
             on_event(&Event::Checkpoint { step: state.step });
         }
@@ -417,9 +565,33 @@ pub fn train(
             break;
         }
     }
-    checkpoint::save_adapter_atomically(model, &run.join("adapter"), &cfg.model)?;
-    metrics.plot();
+    if let Some(m) = &metrics {
+        checkpoint::save_adapter_atomically(model, &run.join("adapter"), &cfg.model)?;
+        m.plot();
+    }
     Ok(Summary { steps: state.step, final_loss: last_loss, best_val_loss: state.best_val, stopped })
+}
+
+/// Rank 0 checks and creates the run directory; the others wait for its word, so that none
+/// reads a checkpoint before rank 0 has vouched for it, and all stop if it refused.
+fn prepare_run_dir(
+    world: &World,
+    run: &Path,
+    cfg: &TrainConfig,
+    resume: bool,
+) -> Result<(), TrainError> {
+    let result =
+        if world.is_root() { checkpoint::prepare_run_dir(run, cfg, resume) } else { Ok(()) };
+    let mut ok = [u8::from(result.is_ok())];
+    world.broadcast_bytes(&mut ok)?;
+    match (result, ok[0]) {
+        (Err(e), _) => Err(e),
+        (Ok(()), 0) => Err(TrainError::OnRank {
+            rank: world.rank(),
+            msg: format!("rank 0 refused the run directory {}", run.display()),
+        }),
+        (Ok(()), _) => Ok(()),
+    }
 }
 
 /// Peak resident memory of this process in MB (Linux; 0 elsewhere).

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use whet_data::Tokenized;
 use whet_model::{load, Llama, ModelSource};
-use whet_train::{train, Event, TrainConfig, TrainData, TrainError};
+use whet_train::{train, Event, TrainConfig, TrainData, TrainError, World};
 
 fn tiny() -> Llama {
     load(&ModelSource::Random("tiny".into()), DType::F32, &Device::Cpu, 3).unwrap().model
@@ -50,9 +50,16 @@ fn run(
     resume: bool,
 ) -> Result<(whet_train::Summary, Vec<Event>), TrainError> {
     let mut events = vec![];
-    let s = train(model, &data(), cfg, dir, resume, &AtomicBool::new(false), &mut |e| {
-        events.push(e.clone())
-    })?;
+    let s = train(
+        model,
+        &data(),
+        cfg,
+        dir,
+        resume,
+        &AtomicBool::new(false),
+        &World::single(),
+        &mut |e| events.push(e.clone()),
+    )?;
     Ok((s, events))
 }
 
@@ -118,7 +125,7 @@ fn resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     // Interrupt after step 5 (as Ctrl-C does), then resume to the end.
     let split = dir.path().join("split");
     let stop = AtomicBool::new(false);
-    let s = train(&mut tiny(), &data(), &c, &split, false, &stop, &mut |e| {
+    let s = train(&mut tiny(), &data(), &c, &split, false, &stop, &World::single(), &mut |e| {
         if matches!(e, Event::Step { step: 5, .. }) {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
         }
@@ -278,6 +285,7 @@ fn bad_settings_are_refused_and_nothing_is_lost() {
         &dir.path().join("r2"),
         false,
         &AtomicBool::new(false),
+        &World::single(),
         &mut |_| {},
     )
     .unwrap_err();
@@ -316,11 +324,20 @@ fn a_failed_checkpoint_write_keeps_the_previous_one() {
     let runp = dir.path().join("run");
     let c = TrainConfig { save_every: 1, ..cfg(4) };
     let blocker = runp.join("checkpoint.tmp");
-    let result = train(&mut tiny(), &data(), &c, &runp, false, &AtomicBool::new(false), &mut |e| {
-        if matches!(e, Event::Checkpoint { step: 2 }) {
-            std::fs::write(&blocker, b"in the way").unwrap();
-        }
-    });
+    let result = train(
+        &mut tiny(),
+        &data(),
+        &c,
+        &runp,
+        false,
+        &AtomicBool::new(false),
+        &World::single(),
+        &mut |e| {
+            if matches!(e, Event::Checkpoint { step: 2 }) {
+                std::fs::write(&blocker, b"in the way").unwrap();
+            }
+        },
+    );
     let err = result.unwrap_err().to_string();
     assert!(err.contains("checkpoint.tmp"), "{err}");
     let state: serde_json::Value =
@@ -398,9 +415,16 @@ fn patience_stops_early_and_best_keeps_the_best_adapter() {
         }
     }
     let mut events = vec![];
-    let summary = train(&mut tiny(), &d, &c, &run_dir, false, &AtomicBool::new(false), &mut |e| {
-        events.push(e.clone())
-    })
+    let summary = train(
+        &mut tiny(),
+        &d,
+        &c,
+        &run_dir,
+        false,
+        &AtomicBool::new(false),
+        &World::single(),
+        &mut |e| events.push(e.clone()),
+    )
     .unwrap();
     let evals: Vec<(usize, f64, bool)> = events
         .iter()
@@ -464,16 +488,34 @@ fn resume_with_changed_data_is_refused() {
     let stop = AtomicBool::new(true); // stop (with a checkpoint) after the first step
     let mut d = data();
     d.sources.insert("train".into(), "data/x/train.jsonl".into());
-    train(&mut tiny(), &d, &c, &run_dir, false, &stop, &mut |_| {}).unwrap();
+    train(&mut tiny(), &d, &c, &run_dir, false, &stop, &World::single(), &mut |_| {}).unwrap();
     d.train[3].ids[5] += 1;
-    let e = train(&mut tiny(), &d, &c, &run_dir, true, &AtomicBool::new(false), &mut |_| {})
-        .unwrap_err()
-        .to_string();
+    let e = train(
+        &mut tiny(),
+        &d,
+        &c,
+        &run_dir,
+        true,
+        &AtomicBool::new(false),
+        &World::single(),
+        &mut |_| {},
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("the train data (data/x/train.jsonl) changed since the checkpoint"), "{e}");
     // The same data resumes.
     d.train[3].ids[5] -= 1;
-    let s =
-        train(&mut tiny(), &d, &c, &run_dir, true, &AtomicBool::new(false), &mut |_| {}).unwrap();
+    let s = train(
+        &mut tiny(),
+        &d,
+        &c,
+        &run_dir,
+        true,
+        &AtomicBool::new(false),
+        &World::single(),
+        &mut |_| {},
+    )
+    .unwrap();
     assert_eq!(s.steps, 4);
 }
 

@@ -1,0 +1,406 @@
+//! Data parallelism across processes, on the design Horovod made standard: MPI (OpenMPI,
+//! started by `mpirun` or Slurm's `srun`) starts the ranks and tells each its place; the
+//! trainer splits every micro-batch's rows across them by a pure function of the rank, and
+//! sums the LoRA gradients, losses and token counts with one all-reduce per step. whet writes
+//! no networking of its own.
+//!
+//! A [`World`] of size 1 is the plain single process and never touches MPI; the `mpi` cargo
+//! feature (rsmpi, against the system's OpenMPI) adds the real one.
+
+use crate::error::TrainError;
+use std::ops::Range;
+use std::time::Duration;
+
+/// Where this process stands in a job, as the launcher's environment says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Launch {
+    /// This process's rank.
+    pub rank: usize,
+    /// Ranks in all.
+    pub size: usize,
+    /// Rank among the processes on this machine (which GPU it takes).
+    pub local_rank: usize,
+    /// Processes on this machine (they share its cores).
+    pub local_size: usize,
+}
+
+impl Launch {
+    /// The launch `mpirun` (OpenMPI's `OMPI_COMM_WORLD_*`), a PMI launcher (`PMI_*`, MPICH and
+    /// Hydra) or Slurm's `srun` (`SLURM_*`) describes; `None` when none of them started this
+    /// process.
+    pub fn from_env() -> Option<Self> {
+        // Slurm writes tasks per node as `2(x3)`: the leading number is this node's.
+        let var = |name: &str| {
+            let v = std::env::var(name).ok()?;
+            let digits: String = v.trim().chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        };
+        let schemes = [
+            (
+                "OMPI_COMM_WORLD_RANK",
+                "OMPI_COMM_WORLD_SIZE",
+                "OMPI_COMM_WORLD_LOCAL_RANK",
+                "OMPI_COMM_WORLD_LOCAL_SIZE",
+            ),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+        ];
+        schemes.iter().find_map(|(rank, size, local, local_size)| {
+            let (rank, size) = (var(rank)?, var(size)?);
+            let local_rank = var(local).unwrap_or(0);
+            Some(Launch { rank, size, local_rank, local_size: var(local_size).unwrap_or(1) })
+        })
+    }
+}
+
+/// The processes training together: one, or the ranks of an MPI job.
+pub struct World {
+    rank: usize,
+    size: usize,
+    local_rank: usize,
+    /// How long a rank waits for the others at a step before it calls the job dead.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    timeout: Duration,
+    #[cfg(feature = "mpi")]
+    mpi: Option<mpi_world::MpiWorld>,
+}
+
+/// Default of [`World::timeout`]; `WHET_DIST_TIMEOUT` (seconds) overrides it.
+const DEFAULT_TIMEOUT_SECS: u64 = 300;
+
+impl World {
+    /// A single process: every collective is the identity.
+    pub fn single() -> Self {
+        World {
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+            #[cfg(feature = "mpi")]
+            mpi: None,
+        }
+    }
+
+    /// The world this process was started in: MPI's when a launcher started several ranks (or
+    /// `force`, `--distributed`, asks for MPI with one), else [`World::single`]. A launch of
+    /// several ranks by a whet built without the `mpi` feature is an error, not N copies of
+    /// the same single-process run.
+    pub fn from_launch(force: bool) -> Result<Self, TrainError> {
+        let launch = Launch::from_env();
+        let several = launch.is_some_and(|l| l.size > 1);
+        if !several && !force {
+            return Ok(Self::single());
+        }
+        let timeout = match std::env::var("WHET_DIST_TIMEOUT") {
+            Ok(v) => match v.trim().parse::<f64>() {
+                Ok(s) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
+                _ => {
+                    return Err(TrainError::Run(format!(
+                        "WHET_DIST_TIMEOUT=`{v}`: expected a positive number of seconds"
+                    )))
+                }
+            },
+            Err(_) => Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+        };
+        Self::init_mpi(launch, timeout)
+    }
+
+    #[cfg(feature = "mpi")]
+    fn init_mpi(_launch: Option<Launch>, timeout: Duration) -> Result<Self, TrainError> {
+        let mpi = mpi_world::MpiWorld::init()?;
+        let (rank, size, local_rank) = (mpi.rank(), mpi.size(), mpi.local_rank());
+        Ok(World { rank, size, local_rank, timeout, mpi: Some(mpi) })
+    }
+
+    #[cfg(not(feature = "mpi"))]
+    fn init_mpi(launch: Option<Launch>, _timeout: Duration) -> Result<Self, TrainError> {
+        let rank = launch.map_or(0, |l| l.rank);
+        let msg = match launch {
+            Some(l) => format!(
+                "started as rank {} of {}, but this whet was built without MPI support; hint: build it with `cargo build --release --features mpi` (needs OpenMPI: apt install libopenmpi-dev libclang-dev)",
+                l.rank, l.size
+            ),
+            None => "--distributed: this whet was built without MPI support; hint: build it with `cargo build --release --features mpi`".into(),
+        };
+        Err(TrainError::OnRank { rank, msg })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Ranks in all.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Rank among this machine's processes.
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+
+    /// Whether this rank writes the run directory (rank 0 does, alone).
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// End a run that succeeded on this rank: MPI is finalized (a collective: it waits for
+    /// every rank). A world dropped without this — an error on the way — leaves MPI
+    /// unfinalized, so that this process exits at once and the launcher ends the job, instead
+    /// of waiting for ranks that may never come.
+    pub fn finish(self) {
+        #[cfg(feature = "mpi")]
+        if let Some(mut m) = self.mpi {
+            m.finalize = true;
+        }
+    }
+
+    /// `--distributed` runs and launches of several ranks: whether MPI is in use.
+    pub fn is_distributed(&self) -> bool {
+        #[cfg(feature = "mpi")]
+        return self.mpi.is_some();
+        #[cfg(not(feature = "mpi"))]
+        false
+    }
+
+    /// This rank's rows of a batch of `n`: consecutive, as even as can be (sizes differ by at
+    /// most one), a pure function of `(n, rank, size)`.
+    pub fn rows(&self, n: usize) -> Range<usize> {
+        split(n, self.rank, self.size)
+    }
+
+    /// Element-wise sums over all ranks, in place.
+    pub fn sum_f32(&self, _buf: &mut [f32]) -> Result<(), TrainError> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return self.watched("an all-reduce", || m.sum_f32(_buf));
+        }
+        Ok(())
+    }
+
+    /// As [`World::sum_f32`], in f64 (losses, counts).
+    pub fn sum_f64(&self, _buf: &mut [f64]) -> Result<(), TrainError> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return self.watched("an all-reduce", || m.sum_f64(_buf));
+        }
+        Ok(())
+    }
+
+    /// Rank 0's values of `buf` on every rank.
+    pub fn broadcast_f32(&self, _buf: &mut [f32]) -> Result<(), TrainError> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return self.watched("a broadcast", || m.broadcast_f32(_buf));
+        }
+        Ok(())
+    }
+
+    /// Rank 0's bytes on every rank (the same length on all).
+    pub fn broadcast_bytes(&self, _buf: &mut [u8]) -> Result<(), TrainError> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            return self.watched("a broadcast", || m.broadcast_bytes(_buf));
+        }
+        Ok(())
+    }
+
+    /// Every rank reports reaching `step` to rank 0, which waits at most the timeout for each
+    /// and names the ranks that did not come: a dead or hung rank fails the job within a
+    /// bounded time instead of hanging it.
+    pub fn check_in(&self, _step: usize) -> Result<(), TrainError> {
+        #[cfg(feature = "mpi")]
+        if let Some(m) = &self.mpi {
+            let missing = m.check_in(_step as u64, self.timeout);
+            if !missing.is_empty() {
+                let list = missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+                return Err(TrainError::Dist(format!(
+                    "rank {list} did not reach step {} within {:.0} s: dead or hung (WHET_DIST_TIMEOUT sets the wait)",
+                    _step + 1,
+                    self.timeout.as_secs_f64()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run collective `f`; if it has not returned within the timeout, the other ranks are gone
+    /// (or hung): say so and end this process, which makes the launcher end the job (an MPI
+    /// collective cannot be cancelled).
+    #[cfg(feature = "mpi")]
+    fn watched<R>(&self, what: &str, f: impl FnOnce() -> R) -> R {
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (rank, timeout, what) = (self.rank, self.timeout, what.to_string());
+        let watchdog = std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
+                eprintln!(
+                    "error: rank {rank}: no answer from the other ranks in {what} within {:.0} s: a rank is dead or hung (WHET_DIST_TIMEOUT sets the wait)",
+                    timeout.as_secs_f64()
+                );
+                std::process::exit(1);
+            }
+        });
+        let r = f();
+        let _ = done_tx.send(());
+        let _ = watchdog.join();
+        r
+    }
+}
+
+/// Rows `rank` of `size` takes of `n`: `[rank * n / size, (rank + 1) * n / size)`.
+pub fn split(n: usize, rank: usize, size: usize) -> Range<usize> {
+    (rank * n / size)..((rank + 1) * n / size)
+}
+
+#[cfg(feature = "mpi")]
+mod mpi_world {
+    use crate::error::TrainError;
+    use mpi::collective::SystemOperation;
+    use mpi::topology::{Communicator, SimpleCommunicator};
+    use mpi::traits::*;
+    use std::time::{Duration, Instant};
+
+    /// Tag of the per-step check-in messages.
+    const CHECK_IN: mpi::Tag = 17;
+
+    pub(super) struct MpiWorld {
+        world: SimpleCommunicator,
+        local_rank: usize,
+        /// Dropping it finalizes MPI; see [`super::World::finish`].
+        universe: Option<mpi::environment::Universe>,
+        pub(super) finalize: bool,
+    }
+
+    impl Drop for MpiWorld {
+        fn drop(&mut self) {
+            if let Some(u) = self.universe.take() {
+                if self.finalize {
+                    drop(u);
+                } else {
+                    std::mem::forget(u);
+                }
+            }
+        }
+    }
+
+    impl MpiWorld {
+        pub(super) fn init() -> Result<Self, TrainError> {
+            // Funneled: only the main thread calls MPI (the trainer's pools never do).
+            let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+                .ok_or_else(|| TrainError::Dist("MPI was initialized twice".into()))?;
+            let world = universe.world();
+            let local_rank = world.split_shared(world.rank()).rank() as usize;
+            Ok(MpiWorld { world, local_rank, universe: Some(universe), finalize: false })
+        }
+
+        pub(super) fn rank(&self) -> usize {
+            self.world.rank() as usize
+        }
+
+        pub(super) fn size(&self) -> usize {
+            self.world.size() as usize
+        }
+
+        pub(super) fn local_rank(&self) -> usize {
+            self.local_rank
+        }
+
+        pub(super) fn sum_f32(&self, buf: &mut [f32]) -> Result<(), TrainError> {
+            let send = buf.to_vec();
+            self.world.all_reduce_into(&send[..], buf, SystemOperation::sum());
+            Ok(())
+        }
+
+        pub(super) fn sum_f64(&self, buf: &mut [f64]) -> Result<(), TrainError> {
+            let send = buf.to_vec();
+            self.world.all_reduce_into(&send[..], buf, SystemOperation::sum());
+            Ok(())
+        }
+
+        pub(super) fn broadcast_f32(&self, buf: &mut [f32]) -> Result<(), TrainError> {
+            self.world.process_at_rank(0).broadcast_into(buf);
+            Ok(())
+        }
+
+        pub(super) fn broadcast_bytes(&self, buf: &mut [u8]) -> Result<(), TrainError> {
+            self.world.process_at_rank(0).broadcast_into(buf);
+            Ok(())
+        }
+
+        /// The ranks that did not check in at `step` within `timeout` (rank 0 only waits).
+        pub(super) fn check_in(&self, step: u64, timeout: Duration) -> Vec<usize> {
+            if self.world.rank() != 0 {
+                self.world.process_at_rank(0).send_with_tag(&step, CHECK_IN);
+                return vec![];
+            }
+            let deadline = Instant::now() + timeout;
+            let mut missing = vec![];
+            for r in 1..self.world.size() {
+                let mut pending =
+                    self.world.process_at_rank(r).immediate_receive_with_tag::<u64>(CHECK_IN);
+                loop {
+                    match pending.r#try() {
+                        Ok(_) => break,
+                        Err(p) if Instant::now() >= deadline => {
+                            missing.push(r as usize);
+                            // The receive cannot be cancelled through rsmpi; the job ends.
+                            std::mem::forget(p);
+                            break;
+                        }
+                        Err(p) => {
+                            pending = p;
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                    }
+                }
+            }
+            missing
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_split_a_batch_into_consecutive_near_equal_parts() {
+        for (n, size) in [(4, 2), (4, 3), (5, 2), (7, 4), (3, 3)] {
+            let parts: Vec<_> = (0..size).map(|r| split(n, r, size)).collect();
+            assert_eq!(parts[0].start, 0);
+            assert_eq!(parts[size - 1].end, n);
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+            let lens: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+            let (lo, hi) = (lens.iter().min().unwrap(), lens.iter().max().unwrap());
+            assert!(hi - lo <= 1 && *lo >= 1, "{n} rows over {size}: {lens:?}");
+        }
+    }
+
+    #[test]
+    fn launch_is_read_from_the_launchers_environment() {
+        // One test sets and clears the variables, so no other test sees them half-set.
+        let set = |vars: &[(&str, &str)]| {
+            for (k, v) in vars {
+                std::env::set_var(k, v);
+            }
+        };
+        set(&[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4")]);
+        let ompi = ["OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"];
+        set(&[(ompi[0], "1"), (ompi[1], "4"), (ompi[2], "1"), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2")]);
+        let want = Launch { rank: 1, size: 4, local_rank: 1, local_size: 2 };
+        assert_eq!(Launch::from_env(), Some(want));
+        for k in ompi.into_iter().chain(["OMPI_COMM_WORLD_LOCAL_SIZE"]) {
+            std::env::remove_var(k);
+        }
+        let slurm = ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"];
+        set(&[(slurm[0], "3"), (slurm[1], "8"), (slurm[2], "3"), (slurm[3], "4(x2)")]);
+        let want = Launch { rank: 3, size: 8, local_rank: 3, local_size: 4 };
+        assert_eq!(Launch::from_env(), Some(want));
+        for k in slurm {
+            std::env::remove_var(k);
+        }
+    }
+}
