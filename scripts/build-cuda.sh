@@ -9,6 +9,11 @@
 #
 #   scripts/build-cuda.sh            # -> target/cuda/release/whet, for compute capability 9.0
 #   CUDA_COMPUTE_CAP=89 scripts/build-cuda.sh
+#   scripts/build-cuda.sh --features nccl   # + data-parallel training over MPI with NCCL
+#
+# `--features nccl` also fetches NCCL (PyPI nvidia-nccl-cu13) and needs OpenMPI and libclang
+# here (apt install libopenmpi-dev libclang-dev); where it runs, libnccl.so.2 must be found too
+# (target/cuda-toolkit/nvidia/nccl/lib).
 #
 # Environment: CUDA_COMPUTE_CAP (default 90: H100/H200), WHET_CUDA_TOOLKIT (where the toolkit
 # is unpacked, default target/cuda-toolkit), PYTHON (default python3). A cold build took about
@@ -16,6 +21,15 @@
 # a GPU machine: LD_LIBRARY_PATH=target/cuda-toolkit/nvidia/cu13/lib target/cuda/release/whet
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+FEATURES=cuda
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --features) FEATURES="$FEATURES,${2:?--features needs a value}"; shift 2 ;;
+        --features=*) FEATURES="$FEATURES,${1#--features=}"; shift ;;
+        *) echo "error: unknown argument \`$1\`; expected --features LIST" >&2; exit 1 ;;
+    esac
+done
 
 PYTHON=${PYTHON:-python3}
 TOOLKIT=${WHET_CUDA_TOOLKIT:-$PWD/target/cuda-toolkit}
@@ -46,6 +60,16 @@ if [ ! -x "$CUDA/bin/nvcc" ]; then
     ln -sfn lib "$CUDA/lib64"
 fi
 
+NCCL=$TOOLKIT/nvidia/nccl
+if [[ ",$FEATURES," == *",nccl,"* && ! -e "$NCCL/lib/libnccl.so" ]]; then
+    echo "fetching NCCL from PyPI ..." >&2
+    download=$(mktemp -d)
+    "$PYTHON" -m pip download --quiet --no-deps --dest "$download" nvidia-nccl-cu13==2.32.3
+    "$PYTHON" -m zipfile -e "$download"/nvidia_nccl_cu13-*.whl "$TOOLKIT"
+    rm -rf "$download"
+    ln -sfn libnccl.so.2 "$NCCL/lib/libnccl.so"
+fi
+
 # A stub libcuda.so with every driver function cudarc's bindings declare. Linking against it
 # records `libcuda.so.1` as needed; at run time the driver's own library is loaded instead.
 if [ ! -e "$CUDA/lib/stubs/libcuda.so" ]; then
@@ -59,7 +83,7 @@ if [ ! -e "$CUDA/lib/stubs/libcuda.so" ]; then
 fi
 
 export CUDA_HOME=$CUDA CUDA_PATH=$CUDA PATH=$CUDA/bin:$PATH
-export LIBRARY_PATH=$CUDA/lib/stubs:$CUDA/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
+export LIBRARY_PATH=$CUDA/lib/stubs:$CUDA/lib:$NCCL/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 export RUSTFLAGS="${RUSTFLAGS:-} -L native=$CUDA/lib/stubs"
-cargo build --release --locked --features cuda --target-dir target/cuda
-echo "built target/cuda/release/whet (CUDA, compute capability $CUDA_COMPUTE_CAP)" >&2
+cargo build --release --locked --features "$FEATURES" --target-dir target/cuda
+echo "built target/cuda/release/whet (features $FEATURES, compute capability $CUDA_COMPUTE_CAP)" >&2

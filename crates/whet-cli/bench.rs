@@ -42,8 +42,12 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
     );
     let load_before = load_average();
     // Under mpirun: the same global batch, split across the ranks.
-    let world = whet_train::World::from_launch(false)?;
-    let device = whet_model::parse_device(&args.device)?;
+    let mut world = whet_train::World::from_launch(false)?;
+    let mut device = whet_model::parse_device(&args.device)?;
+    if world.size() > 1 && device.is_cuda() && !args.device.contains(':') {
+        device = candle_core::Device::new_cuda(world.local_rank())?; // a GPU per local rank
+    }
+    world.attach_device(&device)?;
     let dtype = whet_model::parse_dtype(&args.dtype)?;
     let quantize = args.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
     let mut m = model::load_spec_quantized(&args.model, dtype, &device, 0, quantize)?;

@@ -155,7 +155,7 @@ pub fn train_quietly(mut c: TrainConfig, out: &Path) -> Result<std::path::PathBu
 pub fn run(a: TrainArgs) -> Result<()> {
     let mut c = config(&a)?;
     c.validate()?;
-    let world = World::from_launch(a.distributed)?;
+    let mut world = World::from_launch(a.distributed)?;
     let root = world.is_root();
     if a.overwrite && a.out.exists() && !a.out.join("whet.toml").exists() {
         bail!(
@@ -168,6 +168,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         whet_train::checkpoint::check_run_dir(&a.out, &c, a.resume)?;
     }
     let (mut m, data, device) = model_and_data(&c, &world)?;
+    world.attach_device(&device)?;
     if a.pack().is_none() && prepared_with_pack(Path::new(&c.data)) && !c.pack {
         tracing::warn!(
             "packing examples: {} was prepared with --pack (--no-pack turns it off)",
@@ -185,11 +186,12 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !quiet {
         if world.is_distributed() {
             eprintln!(
-                "distributed: {} ranks over MPI; rank {} (local rank {}) on {}; the global batch is {} x {} micro-batches, split across the ranks",
+                "distributed: {} ranks over MPI; rank {} (local rank {}) on {}; gradients summed by {}; the global batch is {} x {} micro-batches, split across the ranks",
                 world.size(),
                 world.rank(),
                 world.local_rank(),
                 whet_model::device_name(&device),
+                world.reducer(),
                 c.batch_size,
                 c.grad_accum
             );

@@ -5,9 +5,11 @@
 //! no networking of its own.
 //!
 //! A [`World`] of size 1 is the plain single process and never touches MPI; the `mpi` cargo
-//! feature (rsmpi, against the system's OpenMPI) adds the real one.
+//! feature (rsmpi, against the system's OpenMPI) adds the real one, and `nccl` sums gradients
+//! that live on CUDA devices with NCCL (through candle's cudarc) instead of through the host.
 
 use crate::error::TrainError;
+use candle_core::{Device, Tensor};
 use std::ops::Range;
 use std::time::Duration;
 
@@ -63,6 +65,8 @@ pub struct World {
     timeout: Duration,
     #[cfg(feature = "mpi")]
     mpi: Option<mpi_world::MpiWorld>,
+    #[cfg(feature = "nccl")]
+    nccl: Option<nccl_world::Nccl>,
 }
 
 /// Default of [`World::timeout`]; `WHET_DIST_TIMEOUT` (seconds) overrides it.
@@ -78,6 +82,8 @@ impl World {
             timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
             #[cfg(feature = "mpi")]
             mpi: None,
+            #[cfg(feature = "nccl")]
+            nccl: None,
         }
     }
 
@@ -109,7 +115,15 @@ impl World {
     fn init_mpi(_launch: Option<Launch>, timeout: Duration) -> Result<Self, TrainError> {
         let mpi = mpi_world::MpiWorld::init()?;
         let (rank, size, local_rank) = (mpi.rank(), mpi.size(), mpi.local_rank());
-        Ok(World { rank, size, local_rank, timeout, mpi: Some(mpi) })
+        Ok(World {
+            rank,
+            size,
+            local_rank,
+            timeout,
+            mpi: Some(mpi),
+            #[cfg(feature = "nccl")]
+            nccl: None,
+        })
     }
 
     #[cfg(not(feature = "mpi"))]
@@ -168,6 +182,45 @@ impl World {
     /// most one), a pure function of `(n, rank, size)`.
     pub fn rows(&self, n: usize) -> Range<usize> {
         split(n, self.rank, self.size)
+    }
+
+    /// Train on `device`: with the `nccl` feature and a CUDA device, the ranks open an NCCL
+    /// communicator (rank 0's id broadcast over MPI) for [`World::sum_tensor`].
+    pub fn attach_device(&mut self, _device: &Device) -> Result<(), TrainError> {
+        #[cfg(feature = "nccl")]
+        if let (Some(m), Device::Cuda(d)) = (&self.mpi, _device) {
+            self.nccl = Some(nccl_world::Nccl::open(m, d)?);
+        }
+        Ok(())
+    }
+
+    /// What sums device tensors: `NCCL` or `MPI (through the host)`; `none` in one process.
+    pub fn reducer(&self) -> &'static str {
+        #[cfg(feature = "nccl")]
+        if self.nccl.is_some() {
+            return "NCCL";
+        }
+        if self.is_distributed() {
+            "MPI (through the host)"
+        } else {
+            "none"
+        }
+    }
+
+    /// `t`'s element-wise sum over all ranks (f32): on CUDA devices with NCCL where it is
+    /// open, else through the host with MPI.
+    pub fn sum_tensor(&self, t: &Tensor) -> Result<Tensor, TrainError> {
+        if self.size == 1 {
+            return Ok(t.clone());
+        }
+        #[cfg(feature = "nccl")]
+        if let (Some(n), true) = (&self.nccl, t.device().is_cuda()) {
+            return self.watched("an NCCL all-reduce", || n.sum(t));
+        }
+        let t32 = t.to_dtype(candle_core::DType::F32)?;
+        let mut buf = t32.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        self.sum_f32(&mut buf)?;
+        Ok(Tensor::from_vec(buf, t.shape(), &Device::Cpu)?.to_device(t.device())?)
     }
 
     /// Element-wise sums over all ranks, in place.
@@ -356,6 +409,86 @@ mod mpi_world {
                 }
             }
             missing
+        }
+    }
+}
+
+#[cfg(feature = "nccl")]
+mod nccl_world {
+    use crate::error::TrainError;
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp1, Layout, Shape, Tensor};
+
+    /// An NCCL communicator over the ranks' GPUs, one per rank.
+    pub(super) struct Nccl {
+        comm: std::sync::Arc<Comm>,
+    }
+
+    fn err(e: impl std::fmt::Debug) -> TrainError {
+        TrainError::Dist(format!("NCCL: {e:?}"))
+    }
+
+    impl Nccl {
+        /// Rank 0 makes the communicator's id and MPI hands it to the others (NCCL's own
+        /// bootstrap needs that one exchange).
+        pub(super) fn open(
+            mpi: &super::mpi_world::MpiWorld,
+            device: &CudaDevice,
+        ) -> Result<Self, TrainError> {
+            let id = if mpi.rank() == 0 { Id::new().map_err(err)? } else { Id::uninit([0; 128]) };
+            let mut bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+            mpi.broadcast_bytes(&mut bytes)?;
+            let mut internal = [0 as std::ffi::c_char; 128];
+            for (d, b) in internal.iter_mut().zip(&bytes) {
+                *d = *b as std::ffi::c_char;
+            }
+            let comm =
+                Comm::from_rank(device.cuda_stream(), mpi.rank(), mpi.size(), Id::uninit(internal))
+                    .map_err(err)?;
+            Ok(Nccl { comm: std::sync::Arc::new(comm) })
+        }
+
+        /// The sum over ranks of `t` (f32, on this rank's GPU), on the GPU.
+        pub(super) fn sum(&self, t: &Tensor) -> Result<Tensor, TrainError> {
+            let t = t.to_dtype(candle_core::DType::F32)?.contiguous()?;
+            Ok(t.apply_op1_no_bwd(&AllReduce { comm: self.comm.clone() })?)
+        }
+    }
+
+    /// NCCL's in-order sum as a candle op, so that it runs on the tensor's own stream.
+    struct AllReduce {
+        comm: std::sync::Arc<Comm>,
+    }
+
+    // SAFETY: the communicator is only used from the thread that trains (collectives are
+    // called from the main thread only); candle requires ops to be Send + Sync.
+    unsafe impl Send for AllReduce {}
+    unsafe impl Sync for AllReduce {}
+
+    impl CustomOp1 for AllReduce {
+        fn name(&self) -> &'static str {
+            "nccl-all-reduce"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the NCCL all-reduce runs on CUDA devices only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let n = l.shape().elem_count();
+            let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n);
+            let dev = s.device().clone();
+            // SAFETY: NCCL writes every element before anything reads them.
+            let mut dst = unsafe { dev.alloc::<f32>(n) }?;
+            self.comm
+                .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
         }
     }
 }

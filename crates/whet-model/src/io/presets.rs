@@ -1,4 +1,4 @@
-//! Random presets (`random:tiny`, `random:smollm2-135m`): a configuration and seeded weights,
+//! Random presets (`random:tiny`, `random:smollm2-135m`, `random:qwen2.5-1.5b`): a configuration and seeded weights,
 //! built through the same loader as real checkpoints. The loader asks a [`SimpleBackend`] for
 //! each tensor by name with the initializer the layer declares (norms at one, linear weights
 //! with Llama's std 0.02, ...); this backend draws it, so there is no second list of names.
@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// The preset names `random:NAME` accepts.
-pub const PRESETS: [&str; 2] = ["tiny", "smollm2-135m"];
+pub const PRESETS: [&str; 3] = ["tiny", "smollm2-135m", "qwen2.5-1.5b"];
 
 /// Configuration of a random preset.
 pub fn preset(name: &str) -> Option<Config> {
@@ -43,6 +43,23 @@ pub fn preset(name: &str) -> Option<Config> {
     };
     match name {
         "smollm2-135m" => Some(smollm2),
+        // Qwen2.5-1.5B's shapes (its config.json), for memory and speed at the size people
+        // fine-tune on one GPU.
+        "qwen2.5-1.5b" => Some(Config {
+            arch: Arch::Qwen2,
+            hidden_size: 1536,
+            intermediate_size: 8960,
+            num_layers: 28,
+            num_heads: 12,
+            num_kv_heads: 2,
+            head_dim: 128,
+            vocab_size: 151_936,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1_000_000.0,
+            max_position_embeddings: 32_768,
+            qkv_bias: true,
+            ..smollm2.clone()
+        }),
         // Small enough for unit tests, but with GQA and an untied head to exercise both paths.
         "tiny" => Some(Config {
             hidden_size: 64,
