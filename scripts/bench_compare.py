@@ -5,14 +5,19 @@
     python3 -m pip install torch transformers gguf accelerate peft
     python3 scripts/bench_compare.py train [--rounds 3] [--steps 5]
     python3 scripts/bench_compare.py generate [--rounds 3] [--whet-args "--quantize q8_0"]
+    scripts/build-llama-cpp.sh
+    python3 scripts/bench_compare.py generate --peer llama.cpp --whet-args "--quantize q4_0"
 
 `train` runs `whet bench train` and scripts/bench_train_torch.py (PyTorch + PEFT, LoRA r8 on
 q,v, batch 4 x 128, f32); `generate` runs `whet bench generate` and
-scripts/bench_generate_torch.py (transformers on the default GGUF). Each round runs whet, then
-PyTorch, so that a change in the machine's load hits both; the load average is printed with the
+scripts/bench_generate_torch.py (transformers on the default GGUF); `generate --peer llama.cpp`
+runs llama.cpp's `llama-bench` instead, on the same GGUF with the same prompt and generated
+lengths (128 and 64) and threads. Each round runs whet, then the peer, so that a change in the
+machine's load hits both; the load average is printed with the
 figures. The machines are shared and noisy: compare medians over rounds, not single runs.
 """
 import argparse
+import json
 import os
 import pathlib
 import re
@@ -23,6 +28,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WHET = ROOT / "target" / "release" / "whet"
+LLAMA_BENCH = ROOT / "models" / "llama.cpp" / "build" / "bin" / "llama-bench"
+MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # What each side prints, as "label:  <number> ..." lines.
 FIELDS = {
@@ -51,6 +58,23 @@ def parse(out, fields, cmd):
     return values
 
 
+def llama_bench(cmd):
+    """Prefill and decode tokens/s from `llama-bench -o json`, with the load average around it
+    (llama-bench prints none)."""
+    before = os.getloadavg()[0]
+    out = run(cmd)
+    after = os.getloadavg()[0]
+    start = out.find("[")
+    if start < 0:
+        sys.exit(f"error: no JSON in the output of `{shlex.join(cmd)}`:\n{out}")
+    tests = json.loads(out[start:out.rfind("]") + 1])
+    pp = [t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0]
+    tg = [t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0]
+    if not pp or not tg:
+        sys.exit(f"error: llama-bench reported no prefill or no decode test:\n{out}")
+    return {"prefill tok/s": pp[0], "decode tok/s": tg[0], "load": (before, after)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bench", choices=["train", "generate"])
@@ -60,22 +84,32 @@ def main():
     ap.add_argument("--python", default=sys.executable, help="a Python with torch (and peft)")
     ap.add_argument("--whet-args", default="", help="more flags for `whet bench ...`")
     ap.add_argument("--torch-args", default="", help="more flags for the PyTorch script")
+    ap.add_argument("--peer", choices=["torch", "llama.cpp"], default="torch",
+                    help="generate: what whet runs beside (llama.cpp: llama-bench)")
+    ap.add_argument("--llama-bench", default=str(LLAMA_BENCH),
+                    help="llama-bench, built by scripts/build-llama-cpp.sh")
     a = ap.parse_args()
     if not WHET.exists():
         sys.exit(f"error: {WHET} not found; build it first: cargo build --release")
     if a.rounds < 1:
         sys.exit(f"error: --rounds must be at least 1, got {a.rounds}")
     count = ["--steps", str(a.steps)] if a.bench == "train" else ["--runs", str(a.runs)]
-    sides = {
-        "whet": [str(WHET), "bench", a.bench, *count, *shlex.split(a.whet_args)],
-        "torch": [a.python, str(ROOT / "scripts" / f"bench_{a.bench}_torch.py"), *count,
-                  *shlex.split(a.torch_args)],
-    }
+    peer = a.peer if a.bench == "generate" else "torch"
+    sides = {"whet": [str(WHET), "bench", a.bench, *count, *shlex.split(a.whet_args)]}
+    if peer == "torch":
+        sides[peer] = [a.python, str(ROOT / "scripts" / f"bench_{a.bench}_torch.py"), *count,
+                       *shlex.split(a.torch_args)]
+    else:
+        if not pathlib.Path(a.llama_bench).exists():
+            sys.exit(f"error: {a.llama_bench} not found; build it with scripts/build-llama-cpp.sh")
+        threads = str(len(os.sched_getaffinity(0)))
+        sides[peer] = [a.llama_bench, "-m", str(MODEL), "-p", "128", "-n", "64", "-t", threads,
+                       "-r", str(a.runs), "-o", "json"]
     fields = FIELDS[a.bench]
     results = {side: [] for side in sides}
     for r in range(a.rounds):
         for side, cmd in sides.items():
-            values = parse(run(cmd), fields, cmd)
+            values = llama_bench(cmd) if side == "llama.cpp" else parse(run(cmd), fields, cmd)
             results[side].append(values)
             shown = ", ".join(f"{k} {v:g}" for k, v in values.items() if k != "load")
             print(f"round {r + 1}/{a.rounds} {side:5}: {shown} (load {values['load'][0]:.2f})",
@@ -89,8 +123,8 @@ def main():
         shown = ", ".join(f"{k} {v:g}" for k, v in medians[side].items())
         print(f"  {side:5}: {shown}   load avg {min(loads):.2f}-{max(loads):.2f}")
     for k in fields:
-        if medians["torch"][k] > 0:
-            print(f"  whet / torch {k}: {medians['whet'][k] / medians['torch'][k]:.2f}x")
+        if medians[peer][k] > 0:
+            print(f"  whet / {peer} {k}: {medians['whet'][k] / medians[peer][k]:.2f}x")
 
 
 if __name__ == "__main__":
