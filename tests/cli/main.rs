@@ -17,6 +17,15 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Twelve chat examples (`q{i}` answered `answer {i % 3}`) in `dir/train.jsonl`; `dir`.
+pub fn dataset(dir: &Path) -> String {
+    let lines: String = (0..12)
+        .map(|i| format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}},{{\"role\":\"assistant\",\"content\":\"answer {}\"}}]}}\n", i % 3))
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), lines).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
 /// `whet ARGS` run from the repository root, with `stdin` fed in.
 pub fn whet(args: &[&str], stdin: &str) -> Output {
     whet_in(&root(), args, stdin, &[])

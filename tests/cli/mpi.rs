@@ -43,14 +43,6 @@ fn mpirun(np: usize, args: &[&str], env: &[(&str, &str)]) -> Command {
     cmd
 }
 
-fn dataset(dir: &Path) -> String {
-    let lines: String = (0..12)
-        .map(|i| format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}},{{\"role\":\"assistant\",\"content\":\"answer {}\"}}]}}\n", i % 3))
-        .collect();
-    std::fs::write(dir.join("train.jsonl"), lines).unwrap();
-    dir.to_str().unwrap().to_string()
-}
-
 /// A run long enough to be killed in the middle, short and gentle enough (learning rate 2e-3)
 /// that float rounding stays at rounding: at 1e-2 over 400 steps it grows chaotically.
 fn train_args<'a>(data: &'a str, out: &'a str) -> Vec<&'a str> {

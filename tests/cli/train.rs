@@ -4,14 +4,6 @@
 use crate::*;
 use std::path::Path;
 
-fn dataset(dir: &Path) -> String {
-    let lines: String = (0..12)
-        .map(|i| format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}},{{\"role\":\"assistant\",\"content\":\"answer {}\"}}]}}\n", i % 3))
-        .collect();
-    std::fs::write(dir.join("train.jsonl"), lines).unwrap();
-    dir.to_str().unwrap().to_string()
-}
-
 fn train_args<'a>(data: &'a str, out: &'a str, steps: &'a str) -> Vec<&'a str> {
     vec![
         "train",

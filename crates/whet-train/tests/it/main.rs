@@ -489,33 +489,16 @@ fn resume_with_changed_data_is_refused() {
     let mut d = data();
     d.sources.insert("train".into(), "data/x/train.jsonl".into());
     train(&mut tiny(), &d, &c, &run_dir, false, &stop, &World::single(), &mut |_| {}).unwrap();
+    let resume = |d: &TrainData| {
+        let no_stop = AtomicBool::new(false);
+        train(&mut tiny(), d, &c, &run_dir, true, &no_stop, &World::single(), &mut |_| {})
+    };
     d.train[3].ids[5] += 1;
-    let e = train(
-        &mut tiny(),
-        &d,
-        &c,
-        &run_dir,
-        true,
-        &AtomicBool::new(false),
-        &World::single(),
-        &mut |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let e = resume(&d).unwrap_err().to_string();
     assert!(e.contains("the train data (data/x/train.jsonl) changed since the checkpoint"), "{e}");
     // The same data resumes.
     d.train[3].ids[5] -= 1;
-    let s = train(
-        &mut tiny(),
-        &d,
-        &c,
-        &run_dir,
-        true,
-        &AtomicBool::new(false),
-        &World::single(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let s = resume(&d).unwrap();
     assert_eq!(s.steps, 4);
 }
 
