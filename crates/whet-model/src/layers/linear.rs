@@ -27,8 +27,10 @@ pub(crate) enum Linear {
 }
 
 /// Rows from which a quantized layer's product dequantizes tiles into an f32 gemm rather than
-/// taking candle's block dot products (measured on AVX2: the dot products win below this).
-const DEQUANTIZED_ROWS: usize = 8;
+/// taking candle's block dot products: decoding steps, batched ones included (the engine runs
+/// up to 16 rows), keep the dot products, which read each weight once; prefill chunks and
+/// training take the gemm. `ops::tests::quantized_matmul_crossover` times both by hand.
+const DEQUANTIZED_ROWS: usize = 32;
 
 impl Linear {
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {

@@ -228,3 +228,32 @@ fn quantized_matmul_equals_the_dequantized_product() {
         close(&back, want.get(&x).unwrap(), tol);
     }
 }
+
+/// Where the tiled dequantizing product overtakes candle's block dot products (prints timings;
+/// run by hand: `cargo test -p whet-model --lib crossover -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn quantized_matmul_crossover() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::Module;
+    let d = Device::Cpu;
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+        let w = Tensor::randn(0f32, 1., (1536, 576), &d).unwrap();
+        let q = std::sync::Arc::new(QTensor::quantize(&w, dtype).unwrap());
+        let qmm = QMatMul::from_arc(q.clone()).unwrap();
+        for m in [1usize, 2, 4, 8, 16, 32, 128] {
+            let x = Tensor::randn(0f32, 1., (m, 576), &d).unwrap();
+            let time = |f: &dyn Fn() -> Tensor| {
+                f();
+                let t = std::time::Instant::now();
+                for _ in 0..20 {
+                    f();
+                }
+                t.elapsed().as_secs_f64() / 20.0 * 1e6
+            };
+            let dots = time(&|| qmm.forward(&x).unwrap());
+            let tiled = time(&|| quantized_matmul(&x, &q).unwrap());
+            println!("{dtype:?} rows {m:4}: block dots {dots:8.0} us, tiled {tiled:8.0} us");
+        }
+    }
+}
