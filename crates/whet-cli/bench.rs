@@ -125,7 +125,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         let n = reduce.len().max(1) as f64;
         writeln!(
             out,
-            "ranks:      {} (MPI); all-reduce {:.1} ms per step ({:.1}% of a step; rank 0's wait for the others included)",
+            "ranks:      {} (MPI); all-reduce {:.1} ms per step, {:.2}% of a step (rank 0, after every rank checked in)",
             size,
             1e3 * r / n,
             100.0 * r / s.max(1e-9)

@@ -19,7 +19,8 @@ pub enum Event {
         secs: f64,
         /// `tokens / secs`.
         tokens_per_sec: f64,
-        /// Seconds of the step spent summing gradients across ranks (0 in one process).
+        /// Seconds of the step spent summing gradients across ranks once all had arrived (0 in
+        /// one process).
         allreduce_secs: f64,
         /// Peak resident memory so far, in MB.
         peak_mb: f64,

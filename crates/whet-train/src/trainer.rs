@@ -236,7 +236,8 @@ fn forward_backward(
 }
 
 /// Sum this rank's `grads` and `[loss, tokens]` over all ranks: one f32 buffer holding
-/// every LoRA gradient end to end, and one small f64 one; returns the seconds it took.
+/// every LoRA gradient end to end, and one small f64 one; returns the seconds the sums took
+/// (after every rank has checked in).
 fn all_reduce(
     world: &World,
     step: usize,
@@ -246,9 +247,10 @@ fn all_reduce(
     if world.size() == 1 {
         return Ok(0.0);
     }
-    let start = Instant::now();
-    // A dead or hung rank fails the job here, named, within the timeout.
+    // A dead or hung rank fails the job here, named, within the timeout. Once rank 0 has heard
+    // from every rank, what it times is the sum itself, not the wait for a slower rank.
     world.check_in(step)?;
+    let start = Instant::now();
     let flat: Vec<Tensor> = grads
         .iter()
         .map(|g| g.flatten_all()?.to_dtype(candle_core::DType::F32))
