@@ -28,7 +28,7 @@ pub struct Launch {
 
 impl Launch {
     /// The launch `mpirun` (OpenMPI's `OMPI_COMM_WORLD_*`), a PMI launcher (`PMI_*`, MPICH and
-    /// Hydra) or Slurm's `srun` (`SLURM_*`) describes; `None` when none of them started this
+    /// Hydra) or Slurm's `srun` (`SLURM_PROCID`, `SLURM_STEP_*`) describes; `None` when none of them started this
     /// process.
     pub fn from_env() -> Option<Self> {
         // Slurm writes tasks per node as `2(x3)`: the leading number is this node's.
@@ -45,7 +45,9 @@ impl Launch {
                 "OMPI_COMM_WORLD_LOCAL_SIZE",
             ),
             ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+            // The step's own counts, which `srun` sets: an sbatch script's SLURM_NTASKS is the
+            // allocation's, also where a plain `whet train` runs once.
+            ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
         ];
         schemes.iter().find_map(|(rank, size, local, local_size)| {
             let (rank, size) = (var(rank)?, var(size)?);
@@ -528,7 +530,8 @@ mod tests {
         for k in ompi.into_iter().chain(["OMPI_COMM_WORLD_LOCAL_SIZE"]) {
             std::env::remove_var(k);
         }
-        let slurm = ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"];
+        let slurm =
+            ["SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"];
         set(&[(slurm[0], "3"), (slurm[1], "8"), (slurm[2], "3"), (slurm[3], "4(x2)")]);
         let want = Launch { rank: 3, size: 8, local_rank: 3, local_size: 4 };
         assert_eq!(Launch::from_env(), Some(want));
