@@ -43,10 +43,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
     let load_before = load_average();
     // Under mpirun: the same global batch, split across the ranks.
     let mut world = whet_train::World::from_launch(false)?;
-    let mut device = whet_model::parse_device(&args.device)?;
-    if world.size() > 1 && device.is_cuda() && !args.device.contains(':') {
-        device = candle_core::Device::new_cuda(world.local_rank())?; // a GPU per local rank
-    }
+    let device = world.rank_device(whet_model::parse_device(&args.device)?, &args.device)?;
     world.attach_device(&device)?;
     let dtype = whet_model::parse_dtype(&args.dtype)?;
     let quantize = args.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;

@@ -115,10 +115,7 @@ fn model_and_data(
     c: &TrainConfig,
     world: &World,
 ) -> Result<(whet_model::LoadedModel, TrainData, candle_core::Device)> {
-    let mut device = whet_model::parse_device(&c.device)?;
-    if world.size() > 1 && device.is_cuda() && !c.device.contains(':') {
-        device = candle_core::Device::new_cuda(world.local_rank())?;
-    }
+    let device = world.rank_device(whet_model::parse_device(&c.device)?, &c.device)?;
     let dtype = whet_model::parse_dtype(&c.dtype)?;
     let quantize = c.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
     let m = crate::model::load_spec_quantized(&c.model, dtype, &device, c.seed, quantize)?;

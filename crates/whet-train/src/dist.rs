@@ -186,6 +186,15 @@ impl World {
         split(n, self.rank, self.size)
     }
 
+    /// The device this rank trains on: in a job of several ranks, a CUDA device given without
+    /// an ordinal (`cuda`, `auto`) becomes the GPU of this rank's local rank.
+    pub fn rank_device(&self, device: Device, spec: &str) -> Result<Device, TrainError> {
+        if self.size > 1 && device.is_cuda() && !spec.contains(':') {
+            return Ok(Device::new_cuda(self.local_rank)?);
+        }
+        Ok(device)
+    }
+
     /// Train on `device`: with the `nccl` feature and a CUDA device, the ranks open an NCCL
     /// communicator (rank 0's id broadcast over MPI) for [`World::sum_tensor`].
     pub fn attach_device(&mut self, _device: &Device) -> Result<(), TrainError> {

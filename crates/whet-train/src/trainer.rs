@@ -285,7 +285,11 @@ fn broadcast_adapter(world: &World, vars: &[candle_core::Var]) -> Result<(), Tra
 
 /// Refuse a job whose ranks would not train the same thing: rank 0's digest of the resolved
 /// settings and data, and of the whet binary, against each rank's; and more ranks than rows.
-fn check_ranks_agree(world: &World, cfg: &TrainConfig, data: &TrainData) -> Result<(), TrainError> {
+fn check_ranks_agree(
+    world: &World,
+    cfg: &TrainConfig,
+    fingerprints: &BTreeMap<String, String>,
+) -> Result<(), TrainError> {
     if world.size() == 1 {
         return Ok(());
     }
@@ -301,7 +305,7 @@ fn check_ranks_agree(world: &World, cfg: &TrainConfig, data: &TrainData) -> Resu
             ),
         });
     }
-    let settings = format!("{}{:?}", cfg.to_toml(), data.fingerprints());
+    let settings = format!("{}{fingerprints:?}", cfg.to_toml());
     let exe = std::env::current_exe().and_then(std::fs::read).unwrap_or_default();
     let digests = [settings.as_bytes(), &exe].map(|b| whet_data::cache::sha256_hex(b).into_bytes());
     let mut flags = vec![0.0; 2 * world.size()];
@@ -413,7 +417,9 @@ pub fn train(
     let cfg = &resolved;
     let (lora, schedule) = cfg.validate()?;
     let device = model.device().clone();
-    check_ranks_agree(world, cfg, data)?;
+    // Hashed once: the ranks compare them, the checkpoint records them.
+    let fingerprints = data.fingerprints();
+    check_ranks_agree(world, cfg, &fingerprints)?;
     model.add_lora(&lora, cfg.seed)?;
     prepare_run_dir(world, run, cfg, resume)?;
     let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
@@ -426,7 +432,6 @@ pub fn train(
     };
     let mut opt = AdamW::new(vars.clone(), params)?;
     let mut state = TrainState::default();
-    let fingerprints = data.fingerprints();
     if resume {
         // Every rank reads the checkpoint rank 0 wrote.
         state = checkpoint::load(run, model, &mut opt)?;

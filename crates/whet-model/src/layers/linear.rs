@@ -76,13 +76,7 @@ impl Linear {
     /// Forward whose backward yields the input's gradient only (the weight is frozen).
     pub(crate) fn forward_frozen(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Linear::Dense(l) => {
-                let y = crate::ops::frozen_matmul(x, l.weight())?;
-                match l.bias() {
-                    Some(b) => y.broadcast_add(b),
-                    None => Ok(y),
-                }
-            }
+            Linear::Dense(l) => add_bias(crate::ops::frozen_matmul(x, l.weight())?, l.bias()),
             Linear::Quantized { weight, bias, .. } => {
                 let y = crate::ops::quantized_matmul(&x.to_dtype(DType::F32)?, weight)?;
                 add_bias(y.to_dtype(x.dtype())?, bias.as_ref())
