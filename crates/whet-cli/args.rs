@@ -117,6 +117,10 @@ pub struct EvalShared {
     /// Seed of few-shot draws and of the bootstrap.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Score only the first N test examples: a quicker, wider-interval look (the report
+    /// records N).
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
 
 #[derive(Debug, Args)]

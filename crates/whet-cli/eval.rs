@@ -12,6 +12,7 @@ fn settings(s: &EvalShared) -> Result<RunSettings> {
         s.max_tokens > 0 && s.max_batch > 0,
         "--max-tokens and --max-batch must be positive"
     );
+    anyhow::ensure!(s.limit != Some(0), "--limit 0 leaves no test example to score");
     model::check_sampling(s.temperature, s.top_p)?;
     Ok(RunSettings {
         max_tokens: s.max_tokens,
@@ -59,7 +60,10 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let run = settings(&args.shared)?;
     let system = system_prompt(&args.shared)?;
     let (dir, test_path) = data_paths(&args.shared.data);
-    let test = whet_eval::read_examples(&test_path)?;
+    let mut test = whet_eval::read_examples(&test_path)?;
+    if let Some(n) = args.shared.limit {
+        test.truncate(n);
+    }
     let shots = if args.shots > 0 {
         compare::draw_shots(
             &whet_eval::read_examples(&dir.join("train.jsonl"))?,
@@ -101,7 +105,7 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         verdict: String::new(),
         settings: serde_json::json!({
             "task": task, "metrics": metrics, "data": test_path.display().to_string(),
-            "test_examples": test.len(), "model": m.source, "system_prompt": system,
+            "test_examples": test.len(), "limit": args.shared.limit, "model": m.source, "system_prompt": system,
             "shots": args.shots, "seed": args.shared.seed, "seeds": args.shared.seeds,
         }),
         training: None,
@@ -183,6 +187,7 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         metrics: args.shared.metric.clone(),
         price_per_1k_tokens: args.price_per_1k_tokens,
         adapter_dir: args.adapter.clone(),
+        limit: args.shared.limit,
         run,
     };
     let sizes = curve_sizes(&args)?;

@@ -166,6 +166,34 @@ fn eval_scores_one_model_and_writes_its_report() {
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert!(r["arms"][0]["reference_loss"].as_f64().unwrap() > 0.0);
     assert!(r["arms"][0]["classification"]["confusion"].is_object());
+    assert_eq!(r["arms"][0]["outputs"].as_array().unwrap().len(), 6);
+    // --limit scores the first N test examples, and the report says so.
+    let o = whet(
+        &[
+            "eval",
+            "--model",
+            &base,
+            "--data",
+            data.to_str().unwrap(),
+            "--limit",
+            "4",
+            "--max-tokens",
+            "3",
+            "--seeds",
+            "0",
+            "--latency-samples",
+            "0",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(4 examples"), "{}", stdout(&o));
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["arms"][0]["outputs"].as_array().unwrap().len(), 4);
+    assert_eq!(r["settings"]["limit"], 4);
     // A rules file makes rule adherence the first metric.
     std::fs::write(data.join("rules.toml"), "[[rule]]\nname = \"short\"\nmax_words = 50\n")
         .unwrap();
@@ -205,6 +233,8 @@ fn bad_eval_input_is_refused_in_one_line_and_writes_nothing() {
     };
     let e = assert_one_line_error(&compare(&["--shots", "0,40"]));
     assert!(e.contains("--shots 40 is more than the 9"), "{e}");
+    let e = assert_one_line_error(&compare(&["--limit", "0"]));
+    assert!(e.contains("--limit 0"), "{e}");
     let e = assert_one_line_error(&compare(&["--metric", "bleu"]));
     assert!(e.contains("--metric `bleu`: not one of accuracy"), "{e}");
     std::fs::write(data.join("rules.toml"), "[[rule]]\nname = 3\n").unwrap();

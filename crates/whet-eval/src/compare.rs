@@ -28,6 +28,8 @@ pub struct CompareConfig {
     pub price_per_1k_tokens: Option<f64>,
     /// The fine-tuned adapter's directory (its run directory holds the training cost).
     pub adapter_dir: PathBuf,
+    /// Score only the first N test examples (`--limit`).
+    pub limit: Option<usize>,
     /// Run settings of every arm.
     pub run: RunSettings,
 }
@@ -175,7 +177,10 @@ pub struct Setup {
 /// Read the data directory and decide the task and metrics.
 pub fn setup(cfg: &CompareConfig) -> Result<Setup, Error> {
     let read = |name: &str| crate::read_examples(&cfg.data.join(name));
-    let (train, test) = (read("train.jsonl")?, read("test.jsonl")?);
+    let (train, mut test) = (read("train.jsonl")?, read("test.jsonl")?);
+    if let Some(n) = cfg.limit {
+        test.truncate(n);
+    }
     let valid = if cfg.data.join("valid.jsonl").is_file() { read("valid.jsonl")? } else { vec![] };
     let references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
     // Labels repeat over the training data too: small test sets alone say little.
@@ -320,6 +325,7 @@ pub fn compare(
         "metrics": metric_names,
         "data": cfg.data.display().to_string(),
         "test_examples": test.len(),
+        "limit": cfg.limit,
         "valid_examples": valid.len(),
         "train_examples": train.len(),
         "system_prompt": cfg.system_prompt,

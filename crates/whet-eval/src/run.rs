@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use whet_infer::{
-    generate_all, ChatTemplate, EngineConfig, GenerateConfig, Message, Request, SamplingConfig,
+    generate_all, generate_forks, ChatTemplate, EngineConfig, GenerateConfig, Message, Request, SamplingConfig,
     Session,
 };
 use whet_model::{Llama, ModelTokenizer};
@@ -213,19 +213,26 @@ pub fn run_arm(
         groups.values().filter_map(|v| metrics::pairwise_agreement(v, same)).collect();
     let mut consistency = Consistency { groups: mean(&group_scores), seeds: None };
     if s.seeds >= 2 {
-        let mut runs: Vec<Vec<String>> = vec![vec![]; examples.len()];
-        for seed in 0..s.seeds {
-            let cfg = GenerateConfig {
+        // Each example's prompt runs once; its cache is copied for every sampled run.
+        let configs: Vec<GenerateConfig> = (0..s.seeds)
+            .map(|seed| GenerateConfig {
                 sampling: SamplingConfig { seed: seed as u64 + 1, ..s.sampling.clone() },
                 ..greedy.clone()
-            };
-            let (g, _) = generate(model, prompting, examples, &cfg, s.max_batch)?;
-            for (i, g) in g.into_iter().enumerate() {
-                runs[i].push(g.text.trim().to_string());
-            }
+            })
+            .collect();
+        let mut jobs = vec![];
+        for e in examples {
+            jobs.push((prompt_ids(model, prompting, e)?, prompting.adapters.clone(), configs.clone()));
         }
-        let per: Vec<f64> =
-            runs.iter().filter_map(|r| metrics::pairwise_agreement(r, same)).collect();
+        let engine = EngineConfig { max_batch: s.max_batch, ..EngineConfig::default() };
+        let mut per = vec![];
+        for runs in generate_forks(&model.model, &model.tokenizer, jobs, engine) {
+            let texts = runs
+                .into_iter()
+                .map(|g| g.map(|g| g.text.trim().to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            per.extend(metrics::pairwise_agreement(&texts, same));
+        }
         consistency.seeds = mean(&per);
     }
     let latency_ms = latency(model, prompting, examples, &greedy, s.latency_samples)?;
@@ -323,14 +330,23 @@ fn reference_loss(
                 )));
             }
             let context = model.model.config().max_position_embeddings;
+            if prompt.len() >= context {
+                return Err(Error::Input(format!(
+                    "{}: the prompt has {} tokens but the model's context is {context}",
+                    e.at,
+                    prompt.len()
+                )));
+            }
             let full = &full[..full.len().min(context)];
             let input = Tensor::new(full, model.model.device())?.unsqueeze(0)?;
-            let logits = model.model.forward(&input, None)?.squeeze(0)?.to_dtype(DType::F32)?;
-            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-            let from = prompt.len() - 1;
             let targets = Tensor::new(&full[prompt.len()..], model.model.device())?;
-            let picked =
-                logp.narrow(0, from, targets.dim(0)?)?.gather(&targets.unsqueeze(1)?, 1)?;
+            // The head runs only where an answer token is predicted: the [T, V] logits of
+            // the whole prompt would cost more than the rest of the pass for small models.
+            let h = model.model.hidden(&input, None)?.squeeze(0)?;
+            let h = h.narrow(0, prompt.len() - 1, targets.dim(0)?)?;
+            let logits = model.model.logits(&h)?.to_dtype(DType::F32)?;
+            let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+            let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
             nll -= f64::from(picked.sum_all()?.to_scalar::<f32>()?);
             count += targets.dim(0)?;
         }
