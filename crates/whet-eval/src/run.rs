@@ -7,8 +7,8 @@ use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use whet_infer::{
-    generate_all, generate_forks, ChatTemplate, EngineConfig, GenerateConfig, Message, Request, SamplingConfig,
-    Session,
+    generate_all, generate_forks, ChatTemplate, EngineConfig, GenerateConfig, Message, Request,
+    SamplingConfig, Session,
 };
 use whet_model::{Llama, ModelTokenizer};
 
@@ -222,7 +222,11 @@ pub fn run_arm(
             .collect();
         let mut jobs = vec![];
         for e in examples {
-            jobs.push((prompt_ids(model, prompting, e)?, prompting.adapters.clone(), configs.clone()));
+            jobs.push((
+                prompt_ids(model, prompting, e)?,
+                prompting.adapters.clone(),
+                configs.clone(),
+            ));
         }
         let engine = EngineConfig { max_batch: s.max_batch, ..EngineConfig::default() };
         let mut per = vec![];

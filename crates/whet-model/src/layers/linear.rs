@@ -108,6 +108,14 @@ impl Linear {
         }
     }
 
+    /// The quantized blocks, if the layer holds its weight quantized.
+    pub(crate) fn quantized_weight(&self) -> Option<&Arc<QTensor>> {
+        match self {
+            Linear::Dense(_) => None,
+            Linear::Quantized { weight, .. } => Some(weight),
+        }
+    }
+
     pub(crate) fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         if let Linear::Dense(l) = self {
             let w = l.weight().to_dtype(DType::F32)?;

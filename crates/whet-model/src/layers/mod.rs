@@ -1,10 +1,11 @@
 //! The layers of the one Llama implementation, each a struct with `load`, `forward` and the
 //! `backward` its training pass runs (llm.c keeps forward and backward side by side): the
-//! frozen or quantized linear layer with its LoRA wrapper ([`linear`]), RMSNorm ([`norm`]),
-//! rotary embeddings ([`rope`]), grouped-query attention ([`attention`]) and the SwiGLU MLP
-//! ([`mlp`]). Checkpoint tensor names appear only in their `vb.pp(...)` calls.
+//! token embedding ([`embedding`]), the frozen or quantized linear layer with its LoRA wrapper
+//! ([`linear`]), RMSNorm ([`norm`]), rotary embeddings ([`rope`]), grouped-query attention
+//! ([`attention`]) and the SwiGLU MLP ([`mlp`]). Checkpoint tensor names appear only in their `vb.pp(...)` calls.
 
 pub(crate) mod attention;
+pub(crate) mod embedding;
 pub(crate) mod linear;
 pub(crate) mod mlp;
 pub(crate) mod norm;

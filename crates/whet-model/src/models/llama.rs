@@ -14,6 +14,7 @@
 
 use crate::config::Config;
 use crate::layers::attention::{Attention, AttentionTape};
+use crate::layers::embedding::TokenEmbedding;
 use crate::layers::linear::{AdapterWeight, Linear, NamedLora, Proj};
 use crate::layers::mlp::{Mlp, MlpTape};
 use crate::layers::norm::RmsNorm;
@@ -22,9 +23,9 @@ use crate::layers::{Ctx, GradCollector, Grads, RowSpan, TrainPass};
 use crate::lora::{Lora, LoraConfig};
 use candle_core::quantized::GgmlDType;
 use candle_core::Var;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::kv_cache::KvCache;
-use candle_nn::{Embedding, Init, VarBuilder};
+use candle_nn::VarBuilder;
 
 #[derive(Debug, Clone)]
 struct Block {
@@ -217,7 +218,7 @@ pub struct Packing<'a> {
 /// A Llama-family causal language model.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     layers: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -267,12 +268,7 @@ impl Llama {
         // down.
         let wide = 2.0 / (c as f64).sqrt();
         let vb_m = vb.pp("model");
-        let embeddings = vb_m.pp("embed_tokens").get_with_hints(
-            (v, c),
-            "weight",
-            Init::Randn { mean: 0.0, stdev: wide },
-        )?;
-        let embed_tokens = Embedding::new(embeddings, c);
+        let mut embed_tokens = TokenEmbedding::load(vb_m.pp("embed_tokens"), v, c, wide)?;
         let layers = (0..cfg.num_layers)
             .map(|i| {
                 let mut block = Block::load(vb_m.pp("layers").pp(i), cfg)?;
@@ -284,12 +280,13 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(vb_m.pp("norm"), c, cfg.rms_norm_eps)?;
         let mut lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.embeddings().clone(), None)
+            Linear::new(embed_tokens.dense()?.clone(), None)
         } else {
             Linear::load(vb.pp("lm_head"), c, v, false, wide)?
         };
         if let Some(q) = quantize {
             lm_head.quantize(q)?;
+            embed_tokens.quantize(q, cfg.tie_word_embeddings.then_some(&lm_head))?;
         }
         let rope = Rope::new(cfg, vb.dtype(), vb.device())?;
         Ok(Self {
@@ -312,23 +309,26 @@ impl Llama {
 
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
-        self.embed_tokens.embeddings().device()
+        self.embed_tokens.device()
     }
 
     /// The dtype of the weights.
     pub fn dtype(&self) -> DType {
-        self.embed_tokens.embeddings().dtype()
+        self.embed_tokens.dtype()
     }
 
-    /// Quantize every linear layer (the tied head too; the embedding lookup stays dense) to
-    /// `dtype`, for inference: decoding reads every weight once per token, so smaller weights
-    /// decode faster. Block size 32 types (`Q8_0`, `Q4_0`) fit any width divisible by 32.
+    /// Quantize every linear layer, the head and (on the CPU) the embedding table — one table
+    /// when the head is tied to it — to `dtype`, for inference: decoding reads every weight
+    /// once per token, so smaller weights decode faster. Block size 32 types (`Q8_0`, `Q4_0`)
+    /// fit any width divisible by 32.
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         check_quantizable(&self.cfg, dtype)?;
         for p in self.projs_mut() {
             p.base.quantize(dtype)?;
         }
-        self.lm_head.quantize(dtype)
+        self.lm_head.quantize(dtype)?;
+        let tied = self.cfg.tie_word_embeddings.then_some(&self.lm_head);
+        self.embed_tokens.quantize(dtype, tied)
     }
 
     /// Final hidden states `[B, T, C]` for `ids` `[B, T]`, which continue `cache` when given.
@@ -492,7 +492,7 @@ impl Llama {
             )
         }
         let mut out =
-            vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.embeddings().clone())];
+            vec![("model.embed_tokens.weight".to_string(), self.embed_tokens.dense()?.clone())];
         for block in &self.layers {
             for norm in [&block.input_layernorm, &block.post_attention_layernorm]
                 .into_iter()

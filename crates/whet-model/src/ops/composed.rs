@@ -160,6 +160,11 @@ pub(super) fn quantized_matmul(x: &Tensor, w: &QTensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
+/// Rows `ids` `[N]` (u32) of `table`, dequantized whole.
+pub(super) fn quantized_embedding(ids: &Tensor, table: &QTensor) -> Result<Tensor> {
+    table.dequantize(ids.device())?.embedding(ids)
+}
+
 /// `g @ w` with `w` dequantized whole, [`quantized_matmul`]'s input gradient.
 pub(super) fn quantized_matmul_backward(g: &Tensor, w: &QTensor) -> Result<Tensor> {
     let wd = w.dequantize(g.device())?.to_dtype(g.dtype())?;

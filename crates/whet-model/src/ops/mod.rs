@@ -88,6 +88,22 @@ pub fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
     attach(x, y, "quantized-matmul", Box::new(move |g, _| quantized_matmul_backward(g, &w)))
 }
 
+/// Rows `ids` (integer ids, any shape) of a quantized `[V, C]` table: `[.., C]` in f32, only
+/// the rows read dequantized. Frozen: the table gets no gradient.
+pub fn quantized_embedding(ids: &Tensor, table: &QTensor) -> Result<Tensor> {
+    let c = table.shape().dims2()?.1;
+    let mut dims = ids.dims().to_vec();
+    dims.push(c);
+    let flat = ids.flatten_all()?.to_dtype(DType::U32)?;
+    match cpu::qgemm::QWeight::new(table).filter(|_| ids.device().is_cpu() && kernels_enabled()) {
+        Some(qw) => {
+            let rows = cpu::qgemm::gather_rows(&qw, &flat.to_vec1::<u32>()?)?;
+            Tensor::from_vec(rows, dims, ids.device())
+        }
+        None => composed::quantized_embedding(&flat, table)?.reshape(dims),
+    }
+}
+
 /// The input gradient of [`quantized_matmul`] for output gradient `g` `[.., out]`: `g @ w`.
 pub fn quantized_matmul_backward(g: &Tensor, w: &QTensor) -> Result<Tensor> {
     let g = g.contiguous()?;

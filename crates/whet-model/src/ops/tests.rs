@@ -229,6 +229,27 @@ fn quantized_matmul_equals_the_dequantized_product() {
     }
 }
 
+#[test]
+fn quantized_embedding_equals_the_dequantized_rows() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let d = Device::Cpu;
+    for (dtype, cols) in [(GgmlDType::Q8_0, 64), (GgmlDType::Q4_0, 96), (GgmlDType::Q4K, 256)] {
+        let table = Tensor::randn(0f32, 1., (50, cols), &d).unwrap();
+        let q = QTensor::quantize(&table, dtype).unwrap();
+        let ids = Tensor::new(&[[3u32, 0, 49], [7, 7, 12]], &d).unwrap();
+        let want = q.dequantize(&d).unwrap().embedding(&ids.flatten_all().unwrap()).unwrap();
+        let want = want.reshape((2, 3, cols)).unwrap();
+        close(&quantized_embedding(&ids, &q).unwrap(), &want, 1e-7);
+        let composed = composed::quantized_embedding(&ids.flatten_all().unwrap(), &q).unwrap();
+        close(&composed.reshape((2, 3, cols)).unwrap(), &want, 1e-7);
+        let bad = Tensor::new(&[50u32], &d).unwrap();
+        let e = quantized_embedding(&bad, &q).unwrap_err().to_string();
+        if kernels_enabled() {
+            assert!(e.contains("token id 50 is outside the table's 50 rows"), "{e}");
+        }
+    }
+}
+
 /// Where the tiled dequantizing product overtakes candle's block dot products (prints timings;
 /// run by hand: `cargo test -p whet-model --lib crossover -- --ignored --nocapture`).
 #[test]

@@ -244,7 +244,8 @@ fn one_step_equals_pytorch_peft() {
     }
 }
 
-/// QLoRA: training over a base kept block-quantized (Q4_0, Q8_0) gives the loss and adapter
+/// QLoRA: training over a base kept block-quantized (Q4_0, Q8_0; linear layers and the
+/// embedding table) gives the loss and adapter
 /// gradients of training over a dense base holding the same dequantized values, and a prefill
 /// over it the same logits: the dequantizing kernel (under `WHET_KERNELS=portable`, the
 /// composed path) changes the memory, not the arithmetic.
@@ -253,25 +254,37 @@ fn qlora_equals_training_over_the_dequantized_base() {
     use candle_core::quantized::{GgmlDType, QTensor};
     use whet_model::io::presets;
     let dev = Device::Cpu;
-    let cfg = presets::preset("tiny").unwrap();
-    for q in [GgmlDType::Q4_0, GgmlDType::Q8_0] {
-        let mut w = presets::random_weights(&cfg, DType::F32, &dev, 21).unwrap();
+    // A tied head shares the embedding table's blocks.
+    for (q, tied) in [(GgmlDType::Q4_0, false), (GgmlDType::Q8_0, false), (GgmlDType::Q8_0, true)] {
+        let mut cfg = presets::preset("tiny").unwrap();
+        cfg.tie_word_embeddings = tied;
+        let raw = presets::random_weights(&cfg, DType::F32, &dev, 21).unwrap();
+        let mut w = raw.clone();
         for (name, t) in w.iter_mut() {
-            if name.ends_with("proj.weight") || name == "lm_head.weight" {
+            // The embedding table too: on the CPU it is kept quantized (the head's blocks
+            // when tied).
+            if name.ends_with("proj.weight")
+                || name == "lm_head.weight"
+                || name == "model.embed_tokens.weight"
+            {
                 *t = QTensor::quantize(t, q).unwrap().dequantize(&dev).unwrap();
             }
         }
         let vb = candle_nn::VarBuilder::from_tensors(w, DType::F32, &dev);
         let mut dense = whet_model::Llama::load(vb, &cfg).unwrap();
         let tiny = ModelSource::Random("tiny".into());
-        let mut quant =
-            whet_model::load_quantized(&tiny, DType::F32, &dev, 21, Some(q)).unwrap().model;
+        let mut quant = if tied {
+            let vb = candle_nn::VarBuilder::from_tensors(raw, DType::F32, &dev);
+            whet_model::Llama::load_quantized(vb, &cfg, Some(q)).unwrap()
+        } else {
+            whet_model::load_quantized(&tiny, DType::F32, &dev, 21, Some(q)).unwrap().model
+        };
         // 40 tokens: a prefill long enough for the tiled product (short ones take candle's
         // block dot products, which quantize the activations too).
         let long = Tensor::arange(0u32, 40, &dev).unwrap().unsqueeze(0).unwrap();
         let prefill = |m: &whet_model::Llama| m.forward(&long, None).unwrap();
         let (a, b) = (prefill(&dense), prefill(&quant));
-        assert!(max_diff(&a, &b) < 1e-5, "{q:?} prefill: {}", max_diff(&a, &b));
+        assert!(max_diff(&a, &b) < 1e-5, "{q:?} tied {tied} prefill: {}", max_diff(&a, &b));
         let lora = LoraConfig::new(4, 8.0, 0.0, "all-linear", false).unwrap();
         for m in [&mut dense, &mut quant] {
             m.add_lora(&lora, 5).unwrap();

@@ -72,6 +72,24 @@ impl<'a> QWeight<'a> {
     }
 }
 
+/// Rows `ids` of `w`, in f32, one after another: an embedding lookup that dequantizes only
+/// the rows it reads.
+pub(in crate::ops) fn gather_rows(w: &QWeight, ids: &[u32]) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(ids.len() * w.cols);
+    for &id in ids {
+        let r = id as usize;
+        if r >= w.rows {
+            candle_core::bail!("token id {id} is outside the table's {} rows", w.rows)
+        }
+        let bytes = &w.bytes[r * w.row_bytes()..(r + 1) * w.row_bytes()];
+        match w.dtype.from_data(Cow::Borrowed(bytes)).dequantize(w.cols)? {
+            CpuStorage::F32(v) => out.extend_from_slice(&v),
+            _ => candle_core::bail!("dequantizing {:?} gave no f32 values", w.dtype),
+        }
+    }
+    Ok(out)
+}
+
 /// `x [m, k] @ w^T` for `w` `[n, k]`: `[m, n]`.
 pub(in crate::ops) fn forward(x: &[f32], m: usize, w: &QWeight) -> Result<Vec<f32>> {
     let (n, k) = (w.rows, w.cols);
