@@ -191,7 +191,11 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         run,
     };
     let sizes = curve_sizes(&args)?;
-    let mut report = compare::compare(&base, baseline.as_ref(), &cfg)?;
+    let start = std::time::Instant::now();
+    let mut progress = |what: &str| {
+        eprintln!("compare: {what} ({:.0} s in)", start.elapsed().as_secs_f64());
+    };
+    let mut report = compare::compare(&base, baseline.as_ref(), &cfg, &mut progress)?;
     if !sizes.is_empty() {
         let points = learning_curve(&args, &cfg, &spec, &sizes)?;
         report.learning_curve = compare::LearningCurve::new(points, &report);

@@ -74,6 +74,9 @@ fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    for step in ["prompted, 2-shot: 4 validation examples", "fine-tuned: 6 test examples"] {
+        assert!(stderr(&o).contains(&format!("compare: {step}")), "{}", stderr(&o));
+    }
     let table = stdout(&o);
     for arm in ["prompted, 0-shot", "prompted, 2-shot", "fine-tuned", "fine-tuned + prompt"] {
         assert!(table.contains(arm), "{table}");

@@ -223,10 +223,13 @@ pub fn score_finetuned(model: &Model, cfg: &CompareConfig) -> Result<Estimate, E
 }
 
 /// Run the comparison. `base` carries the adapter as the named adapter `finetuned`.
+/// `progress` hears what runs next (`prompted, 3-shot: 379 test examples`): an arm over a
+/// long test set takes minutes.
 pub fn compare(
     base: &Model,
     baseline: Option<&Model>,
     cfg: &CompareConfig,
+    progress: &mut dyn FnMut(&str),
 ) -> Result<Report, Error> {
     let Setup { train, valid, test, task, rules, metrics: metric_names, warnings } = setup(cfg)?;
     let primary = metric_names[0].clone();
@@ -246,8 +249,13 @@ pub fn compare(
     // (arm index, validation score, its shots)
     type Best = (usize, f64, Vec<(String, String)>);
     let mut best: Option<Best> = None;
-    for &k in &cfg.shots {
-        let shots = draw_shots(&train, k, cfg.seed)?;
+    // Every draw first: a --shots beyond the training data fails before minutes of runs.
+    let draws = cfg
+        .shots
+        .iter()
+        .map(|&k| Ok((k, draw_shots(&train, k, cfg.seed)?)))
+        .collect::<Result<Vec<_>, Error>>()?;
+    for (k, shots) in draws {
         let p =
             Prompting { adapters: vec![], system: cfg.system_prompt.clone(), shots: shots.clone() };
         // The best k is chosen on the validation set, so that the test set judges it fairly.
@@ -260,9 +268,11 @@ pub fn compare(
                 reference_loss: false,
                 ..cfg.run.clone()
             };
+            progress(&format!("prompted, {k}-shot: {} validation examples", valid.len()));
             let r = run_arm(base, &p, &valid, task, &metric_names[..1], rules.as_ref(), &quick)?;
             Some(r.metrics[&primary].mean)
         };
+        progress(&format!("prompted, {k}-shot: {} test examples", test.len()));
         let result = run(base, &p, &test)?;
         let choose = valid_score.unwrap_or(result.metrics[&primary].mean);
         if best.as_ref().is_none_or(|(_, s, _)| choose > *s) {
@@ -283,6 +293,7 @@ pub fn compare(
     };
     arms[best_i].chosen = true;
     let ft = Prompting { adapters: vec![("finetuned".into(), 1.0)], system: None, shots: vec![] };
+    progress(&format!("fine-tuned: {} test examples", test.len()));
     arms.push(arm(
         "fine-tuned".into(),
         "finetuned",
@@ -294,6 +305,7 @@ pub fn compare(
     ));
     if cfg.system_prompt.is_some() {
         let ftp = Prompting { system: cfg.system_prompt.clone(), ..ft };
+        progress(&format!("fine-tuned + prompt: {} test examples", test.len()));
         arms.push(arm(
             "fine-tuned + prompt".into(),
             "finetuned+prompt",
@@ -308,6 +320,7 @@ pub fn compare(
         let k = best_shots.len();
         let p =
             Prompting { adapters: vec![], system: cfg.system_prompt.clone(), shots: best_shots };
+        progress(&format!("baseline, {k}-shot: {} test examples", test.len()));
         arms.push(arm(
             format!("baseline, {k}-shot"),
             "baseline",
