@@ -130,6 +130,23 @@ def intent_example(r, label):
     return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": label}]}
 
 
+def intent_groups(r, labels, per_label, size):
+    """Paraphrase groups for the test set: one request (intent, item, order) asked `size`
+    ways — different templates of the intent, greetings and endings — sharing a `group` id, so
+    that `whet compare` measures whether the answers agree across paraphrases."""
+    rows = []
+    for label in labels:
+        for k in range(per_label):
+            item, order = r.choice(ITEMS), ORDER(r)
+            for template in r.sample(INTENTS[label], size):
+                text = r.choice(PREFIX) + template.format(item=item, order=order) + r.choice(SUFFIX)
+                rows.append({"messages": [{"role": "user", "content": text},
+                                          {"role": "assistant", "content": label}],
+                             "group": f"{label}-{k}"})
+    r.shuffle(rows)
+    return rows
+
+
 def write(name, splits, readme):
     d = ROOT / name
     d.mkdir(parents=True, exist_ok=True)
@@ -156,11 +173,16 @@ def main():
                for s, n in [("train", 240), ("valid", 40), ("test", 40)]}
     for rows in intents.values():
         r.shuffle(rows)
+    # The test set: paraphrase groups, from a generator of its own so train and valid stay as
+    # they were.
+    intents["test"] = intent_groups(random.Random(20261201), labels, per_label=2, size=3)
     write("intents", intents,
           "# intents (written for whet; synthetic, from scripts/make_example_data.py)\n\n"
           "Short customer messages, each labelled with one of eight intents: "
           + ", ".join(f"`{l}`" for l in labels) + ".\n"
-          "The assistant answers with the label alone.\n")
+          "The assistant answers with the label alone. The test set is 16 paraphrase groups of\n"
+          "three (field `group`): one request asked three ways, so `whet compare` reports how\n"
+          "often each arm answers a group alike.\n")
 
 
 if __name__ == "__main__":

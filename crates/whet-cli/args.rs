@@ -502,8 +502,9 @@ pub struct ModelArgs {
     /// Weight precision after loading: `f32`, `f16` or `bf16`.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Quantize the linear layers for inference: `q8_0` (near-lossless) or `q4_0`. Decoding
-    /// reads every weight per token, so this is what makes CPU decoding fast.
+    /// Quantize the linear layers and the embedding table for inference: `q8_0`
+    /// (near-lossless) or `q4_0`. Decoding reads every weight per token, so this is what makes
+    /// CPU decoding fast.
     #[arg(long)]
     pub quantize: Option<String>,
     /// A LoRA adapter directory (PEFT format, e.g. RUN_DIR/adapter) to apply: `DIR` alone is
