@@ -133,7 +133,7 @@ fn bench_eval_reports_examples_per_second() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    for key in ["examples:   80 (40 x 2)", "examples/s", "load avg:"] {
+    for key in ["examples:   96 (48 x 2)", "examples/s", "load avg:"] {
         assert!(out.contains(key), "{out}");
     }
 }
