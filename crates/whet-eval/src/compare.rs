@@ -429,6 +429,15 @@ pub fn verdict(arms: &[Arm], metric: &str) -> String {
     if let (Some(a), Some(b)) = (ft.result.consistency.groups, pr.result.consistency.groups) {
         v.push_str(&format!(" Across paraphrases: {:.0}% against {:.0}%.", 100.0 * a, 100.0 * b));
     }
+    for a in [pr, ft] {
+        if let Some((answer, share)) = one_answer(&a.result.outputs) {
+            v.push_str(&format!(
+                " The {} arm gives the same answer (`{answer}`) to {:.0}% of the test examples: its agreement says little, and its {metric} is about that answer's share of the references.",
+                a.name,
+                100.0 * share
+            ));
+        }
+    }
     if let Some(big) = arms.iter().find(|a| a.kind == "baseline") {
         let b = &big.result.metrics[metric];
         let how = if f.ci95[0] > b.ci95[1] {
@@ -453,6 +462,22 @@ pub fn verdict(arms: &[Arm], metric: &str) -> String {
         ));
     }
     v
+}
+
+/// The answer an arm gives to at least 90% of 10 or more examples, with its share: an arm
+/// that always says the majority label looks accurate and perfectly consistent.
+fn one_answer(outputs: &[String]) -> Option<(String, f64)> {
+    if outputs.len() < 10 {
+        return None;
+    }
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for o in outputs {
+        *counts.entry(crate::metrics::normalize(o)).or_default() += 1;
+    }
+    let (answer, n) = counts.into_iter().max_by_key(|(_, n)| *n)?;
+    let share = n as f64 / outputs.len() as f64;
+    let shown: String = answer.chars().take(40).collect();
+    (share >= 0.9).then_some((shown, share))
 }
 
 #[cfg(test)]
@@ -510,6 +535,16 @@ mod tests {
             vec![arm("prompted", 0.5, 0.4, 0.6, 200.0), arm("finetuned", 0.9, 0.8, 0.95, 40.0)];
         three.push(arm("baseline", 0.6, 0.5, 0.7, 200.0));
         assert!(verdict(&three, "accuracy").contains("beats the larger prompted m"));
+        // An arm that answers one label almost always is named as such.
+        let mut constant =
+            vec![arm("prompted", 0.65, 0.6, 0.7, 600.0), arm("finetuned", 0.8, 0.75, 0.85, 150.0)];
+        constant[0].result.outputs =
+            (0..20).map(|i| if i == 0 { "negative" } else { "Positive" }.to_string()).collect();
+        constant[1].result.outputs =
+            (0..20).map(|i| if i % 3 == 0 { "negative" } else { "positive" }.to_string()).collect();
+        let v = verdict(&constant, "accuracy");
+        assert!(v.contains("The prompted arm gives the same answer (`positive`) to 95%"), "{v}");
+        assert!(!v.contains("The finetuned arm gives"), "{v}");
     }
 
     #[test]
