@@ -332,7 +332,8 @@ pub fn compare(
         ));
     }
     let training = training_cost(&cfg.adapter_dir);
-    let verdict = verdict(&arms, &primary);
+    let references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
+    let verdict = verdict(&arms, &primary, &references);
     let settings = serde_json::json!({
         "task": task,
         "metrics": metric_names,
@@ -384,8 +385,9 @@ fn fmt(e: &Estimate) -> String {
     format!("{:.3} [{:.3}, {:.3}]", e.mean, e.ci95[0], e.ci95[1])
 }
 
-/// The verdict: fine-tuned against the prompted arm chosen on validation, then the baseline.
-pub fn verdict(arms: &[Arm], metric: &str) -> String {
+/// The verdict: fine-tuned against the prompted arm chosen on validation, then the baseline;
+/// `references` (the test answers) tell an arm stuck on one answer from one that is right.
+pub fn verdict(arms: &[Arm], metric: &str, references: &[String]) -> String {
     let Some(ft) = arms.iter().find(|a| a.kind == "finetuned") else { return String::new() };
     let Some(pr) =
         arms.iter().find(|a| a.chosen).or_else(|| arms.iter().find(|a| a.kind == "prompted"))
@@ -430,11 +432,12 @@ pub fn verdict(arms: &[Arm], metric: &str) -> String {
         v.push_str(&format!(" Across paraphrases: {:.0}% against {:.0}%.", 100.0 * a, 100.0 * b));
     }
     for a in [pr, ft] {
-        if let Some((answer, share)) = one_answer(&a.result.outputs) {
+        if let Some((answer, share, expected)) = one_answer(&a.result.outputs, references) {
             v.push_str(&format!(
-                " The {} arm gives the same answer (`{answer}`) to {:.0}% of the test examples: its agreement says little, and its {metric} is about that answer's share of the references.",
+                " The {} arm answers `{answer}` to {:.0}% of the test examples (the references: {:.0}%): its agreement says little, and its {metric} comes mostly from that one answer.",
                 a.name,
-                100.0 * share
+                100.0 * share,
+                100.0 * expected
             ));
         }
     }
@@ -464,10 +467,11 @@ pub fn verdict(arms: &[Arm], metric: &str) -> String {
     v
 }
 
-/// The answer an arm gives to at least 90% of 10 or more examples, with its share: an arm
-/// that always says the majority label looks accurate and perfectly consistent.
-fn one_answer(outputs: &[String]) -> Option<(String, f64)> {
-    if outputs.len() < 10 {
+/// The answer an arm gives far more often than the references do — to at least half of 10 or
+/// more examples, and 20 points above its share among the references — with both shares: an
+/// arm that always says one label looks consistent, and as accurate as that label is common.
+fn one_answer(outputs: &[String], references: &[String]) -> Option<(String, f64, f64)> {
+    if outputs.len() < 10 || references.len() != outputs.len() {
         return None;
     }
     let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
@@ -476,8 +480,11 @@ fn one_answer(outputs: &[String]) -> Option<(String, f64)> {
     }
     let (answer, n) = counts.into_iter().max_by_key(|(_, n)| *n)?;
     let share = n as f64 / outputs.len() as f64;
+    let expected = references.iter().filter(|r| crate::metrics::normalize(r) == answer).count()
+        as f64
+        / references.len() as f64;
     let shown: String = answer.chars().take(40).collect();
-    (share >= 0.9).then_some((shown, share))
+    (share >= 0.5 && share >= expected + 0.2).then_some((shown, share, expected))
 }
 
 #[cfg(test)]
@@ -518,23 +525,26 @@ mod tests {
         let win = verdict(
             &[arm("prompted", 0.5, 0.4, 0.6, 200.0), arm("finetuned", 0.9, 0.8, 0.95, 40.0)],
             "accuracy",
+            &[],
         );
         assert!(win.starts_with("Fine-tuning wins on accuracy"), "{win}");
         assert!(win.contains("160 fewer prompt tokens per query (80%"), "{win}");
         let enough = verdict(
             &[arm("prompted", 0.9, 0.8, 0.95, 200.0), arm("finetuned", 0.85, 0.75, 0.9, 40.0)],
             "accuracy",
+            &[],
         );
         assert!(enough.starts_with("Prompting is good enough here"), "{enough}");
         let unclear = verdict(
             &[arm("prompted", 0.7, 0.6, 0.8, 200.0), arm("finetuned", 0.75, 0.65, 0.85, 40.0)],
             "accuracy",
+            &[],
         );
         assert!(unclear.starts_with("No clear winner"), "{unclear}");
         let mut three =
             vec![arm("prompted", 0.5, 0.4, 0.6, 200.0), arm("finetuned", 0.9, 0.8, 0.95, 40.0)];
         three.push(arm("baseline", 0.6, 0.5, 0.7, 200.0));
-        assert!(verdict(&three, "accuracy").contains("beats the larger prompted m"));
+        assert!(verdict(&three, "accuracy", &[]).contains("beats the larger prompted m"));
         // An arm that answers one label almost always is named as such.
         let mut constant =
             vec![arm("prompted", 0.65, 0.6, 0.7, 600.0), arm("finetuned", 0.8, 0.75, 0.85, 150.0)];
@@ -542,9 +552,15 @@ mod tests {
             (0..20).map(|i| if i == 0 { "negative" } else { "Positive" }.to_string()).collect();
         constant[1].result.outputs =
             (0..20).map(|i| if i % 3 == 0 { "negative" } else { "positive" }.to_string()).collect();
-        let v = verdict(&constant, "accuracy");
-        assert!(v.contains("The prompted arm gives the same answer (`positive`) to 95%"), "{v}");
-        assert!(!v.contains("The finetuned arm gives"), "{v}");
+        // References: 65% positive. The fine-tuned arm's 65% is the references' own share.
+        let references: Vec<String> =
+            (0..20).map(|i| if i % 3 == 0 { "negative" } else { "positive" }.to_string()).collect();
+        let v = verdict(&constant, "accuracy", &references);
+        assert!(
+            v.contains("The prompted arm answers `positive` to 95% of the test examples (the references: 65%)"),
+            "{v}"
+        );
+        assert!(!v.contains("The finetuned arm answers"), "{v}");
     }
 
     #[test]
