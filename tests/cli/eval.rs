@@ -140,26 +140,13 @@ fn eval_scores_one_model_and_writes_its_report() {
     let data = tmp.path().join("data");
     labels_data(&data, "refund");
     let out = tmp.path().join("eval");
-    let o = whet(
-        &[
-            "eval",
-            "--model",
-            &base,
-            "--adapter",
-            &adapter,
-            "--data",
-            data.to_str().unwrap(),
-            "--max-tokens",
-            "3",
-            "--seeds",
-            "0",
-            "--latency-samples",
-            "0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        "",
-    );
+    let (d, o_) = (data.to_str().unwrap(), out.to_str().unwrap());
+    // `whet eval` on the fixture, quick settings, then `extra`.
+    let eval = |extra: &[&str]| {
+        let quick = ["--max-tokens", "3", "--seeds", "0", "--latency-samples", "0"];
+        whet(&[&["eval", "--model", &base, "--data", d][..], &quick, extra].concat(), "")
+    };
+    let o = eval(&["--adapter", &adapter, "--out", o_]);
     assert!(o.status.success(), "{}", stderr(&o));
     let s = stdout(&o);
     for key in ["accuracy", "exact_match", "macro F1:", "test loss:", "perplexity", "prompt:"] {
@@ -171,26 +158,7 @@ fn eval_scores_one_model_and_writes_its_report() {
     assert!(r["arms"][0]["classification"]["confusion"].is_object());
     assert_eq!(r["arms"][0]["outputs"].as_array().unwrap().len(), 6);
     // --limit scores the first N test examples, and the report says so.
-    let o = whet(
-        &[
-            "eval",
-            "--model",
-            &base,
-            "--data",
-            data.to_str().unwrap(),
-            "--limit",
-            "4",
-            "--max-tokens",
-            "3",
-            "--seeds",
-            "0",
-            "--latency-samples",
-            "0",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        "",
-    );
+    let o = eval(&["--limit", "4", "--out", o_]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("(4 examples"), "{}", stdout(&o));
     let r: Value =
@@ -200,24 +168,7 @@ fn eval_scores_one_model_and_writes_its_report() {
     // A rules file makes rule adherence the first metric.
     std::fs::write(data.join("rules.toml"), "[[rule]]\nname = \"short\"\nmax_words = 50\n")
         .unwrap();
-    let o = whet(
-        &[
-            "eval",
-            "--model",
-            &base,
-            "--data",
-            data.to_str().unwrap(),
-            "--metric",
-            "rules",
-            "--max-tokens",
-            "3",
-            "--seeds",
-            "0",
-            "--latency-samples",
-            "0",
-        ],
-        "",
-    );
+    let o = eval(&["--metric", "rules"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("rules        1.000"), "{}", stdout(&o));
 }

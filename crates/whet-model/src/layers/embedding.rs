@@ -42,9 +42,9 @@ impl TokenEmbedding {
     pub(crate) fn dense(&self) -> Result<&Tensor> {
         match self {
             TokenEmbedding::Dense(e) => Ok(e.embeddings()),
-            TokenEmbedding::Quantized { .. } => candle_core::bail!(
-                "cannot write quantized weights out; load the model without --quantize"
-            ),
+            TokenEmbedding::Quantized { .. } => {
+                candle_core::bail!("{}", super::linear::QUANTIZED_WRITE)
+            }
         }
     }
 

@@ -32,6 +32,10 @@ pub(crate) enum Linear {
 /// training take the gemm. `ops::tests::quantized_matmul_crossover` times both by hand.
 const DEQUANTIZED_ROWS: usize = 32;
 
+/// Why a quantized weight is not written out: its dequantized values are not the checkpoint's.
+pub(crate) const QUANTIZED_WRITE: &str =
+    "cannot write quantized weights out; load the model without --quantize";
+
 impl Linear {
     pub(crate) fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear::Dense(candle_nn::Linear::new(weight, bias))
@@ -100,11 +104,7 @@ impl Linear {
     pub(crate) fn dense(&self) -> Result<(&Tensor, Option<&Tensor>)> {
         match self {
             Linear::Dense(l) => Ok((l.weight(), l.bias())),
-            Linear::Quantized { .. } => {
-                candle_core::bail!(
-                    "cannot write quantized weights out; load the model without --quantize"
-                )
-            }
+            Linear::Quantized { .. } => candle_core::bail!("{QUANTIZED_WRITE}"),
         }
     }
 

@@ -2,7 +2,8 @@
 //! `backward` its training pass runs (llm.c keeps forward and backward side by side): the
 //! token embedding ([`embedding`]), the frozen or quantized linear layer with its LoRA wrapper
 //! ([`linear`]), RMSNorm ([`norm`]), rotary embeddings ([`rope`]), grouped-query attention
-//! ([`attention`]) and the SwiGLU MLP ([`mlp`]). Checkpoint tensor names appear only in their `vb.pp(...)` calls.
+//! ([`attention`]) and the SwiGLU MLP ([`mlp`]). Checkpoint tensor names appear only in their
+//! `vb.pp(...)` calls.
 
 pub(crate) mod attention;
 pub(crate) mod embedding;
