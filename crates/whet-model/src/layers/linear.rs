@@ -69,6 +69,8 @@ impl Linear {
                 let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
                 let y = if rows >= DEQUANTIZED_ROWS {
                     crate::ops::quantized_matmul(&x32, weight)?
+                } else if let Some(y) = crate::ops::quantized_matvec(&x32, weight)? {
+                    y
                 } else {
                     matmul.forward(&x32)?
                 };

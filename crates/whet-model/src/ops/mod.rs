@@ -88,6 +88,22 @@ pub fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
     attach(x, y, "quantized-matmul", Box::new(move |g, _| quantized_matmul_backward(g, &w)))
 }
 
+/// `x @ w^T` for a few rows of `x` (decoding) and a Q8_0 or Q4_0 `w` `[out, in]`, with whet's
+/// integer dot-product kernel where it runs (the CPU with AVX2, f32 `x`); `None` elsewhere,
+/// for the caller's block product (candle's `QMatMul`). Not differentiable: inference only.
+pub fn quantized_matvec(x: &Tensor, w: &QTensor) -> Result<Option<Tensor>> {
+    let usable = kernel(x) && cpu::qgemv::available() && cpu::qgemv::supports(w.dtype());
+    let Some(qw) = cpu::qgemm::QWeight::new(w).filter(|_| usable) else { return Ok(None) };
+    let x = x.contiguous()?;
+    let (n, k) = w.shape().dims2()?;
+    let m = x.elem_count() / k;
+    let y = cpu::with_f32(&[&x], |s| cpu::qgemv::matvec(s[0], m, &qw))?;
+    let mut dims = x.dims().to_vec();
+    let last = dims.len() - 1;
+    dims[last] = n;
+    Tensor::from_vec(y, dims, x.device()).map(Some)
+}
+
 /// Rows `ids` (integer ids, any shape) of a quantized `[V, C]` table: `[.., C]` in f32, only
 /// the rows read dequantized. Frozen: the table gets no gradient.
 pub fn quantized_embedding(ids: &Tensor, table: &QTensor) -> Result<Tensor> {

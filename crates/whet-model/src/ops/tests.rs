@@ -229,6 +229,42 @@ fn quantized_matmul_equals_the_dequantized_product() {
     }
 }
 
+/// The decoding kernel equals candle's block dot products (the same Q8_0-quantized input, the
+/// same integer sums: only the float summation order differs) for every row count it takes,
+/// on Q8_0 and Q4_0 weights; other types are left to candle.
+#[test]
+fn quantized_matvec_equals_candles_block_products() {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::Module;
+    if !cpu::qgemv::available() {
+        eprintln!("skipped: this CPU lacks AVX2/FMA/F16C, so the kernel never runs here");
+        return;
+    }
+    let d = Device::Cpu;
+    for (dtype, rows, cols) in [(GgmlDType::Q8_0, 37, 96), (GgmlDType::Q4_0, 203, 576)] {
+        let w = Tensor::randn(0f32, 1., (rows, cols), &d).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+        for m in [1usize, 2, 3, 4, 5, 9, 31] {
+            let x = Tensor::randn(0f32, 1., (1, m, cols), &d).unwrap();
+            let ours = quantized_matvec(&x, &q).unwrap();
+            if !kernels_enabled() {
+                assert!(ours.is_none(), "WHET_KERNELS=portable leaves it to candle");
+                continue;
+            }
+            let ours = ours.expect("Q8_0/Q4_0 on an AVX2 CPU take the kernel");
+            assert_eq!(ours.dims(), &[1, m, rows]);
+            close(&ours, &candle.forward(&x).unwrap(), 1e-5 * (cols as f32).sqrt());
+            // And near the exact product (the input's 8-bit rounding apart).
+            let exact = x.broadcast_matmul(&q.dequantize(&d).unwrap().t().unwrap()).unwrap();
+            close(&ours, &exact, 0.05 * (cols as f32).sqrt());
+        }
+    }
+    let k = QTensor::quantize(&Tensor::randn(0f32, 1., (8, 256), &d).unwrap(), GgmlDType::Q4K);
+    let x = Tensor::randn(0f32, 1., (1, 256), &d).unwrap();
+    assert!(quantized_matvec(&x, &k.unwrap()).unwrap().is_none(), "Q4_K is left to candle");
+}
+
 #[test]
 fn quantized_embedding_equals_the_dequantized_rows() {
     use candle_core::quantized::{GgmlDType, QTensor};

@@ -6,6 +6,7 @@ pub(super) mod cross_entropy;
 pub(super) mod gemm;
 pub(super) mod norm;
 pub(super) mod qgemm;
+pub(super) mod qgemv;
 pub(super) mod swiglu;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};

@@ -43,8 +43,25 @@ impl<'a> QWeight<'a> {
         })
     }
 
-    fn row_bytes(&self) -> usize {
+    pub(in crate::ops) fn row_bytes(&self) -> usize {
         self.cols / self.dtype.block_size() * self.dtype.type_size()
+    }
+
+    pub(in crate::ops) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(in crate::ops) fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub(in crate::ops) fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    /// The blocks, row after row.
+    pub(in crate::ops) fn bytes(&self) -> &[u8] {
+        &self.bytes
     }
 
     /// Rows per tile.
