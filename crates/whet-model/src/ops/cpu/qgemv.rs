@@ -72,24 +72,18 @@ pub(in crate::ops) fn matvec(x: &[f32], m: usize, w: &QWeight) -> Result<Vec<f32
     let bytes = w.bytes();
     let dtype = w.dtype();
     candle_core::utils::barrier_pool().execute_chunked(n, |rows| {
-        for r in rows {
-            let wr = &bytes[r * row_bytes..(r + 1) * row_bytes];
-            // Up to four input rows per pass over the weight row: its blocks are decoded
-            // once for all of them.
-            for i0 in (0..m).step_by(4) {
-                let count = (m - i0).min(4);
-                let mut dots = [0f32; 4];
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `available()` checked AVX2, FMA and F16C; `wr` holds `k / 32` blocks
-                // of `dtype` and each input row `k` values, `k / 32` scales.
-                unsafe {
-                    avx2::dot(dtype, wr, &xq, i0, count, k, &mut dots)
-                };
-                for (j, v) in dots[..count].iter().enumerate() {
-                    // SAFETY: row `r` of the weight belongs to this range alone, so no other
-                    // thread writes `y[(i0 + j) * n + r]`, which is inside `y`'s `m * n`.
-                    unsafe { out.write((i0 + j) * n + r, *v) };
-                }
+        let w = &bytes[rows.start * row_bytes..rows.end * row_bytes];
+        let mut part = vec![0f32; rows.len() * m]; // [rows, m]
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available()` checked AVX2, FMA and F16C.
+        unsafe {
+            avx2::dot_rows(dtype, w, row_bytes, &xq, m, k, &mut part)
+        };
+        for (j, dots) in part.chunks_exact(m).enumerate() {
+            for (i, v) in dots.iter().enumerate() {
+                // SAFETY: weight rows `rows` belong to this call alone, so no other thread
+                // writes `y[i * n + r]`, which is inside `y`'s `m * n`.
+                unsafe { out.write(i * n + rows.start + j, *v) };
             }
         }
     });
@@ -116,26 +110,44 @@ mod avx2 {
     use candle_core::quantized::GgmlDType;
     use std::arch::x86_64::*;
 
-    /// Dots of one weight row `w` (blocks of `dtype`) with input rows `i0..i0 + count` of `x`.
+    /// `out [rows, m]`: the dots of each row of `w` (rows of `row_bytes` bytes, blocks of
+    /// `dtype`) with the `m` input rows of `x`, four input rows per pass over a weight row (its
+    /// blocks are decoded once for all of them).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn dot(
+    pub(super) fn dot_rows(
         dtype: GgmlDType,
         w: &[u8],
+        row_bytes: usize,
         x: &Q8Rows,
-        i0: usize,
-        count: usize,
+        m: usize,
         k: usize,
-        out: &mut [f32; 4],
+        out: &mut [f32],
     ) {
-        match (dtype, count) {
-            (GgmlDType::Q4_0, 1) => rows::<Q4_0, 1>(w, x, i0, k, out),
-            (GgmlDType::Q4_0, 2) => rows::<Q4_0, 2>(w, x, i0, k, out),
-            (GgmlDType::Q4_0, 3) => rows::<Q4_0, 3>(w, x, i0, k, out),
-            (GgmlDType::Q4_0, _) => rows::<Q4_0, 4>(w, x, i0, k, out),
-            (_, 1) => rows::<Q8_0, 1>(w, x, i0, k, out),
-            (_, 2) => rows::<Q8_0, 2>(w, x, i0, k, out),
-            (_, 3) => rows::<Q8_0, 3>(w, x, i0, k, out),
-            (_, _) => rows::<Q8_0, 4>(w, x, i0, k, out),
+        match dtype {
+            GgmlDType::Q4_0 => each_row::<Q4_0>(w, row_bytes, x, m, k, out),
+            _ => each_row::<Q8_0>(w, row_bytes, x, m, k, out),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn each_row<B: Block>(
+        w: &[u8],
+        row_bytes: usize,
+        x: &Q8Rows,
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        for (wr, dots) in w.chunks_exact(row_bytes).zip(out.chunks_exact_mut(m)) {
+            for i0 in (0..m).step_by(4) {
+                let d = &mut dots[i0..];
+                match m - i0 {
+                    1 => rows::<B, 1>(wr, x, i0, k, d),
+                    2 => rows::<B, 2>(wr, x, i0, k, d),
+                    3 => rows::<B, 3>(wr, x, i0, k, d),
+                    _ => rows::<B, 4>(wr, x, i0, k, d),
+                }
+            }
         }
     }
 
@@ -205,38 +217,59 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
     }
 
-    /// `R` dots of weight row `w` with input rows `i0..i0 + R`. Two accumulators per input
-    /// row (even and odd blocks), so consecutive blocks' multiply-adds do not wait on each
-    /// other.
+    /// `R` dots of weight row `w` with input rows `i0..i0 + R`. Two sets of accumulators, for
+    /// even and odd blocks, so consecutive blocks' multiply-adds do not wait on each other.
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn rows<B: Block, const R: usize>(
+    fn rows<B: Block, const R: usize>(w: &[u8], x: &Q8Rows, i0: usize, k: usize, out: &mut [f32]) {
+        let blocks = k / BLOCK;
+        assert!(w.len() >= blocks * B::BYTES && x.q.len() >= (i0 + R) * k && out.len() >= R);
+        let mut even = [_mm256_setzero_ps(); R];
+        let mut odd = [_mm256_setzero_ps(); R];
+        let mut b = 0;
+        while b + 1 < blocks {
+            // SAFETY: blocks `b` and `b + 1` of `w` and of rows `i0..i0 + R` are in bounds.
+            unsafe {
+                block::<B, R>(w, x, i0, k, b, &mut even);
+                block::<B, R>(w, x, i0, k, b + 1, &mut odd);
+            }
+            b += 2;
+        }
+        if b < blocks {
+            // SAFETY: as above, for the last block.
+            unsafe { block::<B, R>(w, x, i0, k, b, &mut even) };
+        }
+        for r in 0..R {
+            out[r] = hsum(_mm256_add_ps(even[r], odd[r]));
+        }
+    }
+
+    /// Adds block `b`'s dot with input rows `i0..i0 + R` to `acc`.
+    ///
+    /// # Safety
+    /// Block `b` of `w` and of those rows are in bounds.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn block<B: Block, const R: usize>(
         w: &[u8],
         x: &Q8Rows,
         i0: usize,
         k: usize,
-        out: &mut [f32; 4],
+        b: usize,
+        acc: &mut [__m256; R],
     ) {
-        let blocks = k / BLOCK;
-        assert!(w.len() >= blocks * B::BYTES && x.q.len() >= (i0 + R) * k);
-        let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for b in 0..blocks {
-            // SAFETY: block `b` of `w` and of rows `i0..i0 + R` are in bounds (asserted above).
-            unsafe {
-                let p = w.as_ptr().add(b * B::BYTES);
-                let (a, dw) = (B::values(p), scale(p));
-                let abs_a = _mm256_sign_epi8(a, a);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let row = i0 + r;
-                    let q = x.q.as_ptr().add(row * k + b * BLOCK);
-                    let v = _mm256_loadu_si256(q as *const __m256i);
-                    let dot = _mm256_cvtepi32_ps(dot_i8(abs_a, a, v));
-                    let d = _mm256_set1_ps(dw * *x.d.get_unchecked(row * (k / BLOCK) + b));
-                    acc[b & 1] = _mm256_fmadd_ps(d, dot, acc[b & 1]);
-                }
+        // SAFETY: the caller's.
+        unsafe {
+            let p = w.as_ptr().add(b * B::BYTES);
+            let (a, dw) = (B::values(p), scale(p));
+            let abs_a = _mm256_sign_epi8(a, a);
+            for r in 0..R {
+                let row = i0 + r;
+                let q = x.q.as_ptr().add(row * k + b * BLOCK);
+                let v = _mm256_loadu_si256(q as *const __m256i);
+                let dot = _mm256_cvtepi32_ps(dot_i8(abs_a, a, v));
+                let d = _mm256_set1_ps(dw * *x.d.get_unchecked(row * (k / BLOCK) + b));
+                acc[r] = _mm256_fmadd_ps(d, dot, acc[r]);
             }
-        }
-        for (o, acc) in out.iter_mut().zip(&acc) {
-            *o = hsum(_mm256_add_ps(acc[0], acc[1]));
         }
     }
 }
