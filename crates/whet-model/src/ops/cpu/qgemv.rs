@@ -238,8 +238,8 @@ mod avx2 {
             // SAFETY: as above, for the last block.
             unsafe { block::<B, R>(w, x, i0, k, b, &mut even) };
         }
-        for r in 0..R {
-            out[r] = hsum(_mm256_add_ps(even[r], odd[r]));
+        for ((o, e), d) in out.iter_mut().zip(&even).zip(&odd) {
+            *o = hsum(_mm256_add_ps(*e, *d));
         }
     }
 
@@ -262,13 +262,13 @@ mod avx2 {
             let p = w.as_ptr().add(b * B::BYTES);
             let (a, dw) = (B::values(p), scale(p));
             let abs_a = _mm256_sign_epi8(a, a);
-            for r in 0..R {
+            for (r, acc) in acc.iter_mut().enumerate() {
                 let row = i0 + r;
                 let q = x.q.as_ptr().add(row * k + b * BLOCK);
                 let v = _mm256_loadu_si256(q as *const __m256i);
                 let dot = _mm256_cvtepi32_ps(dot_i8(abs_a, a, v));
                 let d = _mm256_set1_ps(dw * *x.d.get_unchecked(row * (k / BLOCK) + b));
-                acc[r] = _mm256_fmadd_ps(d, dot, acc[r]);
+                *acc = _mm256_fmadd_ps(d, dot, *acc);
             }
         }
     }
