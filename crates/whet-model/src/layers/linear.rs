@@ -26,11 +26,14 @@ pub(crate) enum Linear {
     },
 }
 
-/// Rows from which a quantized layer's product dequantizes tiles into an f32 gemm rather than
-/// taking candle's block dot products: decoding steps, batched ones included (the engine runs
-/// up to 16 rows), keep the dot products, which read each weight once; prefill chunks and
-/// training take the gemm. `ops::tests::quantized_matmul_crossover` times both by hand.
-const DEQUANTIZED_ROWS: usize = 32;
+/// Rows below which a quantized layer's product takes integer block dot products, which read
+/// each weight once, rather than dequantizing tiles into an f32 gemm: decoding steps, batched
+/// ones included (the engine runs up to 16 rows), and short prefill chunks. Whet's kernel
+/// (Q8_0/Q4_0 on AVX2) keeps winning to more rows than candle's: on a 1536 x 576 layer it
+/// wins up to about 48 rows and ties at 64, candle's loses from 32
+/// (`ops::tests::quantized_matmul_crossover` times them by hand).
+const WHET_DOT_ROWS: usize = 64;
+const CANDLE_DOT_ROWS: usize = 32;
 
 /// Why a quantized weight is not written out: its dequantized values are not the checkpoint's.
 pub(crate) const QUANTIZED_WRITE: &str =
@@ -67,12 +70,15 @@ impl Linear {
                 // Quantized products take f32 activations.
                 let x32 = x.to_dtype(DType::F32)?.contiguous()?;
                 let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
-                let y = if rows >= DEQUANTIZED_ROWS {
-                    crate::ops::quantized_matmul(&x32, weight)?
-                } else if let Some(y) = crate::ops::quantized_matvec(&x32, weight)? {
-                    y
+                let ours = if rows < WHET_DOT_ROWS {
+                    crate::ops::quantized_matvec(&x32, weight)?
                 } else {
-                    matmul.forward(&x32)?
+                    None
+                };
+                let y = match ours {
+                    Some(y) => y,
+                    None if rows < CANDLE_DOT_ROWS => matmul.forward(&x32)?,
+                    None => crate::ops::quantized_matmul(&x32, weight)?,
                 };
                 add_bias(y.to_dtype(x.dtype())?, bias.as_ref())
             }

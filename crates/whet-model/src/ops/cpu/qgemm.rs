@@ -69,6 +69,20 @@ impl<'a> QWeight<'a> {
         (TILE_VALUES / self.cols).max(1)
     }
 
+    /// Rows `a..b` in f32, row-major, on this thread: whet's AVX2 loop for Q8_0 and Q4_0,
+    /// candle's `to_float` for the other types.
+    fn dequantize_rows(&self, a: usize, b: usize) -> Result<Vec<f32>> {
+        let bytes = &self.bytes[a * self.row_bytes()..b * self.row_bytes()];
+        let mut out = vec![0f32; (b - a) * self.cols];
+        if super::qgemv::dequantize(self.dtype, bytes, &mut out) {
+            return Ok(out);
+        }
+        match self.dtype.from_data(Cow::Borrowed(bytes)).dequantize((b - a) * self.cols)? {
+            CpuStorage::F32(v) => Ok(v),
+            _ => candle_core::bail!("dequantizing {:?} gave no f32 values", self.dtype),
+        }
+    }
+
     /// Rows `r0..r1` in f32, row-major, dequantized by the pool's threads.
     fn dequantize(&self, r0: usize, r1: usize) -> Result<Vec<f32>> {
         let per_thread = (r1 - r0).div_ceil(rayon::current_num_threads()).max(1);
@@ -78,11 +92,7 @@ impl<'a> QWeight<'a> {
             .into_par_iter()
             .map(|a| {
                 let b = (a + per_thread).min(r1);
-                let bytes = &self.bytes[a * self.row_bytes()..b * self.row_bytes()];
-                match self.dtype.from_data(Cow::Borrowed(bytes)).dequantize((b - a) * self.cols)? {
-                    CpuStorage::F32(v) => Ok(v),
-                    _ => candle_core::bail!("dequantizing {:?} gave no f32 values", self.dtype),
-                }
+                self.dequantize_rows(a, b)
             })
             .collect::<Result<_>>()?;
         Ok(chunks.concat())
@@ -98,11 +108,7 @@ pub(in crate::ops) fn gather_rows(w: &QWeight, ids: &[u32]) -> Result<Vec<f32>> 
         if r >= w.rows {
             candle_core::bail!("token id {id} is outside the table's {} rows", w.rows)
         }
-        let bytes = &w.bytes[r * w.row_bytes()..(r + 1) * w.row_bytes()];
-        match w.dtype.from_data(Cow::Borrowed(bytes)).dequantize(w.cols)? {
-            CpuStorage::F32(v) => out.extend_from_slice(&v),
-            _ => candle_core::bail!("dequantizing {:?} gave no f32 values", w.dtype),
-        }
+        out.extend_from_slice(&w.dequantize_rows(r, r + 1)?);
     }
     Ok(out)
 }
