@@ -33,6 +33,9 @@ pub(crate) enum Linear {
 /// wins up to about 48 rows and ties at 64, candle's loses from 32
 /// (`ops::tests::quantized_matmul_crossover` times them by hand).
 const WHET_DOT_ROWS: usize = 64;
+/// Rows below which a dense f32 layer takes whet's matrix-vector kernel (decoding steps) rather
+/// than candle's gemm.
+const DENSE_DOT_ROWS: usize = 16;
 const CANDLE_DOT_ROWS: usize = 32;
 
 /// Why a quantized weight is not written out: its dequantized values are not the checkpoint's.
@@ -65,7 +68,18 @@ impl Linear {
             return self.forward_frozen(x);
         }
         match self {
-            Linear::Dense(l) => l.forward(x),
+            Linear::Dense(l) => {
+                let rows = x.elem_count() / x.dim(candle_core::D::Minus1)?;
+                let ours = if rows < DENSE_DOT_ROWS {
+                    crate::ops::dense_matvec(x, l.weight())?
+                } else {
+                    None
+                };
+                match ours {
+                    Some(y) => add_bias(y, l.bias()),
+                    None => l.forward(x),
+                }
+            }
             Linear::Quantized { matmul, weight, bias } => {
                 // Quantized products take f32 activations.
                 let x32 = x.to_dtype(DType::F32)?.contiguous()?;

@@ -104,6 +104,24 @@ pub fn quantized_matvec(x: &Tensor, w: &QTensor) -> Result<Option<Tensor>> {
     Tensor::from_vec(y, dims, x.device()).map(Some)
 }
 
+/// `x @ w^T` for a few rows of `x` (decoding) and a dense `w` `[out, in]`, with whet's AVX2
+/// matrix-vector kernel where it runs (the CPU, f32, contiguous `w`); `None` elsewhere, for
+/// the caller's matmul. Not differentiable: inference only.
+pub fn dense_matvec(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !(kernel(x) && kernel(w) && w.is_contiguous()) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let (n, k) = w.dims2()?;
+    let m = x.elem_count() / k;
+    let y = cpu::with_f32(&[&x, w], |s| Ok(cpu::qgemv::matvec_f32(s[0], m, s[1], k)))?;
+    let Some(y) = y else { return Ok(None) };
+    let mut dims = x.dims().to_vec();
+    let last = dims.len() - 1;
+    dims[last] = n;
+    Tensor::from_vec(y, dims, x.device()).map(Some)
+}
+
 /// Rows `ids` (integer ids, any shape) of a quantized `[V, C]` table: `[.., C]` in f32, only
 /// the rows read dequantized. Frozen: the table gets no gradient.
 pub fn quantized_embedding(ids: &Tensor, table: &QTensor) -> Result<Tensor> {

@@ -265,6 +265,27 @@ fn quantized_matvec_equals_candles_block_products() {
     assert!(quantized_matvec(&x, &k.unwrap()).unwrap().is_none(), "Q4_K is left to candle");
 }
 
+/// The f32 decoding kernel equals candle's matmul, for every row count a decoding step has
+/// and a width that is not a multiple of its 16-value step.
+#[test]
+fn dense_matvec_equals_the_matmul() {
+    let d = Device::Cpu;
+    for (rows, cols) in [(37usize, 100usize), (203, 576)] {
+        let w = Tensor::randn(0f32, 1., (rows, cols), &d).unwrap();
+        for m in [1usize, 2, 3, 4, 5, 9, 15] {
+            let x = Tensor::randn(0f32, 1., (1, m, cols), &d).unwrap();
+            let ours = dense_matvec(&x, &w).unwrap();
+            if !(kernels_enabled() && cpu::qgemv::available()) {
+                assert!(ours.is_none(), "no kernel: left to candle");
+                continue;
+            }
+            let ours = ours.expect("f32 on an AVX2 CPU takes the kernel");
+            assert_eq!(ours.dims(), &[1, m, rows]);
+            close(&ours, &x.broadcast_matmul(&w.t().unwrap()).unwrap(), 1e-5 * cols as f32);
+        }
+    }
+}
+
 #[test]
 fn quantized_embedding_equals_the_dequantized_rows() {
     use candle_core::quantized::{GgmlDType, QTensor};

@@ -90,6 +90,33 @@ pub(in crate::ops) fn matvec(x: &[f32], m: usize, w: &QWeight) -> Result<Vec<f32
     Ok(y)
 }
 
+/// `x [m, k] @ w^T` for an f32 `w` `[n, k]`, split over the same pool: decoding with f32
+/// weights, where every token streams the whole model from memory and candle's matmul of one
+/// row is slower than the memory allows. `None` without AVX2 and FMA.
+pub(in crate::ops) fn matvec_f32(x: &[f32], m: usize, w: &[f32], k: usize) -> Option<Vec<f32>> {
+    if !available() || k == 0 || x.len() != m * k || w.len() % k != 0 {
+        return None;
+    }
+    let n = w.len() / k;
+    let mut y = vec![0f32; m * n];
+    let out = SharedOut(y.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n, |rows| {
+        let mut part = vec![0f32; rows.len() * m]; // [rows, m]
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available()` checked AVX2 and FMA.
+        unsafe {
+            avx2::dot_rows_f32(&w[rows.start * k..rows.end * k], k, x, m, &mut part)
+        };
+        for (j, dots) in part.chunks_exact(m).enumerate() {
+            for (i, v) in dots.iter().enumerate() {
+                // SAFETY: as in `matvec`: these weight rows are this call's alone.
+                unsafe { out.write(i * n + rows.start + j, *v) };
+            }
+        }
+    });
+    Some(y)
+}
+
 /// Dequantize whole rows of a Q8_0 or Q4_0 weight, `bytes` (whole blocks), into `out` (32
 /// values per block): the tiled product's and the embedding lookup's inner loop, several times
 /// faster than candle's `to_float` on these types (a non-inlined f16 conversion per block).
@@ -165,6 +192,52 @@ mod avx2 {
                     _ => rows::<B, 4>(wr, x, i0, k, d),
                 }
             }
+        }
+    }
+
+    /// `out [rows, m]`: dots of each row of `w` (`k` values) with the `m` rows of `x`, up to
+    /// four input rows per pass over a weight row.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot_rows_f32(w: &[f32], k: usize, x: &[f32], m: usize, out: &mut [f32]) {
+        for (wr, dots) in w.chunks_exact(k).zip(out.chunks_exact_mut(m)) {
+            for i0 in (0..m).step_by(4) {
+                let d = &mut dots[i0..];
+                let x = &x[i0 * k..];
+                match m - i0 {
+                    1 => rows_f32::<1>(wr, x, d),
+                    2 => rows_f32::<2>(wr, x, d),
+                    3 => rows_f32::<3>(wr, x, d),
+                    _ => rows_f32::<4>(wr, x, d),
+                }
+            }
+        }
+    }
+
+    /// `R` dots of `w` (`k` values) with rows `0..R` of `x`, 16 values a step into two sets of
+    /// accumulators.
+    #[target_feature(enable = "avx2,fma")]
+    fn rows_f32<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        assert!(x.len() >= R * k && out.len() >= R);
+        let mut a = [_mm256_setzero_ps(); R];
+        let mut b = [_mm256_setzero_ps(); R];
+        let mut j = 0;
+        while j + 16 <= k {
+            // SAFETY: values `j..j + 16` of `w` and of rows `0..R` of `x` are in bounds.
+            unsafe {
+                let w0 = _mm256_loadu_ps(w.as_ptr().add(j));
+                let w1 = _mm256_loadu_ps(w.as_ptr().add(j + 8));
+                for (r, (a, b)) in a.iter_mut().zip(b.iter_mut()).enumerate() {
+                    let p = x.as_ptr().add(r * k + j);
+                    *a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), *a);
+                    *b = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), *b);
+                }
+            }
+            j += 16;
+        }
+        for (r, o) in out.iter_mut().take(R).enumerate() {
+            let tail: f32 = (j..k).map(|i| w[i] * x[r * k + i]).sum();
+            *o = hsum(_mm256_add_ps(a[r], b[r])) + tail;
         }
     }
 
