@@ -21,6 +21,26 @@ pub(in crate::ops) fn matmul(
     unsafe { gemm_into(dst.as_mut_ptr(), m, n, k, lhs, rhs, gemm::Parallelism::None) }
 }
 
+/// `dst [m, n] = lhs [m, k] @ rhs [k, n]` on this thread, `dst`'s rows `dst_rs` apart: one
+/// block of columns of a wider output that other threads fill beside it.
+///
+/// # Safety
+/// `dst` must be valid for writing `(m - 1) * dst_rs + n` values, which no other thread
+/// touches meanwhile, and not overlap the operands.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::ops) unsafe fn matmul_columns(
+    dst: *mut f32,
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+) {
+    // SAFETY: as the caller vouches.
+    unsafe { gemm_raw(dst, dst_rs, m, n, k, lhs, rhs, false, gemm::Parallelism::None) }
+}
+
 /// `lhs [m, k] @ rhs [k, n]`, `[m, n]`, with the threads of the current rayon pool.
 pub(in crate::ops) fn matmul_pooled(
     m: usize,
