@@ -28,15 +28,15 @@ pub(crate) enum Linear {
 
 /// Rows below which a quantized layer's product takes integer block dot products, which read
 /// each weight once, rather than dequantizing tiles into an f32 gemm: decoding steps, batched
-/// ones included (the engine runs up to 16 rows), and short prefill chunks. Whet's kernel
-/// (Q8_0/Q4_0 on AVX2) keeps winning to more rows than candle's: on a 1536 x 576 layer it
-/// wins up to about 48 rows and ties at 64, candle's loses from 32
-/// (`ops::tests::quantized_matmul_crossover` times them by hand).
-const WHET_DOT_ROWS: usize = 64;
+/// ones included (the engine runs up to 16 rows), and short prefill chunks. Timed by hand with
+/// `ops::tests::quantized_matmul_crossover` on a 1536 x 576 layer: whet's kernel (Q8_0/Q4_0 on
+/// AVX2) wins up to 32 rows and ties at 48; candle's, with candle's dequantization in the tiles
+/// (what machines without that kernel run), lost from 32.
+const WHET_DOT_ROWS: usize = 48;
+const CANDLE_DOT_ROWS: usize = 32;
 /// Rows below which a dense f32 layer takes whet's matrix-vector kernel (decoding steps) rather
 /// than candle's gemm.
 const DENSE_DOT_ROWS: usize = 16;
-const CANDLE_DOT_ROWS: usize = 32;
 
 /// Why a quantized weight is not written out: its dequantized values are not the checkpoint's.
 pub(crate) const QUANTIZED_WRITE: &str =

@@ -279,7 +279,7 @@ fn qlora_equals_training_over_the_dequantized_base() {
         } else {
             whet_model::load_quantized(&tiny, DType::F32, &dev, 21, Some(q)).unwrap().model
         };
-        // 80 tokens: a prefill long enough for the tiled product (up to 63 take integer block
+        // 80 tokens: a prefill long enough for the tiled product (up to 47 take integer block
         // dot products, which quantize the activations too).
         let long = Tensor::arange(0u32, 80, &dev).unwrap().unsqueeze(0).unwrap();
         let prefill = |m: &whet_model::Llama| m.forward(&long, None).unwrap();
