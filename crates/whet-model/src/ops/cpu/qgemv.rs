@@ -66,28 +66,38 @@ pub(in crate::ops) fn matvec(x: &[f32], m: usize, w: &QWeight) -> Result<Vec<f32
         candle_core::bail!("no quantized matrix-vector kernel for {:?} [{n}, {k}]", w.dtype())
     }
     let xq = quantize_rows(x);
-    let mut y = vec![0f32; m * n];
-    let out = SharedOut(y.as_mut_ptr());
-    let row_bytes = w.row_bytes();
-    let bytes = w.bytes();
-    let dtype = w.dtype();
-    candle_core::utils::barrier_pool().execute_chunked(n, |rows| {
+    let (row_bytes, bytes, dtype) = (w.row_bytes(), w.bytes(), w.dtype());
+    Ok(by_weight_rows(m, n, |rows, part| {
         let w = &bytes[rows.start * row_bytes..rows.end * row_bytes];
-        let mut part = vec![0f32; rows.len() * m]; // [rows, m]
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` checked AVX2, FMA and F16C.
         unsafe {
-            avx2::dot_rows(dtype, w, row_bytes, &xq, m, k, &mut part)
+            avx2::dot_rows(dtype, w, row_bytes, &xq, m, k, part)
         };
+    }))
+}
+
+/// `y [m, n]`, its weight rows (`y`'s columns) split over candle's pool: `f(rows, part)` fills
+/// `part [rows, m]`, which is then written to those columns.
+fn by_weight_rows(
+    m: usize,
+    n: usize,
+    f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    let out = SharedOut(y.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(n, |rows| {
+        let mut part = vec![0f32; rows.len() * m];
+        f(rows.clone(), &mut part);
         for (j, dots) in part.chunks_exact(m).enumerate() {
             for (i, v) in dots.iter().enumerate() {
-                // SAFETY: weight rows `rows` belong to this call alone, so no other thread
+                // SAFETY: weight rows `rows` belong to this task alone, so no other thread
                 // writes `y[i * n + r]`, which is inside `y`'s `m * n`.
                 unsafe { out.write(i * n + rows.start + j, *v) };
             }
         }
     });
-    Ok(y)
+    y
 }
 
 /// `x [m, k] @ w^T` for an f32 `w` `[n, k]`, split over the same pool: decoding with f32
@@ -98,23 +108,13 @@ pub(in crate::ops) fn matvec_f32(x: &[f32], m: usize, w: &[f32], k: usize) -> Op
         return None;
     }
     let n = w.len() / k;
-    let mut y = vec![0f32; m * n];
-    let out = SharedOut(y.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(n, |rows| {
-        let mut part = vec![0f32; rows.len() * m]; // [rows, m]
+    Some(by_weight_rows(m, n, |rows, part| {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` checked AVX2 and FMA.
         unsafe {
-            avx2::dot_rows_f32(&w[rows.start * k..rows.end * k], k, x, m, &mut part)
+            avx2::dot_rows_f32(&w[rows.start * k..rows.end * k], k, x, m, part)
         };
-        for (j, dots) in part.chunks_exact(m).enumerate() {
-            for (i, v) in dots.iter().enumerate() {
-                // SAFETY: as in `matvec`: these weight rows are this call's alone.
-                unsafe { out.write(i * n + rows.start + j, *v) };
-            }
-        }
-    });
-    Some(y)
+    }))
 }
 
 /// Dequantize whole rows of a Q8_0 or Q4_0 weight, `bytes` (whole blocks), into `out` (32
@@ -136,7 +136,8 @@ pub(in crate::ops) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]
 
 /// `y`'s values, written by the pool's threads at distinct indices.
 struct SharedOut(*mut f32);
-// SAFETY: the threads write disjoint elements (see `matvec`), and `y` outlives the pool call.
+// SAFETY: the threads write disjoint elements (see `by_weight_rows`), and `y` outlives the pool
+// call.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
