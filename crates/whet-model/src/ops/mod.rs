@@ -54,9 +54,8 @@ pub fn frozen_matmul_backward(grad: &Tensor, weight: &Tensor) -> Result<Tensor> 
     // One 2-D matmul over all tokens (a batched one would broadcast the weight per row).
     let dims = grad.dims();
     let g = grad.contiguous()?.flatten_to(dims.len() - 2)?; // [N, out]
-    let mut out = dims.to_vec();
     let (n, k) = weight.dims2()?;
-    out[dims.len() - 1] = k;
+    let out = last_dim(dims, k);
     if !(kernel(&g) && kernel(weight) && weight.is_contiguous()) {
         return g.matmul(weight)?.reshape(out);
     }
@@ -77,10 +76,7 @@ pub fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
         Some(qw) => {
             let m = xd.elem_count() / k;
             let y = cpu::with_f32(&[&xd], |s| cpu::qgemm::forward(s[0], m, &qw))?;
-            let mut out = dims;
-            let last = out.len() - 1;
-            out[last] = w.shape().dims2()?.0;
-            Tensor::from_vec(y, out, xd.device())?
+            Tensor::from_vec(y, last_dim(&dims, w.shape().dims2()?.0), xd.device())?
         }
         None => composed::quantized_matmul(&xd, w)?,
     };
@@ -94,14 +90,14 @@ pub fn quantized_matmul(x: &Tensor, w: &Arc<QTensor>) -> Result<Tensor> {
 pub fn quantized_matvec(x: &Tensor, w: &QTensor) -> Result<Option<Tensor>> {
     let usable = kernel(x) && cpu::qgemv::available() && cpu::qgemv::supports(w.dtype());
     let Some(qw) = cpu::qgemm::QWeight::new(w).filter(|_| usable) else { return Ok(None) };
-    let x = x.contiguous()?;
     let (n, k) = w.shape().dims2()?;
+    if x.dims().last() != Some(&k) {
+        return Ok(None); // the caller's product reports the mismatch
+    }
+    let x = x.contiguous()?;
     let m = x.elem_count() / k;
     let y = cpu::with_f32(&[&x], |s| cpu::qgemv::matvec(s[0], m, &qw))?;
-    let mut dims = x.dims().to_vec();
-    let last = dims.len() - 1;
-    dims[last] = n;
-    Tensor::from_vec(y, dims, x.device()).map(Some)
+    Tensor::from_vec(y, last_dim(x.dims(), n), x.device()).map(Some)
 }
 
 /// `x @ w^T` for a few rows of `x` (decoding) and a dense `w` `[out, in]`, with whet's AVX2
@@ -111,15 +107,24 @@ pub fn dense_matvec(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if !(kernel(x) && kernel(w) && w.is_contiguous()) {
         return Ok(None);
     }
-    let x = x.contiguous()?;
     let (n, k) = w.dims2()?;
+    if x.dims().last() != Some(&k) {
+        return Ok(None); // the caller's matmul reports the mismatch
+    }
+    let x = x.contiguous()?;
     let m = x.elem_count() / k;
     let y = cpu::with_f32(&[&x, w], |s| Ok(cpu::qgemv::matvec_f32(s[0], m, s[1], k)))?;
     let Some(y) = y else { return Ok(None) };
-    let mut dims = x.dims().to_vec();
-    let last = dims.len() - 1;
-    dims[last] = n;
-    Tensor::from_vec(y, dims, x.device()).map(Some)
+    Tensor::from_vec(y, last_dim(x.dims(), n), x.device()).map(Some)
+}
+
+/// `dims` with the last one set to `n`: a product's output shape.
+fn last_dim(dims: &[usize], n: usize) -> Vec<usize> {
+    let mut out = dims.to_vec();
+    if let Some(last) = out.last_mut() {
+        *last = n;
+    }
+    out
 }
 
 /// Rows `ids` (integer ids, any shape) of a quantized `[V, C]` table: `[.., C]` in f32, only
@@ -146,10 +151,7 @@ pub fn quantized_matmul_backward(g: &Tensor, w: &QTensor) -> Result<Tensor> {
         Some(qw) => {
             let m = g.elem_count() / n;
             let dx = cpu::with_f32(&[&g], |s| cpu::qgemm::backward(s[0], m, &qw))?;
-            let mut out = g.dims().to_vec();
-            let last = out.len() - 1;
-            out[last] = k;
-            Tensor::from_vec(dx, out, g.device())
+            Tensor::from_vec(dx, last_dim(g.dims(), k), g.device())
         }
         None => composed::quantized_matmul_backward(&g, w),
     }

@@ -125,15 +125,16 @@ pub(in crate::ops) fn forward(x: &[f32], m: usize, w: &QWeight) -> Result<Vec<f3
     let starts: Vec<usize> = (0..n).step_by(tile_rows).collect();
     starts.into_par_iter().try_for_each(|r0| -> Result<()> {
         let r1 = (r0 + tile_rows).min(n);
-        let tile = w.dequantize_rows(r0, r1)?; // [r1 - r0, k]
-                                               // SAFETY: columns `r0..r1` of `y` (`[m, n]`) are this task's alone.
+        let tile = w.dequantize_rows(r0, r1)?;
+        // SAFETY: columns `r0..r1` of `y` (`[m, n]`) are this task's alone; `tile` is
+        // `[r1 - r0, k]`.
         unsafe { dst.multiply(r0, n, m, r1 - r0, k, (x, k, 1), (&tile, 1, k)) };
         Ok(())
     })?;
     Ok(y)
 }
 
-/// f32 values per tile of [`forward`] (256 KiB): a quarter of this machine's per-core L2.
+/// f32 values per tile of [`forward`] (256 KiB): half of this machine's 512 KiB per-core L2.
 const LOCAL_TILE_VALUES: usize = 1 << 16;
 
 /// The output of [`forward`], whose column blocks the pool's tasks write side by side.
