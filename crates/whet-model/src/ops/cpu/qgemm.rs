@@ -73,9 +73,8 @@ impl<'a> QWeight<'a> {
     /// candle's `to_float` for the other types.
     fn dequantize_rows(&self, a: usize, b: usize) -> Result<Vec<f32>> {
         let bytes = &self.bytes[a * self.row_bytes()..b * self.row_bytes()];
-        let mut out = vec![0f32; (b - a) * self.cols];
-        if super::qgemv::dequantize(self.dtype, bytes, &mut out) {
-            return Ok(out);
+        if let Some(values) = super::qgemv::dequantize(self.dtype, bytes) {
+            return Ok(values);
         }
         match self.dtype.from_data(Cow::Borrowed(bytes)).dequantize((b - a) * self.cols)? {
             CpuStorage::F32(v) => Ok(v),

@@ -117,21 +117,21 @@ pub(in crate::ops) fn matvec_f32(x: &[f32], m: usize, w: &[f32], k: usize) -> Op
     }))
 }
 
-/// Dequantize whole rows of a Q8_0 or Q4_0 weight, `bytes` (whole blocks), into `out` (32
-/// values per block): the tiled product's and the embedding lookup's inner loop, several times
-/// faster than candle's `to_float` on these types (a non-inlined f16 conversion per block).
-/// `false` when the kernel does not apply (no AVX2, another type); the caller then uses
-/// candle's.
-pub(in crate::ops) fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+/// The blocks `bytes` of a Q8_0 or Q4_0 weight, dequantized (32 values per block): the tiled
+/// product's and the embedding lookup's inner loop, several times faster than candle's
+/// `to_float` on these types (a non-inlined f16 conversion per block). `None` when the kernel
+/// does not apply (no AVX2, another type); the caller then uses candle's.
+pub(in crate::ops) fn dequantize(dtype: GgmlDType, bytes: &[u8]) -> Option<Vec<f32>> {
     if !(available() && supports(dtype)) {
-        return false;
+        return None;
     }
+    let mut out = vec![0f32; bytes.len() / dtype.type_size() * BLOCK];
     #[cfg(target_arch = "x86_64")]
     // SAFETY: `available()` checked AVX2, FMA and F16C.
     unsafe {
-        avx2::dequantize(dtype, bytes, out)
+        avx2::dequantize(dtype, bytes, &mut out)
     };
-    true
+    Some(out)
 }
 
 /// `y`'s values, written by the pool's threads at distinct indices.
