@@ -16,7 +16,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use whet_data::Tokenized;
-use whet_model::loss::cross_entropy;
 use whet_model::{GradCollector, Llama, Packing, TrainPass};
 
 /// Training and validation examples, already tokenized and masked.
@@ -166,8 +165,7 @@ fn batch_loss(
     }; // [B, T, C]
     let n = at.len();
     let h = h.reshape((b * t, h.dim(2)?))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?; // [N, C]
-    let logits = model.logits(&h)?; // [N, V]
-    let loss = cross_entropy(&logits, &Tensor::from_vec(targets, n, device)?)?;
+    let loss = model.loss(&h, &Tensor::from_vec(targets, n, device)?)?;
     Ok((loss, collector, n, rows.iter().map(|r| r.ids.len()).sum()))
 }
 

@@ -121,6 +121,25 @@ impl Linear {
         }
     }
 
+    /// Mean cross-entropy of the logits `x @ W^T (+ b)` `[N, V]` against `targets` `[N]`,
+    /// differentiable in `x`: fused with the product where `ops::linear_cross_entropy` runs
+    /// (a head without bias), else the product and then `ops::cross_entropy`.
+    pub(crate) fn cross_entropy(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let fused = match self {
+            Linear::Dense(l) if l.bias().is_none() => {
+                crate::ops::linear_cross_entropy(x, l.weight(), targets)?
+            }
+            Linear::Quantized { weight, bias: None, .. } => {
+                crate::ops::quantized_linear_cross_entropy(x, weight, targets)?
+            }
+            _ => None,
+        };
+        match fused {
+            Some(loss) => Ok(loss),
+            None => crate::ops::cross_entropy(&self.forward(x)?, targets),
+        }
+    }
+
     /// The dense weight and bias, for writing the model out; quantized weights are refused
     /// (their dequantized values are not the checkpoint's).
     pub(crate) fn dense(&self) -> Result<(&Tensor, Option<&Tensor>)> {

@@ -661,6 +661,13 @@ impl Llama {
         self.lm_head.forward(h)
     }
 
+    /// Mean cross-entropy of the logits of hidden states `h` `[N, C]` against `targets` `[N]`
+    /// (u32), differentiable in `h`; on the CPU the `[N, V]` logits are never held whole (see
+    /// `ops::linear_cross_entropy`).
+    pub fn loss(&self, h: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        self.lm_head.cross_entropy(h, targets)
+    }
+
     /// Logits `[B, T, V]` for every position.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>) -> Result<Tensor> {
         self.logits(&self.hidden(ids, cache)?)

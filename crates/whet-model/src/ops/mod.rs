@@ -274,3 +274,32 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
     composed::cross_entropy(logits, targets)
 }
+
+/// Mean cross-entropy of the logits `h @ w^T` `[N, V]` (a frozen head `w` `[V, C]`) against
+/// `targets` `[N]`, differentiable in `h`. On the CPU in f32 the logits are formed a block of
+/// rows at a time and each block's gradient is multiplied back through the head at once, so
+/// the `[N, V]` logits and their gradient, the largest tensors of a training step (2 x 100 MB
+/// for 512 tokens of a 49k vocabulary), never exist whole; the gradient of `h` is computed
+/// with the loss (only where `h` is part of a graph) and scaled by the output gradient in the
+/// backward pass. `None` elsewhere, for the caller's head product and [`cross_entropy`].
+pub fn linear_cross_entropy(h: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Option<Tensor>> {
+    if !(kernel(h) && kernel(w) && w.is_contiguous() && h.rank() == 2) {
+        return Ok(None);
+    }
+    let head = cpu::cross_entropy::Head::Dense(w);
+    cpu::cross_entropy::linear_cross_entropy(h, head, targets).map(Some)
+}
+
+/// [`linear_cross_entropy`] for a block-quantized head (QLoRA's tied embedding), its blocks
+/// dequantized a tile at a time as in [`quantized_matmul`].
+pub fn quantized_linear_cross_entropy(
+    h: &Tensor,
+    w: &QTensor,
+    targets: &Tensor,
+) -> Result<Option<Tensor>> {
+    let Some(qw) = cpu::qgemm::QWeight::new(w).filter(|_| kernel(h) && h.rank() == 2) else {
+        return Ok(None);
+    };
+    cpu::cross_entropy::linear_cross_entropy(h, cpu::cross_entropy::Head::Quantized(qw), targets)
+        .map(Some)
+}

@@ -343,3 +343,103 @@ fn quantized_matmul_crossover() {
         }
     }
 }
+
+/// The vector exponentials equal libm's to 2 ulp over the whole f32 range they meet (and
+/// beyond: denormal results, overflow), with lengths that leave a tail; `-inf` gives exactly
+/// 0 and NaN stays NaN. Without AVX2 they are libm's own.
+#[test]
+fn vector_exponentials_equal_libms() {
+    let mut xs: Vec<f32> = (0..20_011).map(|i| -110.0 + i as f32 * 0.01).collect();
+    xs.extend([0.0, -0.0, 1e-8, -1e-8, 88.72, 88.8, 200.0, -87.34, -103.9, -104.5]);
+    xs.extend([f32::NEG_INFINITY, f32::INFINITY]);
+    let ulps = |a: f32, b: f32| (a.to_bits() as i64 - b.to_bits() as i64).abs();
+    for shift in [0.0f32, 2.5] {
+        let mut ours = xs.clone();
+        let sum = cpu::vmath::exp_shifted(&mut ours, shift);
+        let mut expected = 0f64;
+        for (x, e) in xs.iter().zip(&ours) {
+            let want = (x - shift).exp();
+            expected += want as f64;
+            assert!(ulps(*e, want) <= 2, "exp({x} - {shift}) = {e}, libm {want}");
+        }
+        assert!(sum.is_infinite() && expected.is_infinite(), "the sum includes exp(inf)");
+        let finite: Vec<f32> = xs.iter().copied().filter(|x| *x < 80.0).collect();
+        let ours = cpu::vmath::sum_exp_shifted(&finite, shift) as f64;
+        let want: f64 = finite.iter().map(|x| (x - shift).exp() as f64).sum();
+        assert!((ours - want).abs() <= 1e-6 * want, "sum {ours} vs {want}");
+    }
+    let mut special = [f32::NEG_INFINITY, f32::NAN, 0.0];
+    cpu::vmath::exp_shifted(&mut special, 0.0);
+    assert_eq!(special[0].to_bits(), 0, "exp(-inf) is +0");
+    assert!(special[1].is_nan() && special[2] == 1.0, "{special:?}");
+    let x: Vec<f32> = (0..1003).map(|i| -50.0 + i as f32 * 0.1).collect();
+    let mut sig = vec![0f32; x.len()];
+    cpu::vmath::sigmoid(&mut sig, &x);
+    for (x, s) in x.iter().zip(&sig) {
+        let want = 1.0 / (1.0 + (-x).exp());
+        assert!(ulps(*s, want) <= 3, "sigmoid({x}) = {s}, libm {want}");
+    }
+}
+
+/// The head's product fused with the loss equals the product followed by cross-entropy, in
+/// value and in the gradient of the hidden states, whether the logits are formed whole, a few
+/// rows at a time (a partial last block) or one row at a time, for a dense head and a
+/// quantized one (against its dequantized weights); without a graph it gives the same loss; a
+/// bad target is refused. Under `WHET_KERNELS=portable` both step aside.
+#[test]
+fn linear_cross_entropy_equals_the_head_then_the_loss() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use cpu::cross_entropy::{linear_cross_entropy_in_blocks, Head};
+    let d = Device::Cpu;
+    let (n, c, v) = (37, 64, 101);
+    let h = Var::randn(0f32, 1., (n, c), &d).unwrap();
+    let dense = Tensor::randn(0f32, 0.3, (v, c), &d).unwrap();
+    let ids: Vec<u32> = (0..n as u32).map(|i| (i * 53 + 7) % v as u32).chain([0, 100]).collect();
+    let targets = Tensor::new(&ids[2..], &d).unwrap(); // includes 0 and V - 1
+    let reference = |w: &Tensor| {
+        let logits = h.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+        let nll = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().neg().unwrap();
+        let loss = nll.mean_all().unwrap();
+        let g = (&loss * 3.0).unwrap().backward().unwrap();
+        (loss.to_scalar::<f32>().unwrap(), g.get(&h).unwrap().clone())
+    };
+    let check = |ours: Tensor, (want, g_ref): &(f32, Tensor), what: &str| {
+        let got = ours.to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() < 1e-5 * want, "{what}: {got} vs {want}");
+        let g = (ours * 3.0).unwrap().backward().unwrap();
+        close(g.get(&h).unwrap(), g_ref, 1e-6);
+    };
+    let quantized = QTensor::quantize(&dense, GgmlDType::Q8_0).unwrap();
+    let want_dense = reference(&dense);
+    let want_quantized = reference(&quantized.dequantize(&d).unwrap());
+
+    let fused = linear_cross_entropy(h.as_tensor(), &dense, &targets).unwrap();
+    let fused_q = quantized_linear_cross_entropy(h.as_tensor(), &quantized, &targets).unwrap();
+    let (Some(fused), Some(fused_q)) = (fused, fused_q) else {
+        assert!(!kernels_enabled(), "the CPU kernel runs unless WHET_KERNELS=portable");
+        return;
+    };
+    check(fused, &want_dense, "dense");
+    check(fused_q, &want_quantized, "quantized");
+    let qw = || Head::Quantized(cpu::qgemm::QWeight::new(&quantized).unwrap());
+    for block_values in [usize::MAX, 5 * v, v] {
+        let ours = linear_cross_entropy_in_blocks(
+            h.as_tensor(),
+            Head::Dense(&dense),
+            &targets,
+            block_values,
+        );
+        check(ours.unwrap(), &want_dense, &format!("dense, blocks of {block_values}"));
+        let ours = linear_cross_entropy_in_blocks(h.as_tensor(), qw(), &targets, block_values);
+        check(ours.unwrap(), &want_quantized, &format!("quantized, blocks of {block_values}"));
+    }
+    let untracked = h.as_tensor().detach();
+    let loss = linear_cross_entropy(&untracked, &dense, &targets).unwrap().unwrap();
+    assert!((loss.to_scalar::<f32>().unwrap() - want_dense.0).abs() < 1e-5 * want_dense.0);
+    let mut out_of_range = ids[2..].to_vec();
+    out_of_range[3] = v as u32;
+    let bad = Tensor::new(out_of_range, &d).unwrap();
+    let e = linear_cross_entropy(h.as_tensor(), &dense, &bad).unwrap_err().to_string();
+    assert!(e.contains("target token 101 is outside the vocabulary of 101"), "{e}");
+}

@@ -8,6 +8,7 @@
 //! mask `[M, T, S]` with `M` 1 or `B`.
 
 use super::gemm::matmul;
+use super::vmath;
 use super::{viewed, with_f32};
 use candle_core::{DType, Layout, Tensor};
 use rayon::prelude::*;
@@ -49,13 +50,8 @@ fn weights(p: &mut [f32], q: &[f32], k: &[f32], mask: Option<&[f32]>, scale: f32
             *x = *x * scale + mask.map_or(0.0, |m| m[j]);
             max = max.max(*x);
         }
-        let mut sum = 0.0;
-        for x in row.iter_mut() {
-            // Masked entries are -inf: skip the exponential (half of a causal row).
-            *x = if *x == f32::NEG_INFINITY { 0.0 } else { (*x - max).exp() };
-            sum += *x;
-        }
-        let inv = 1.0 / sum;
+        // Masked entries are -inf, whose exponential is exactly 0.
+        let inv = 1.0 / vmath::exp_shifted(row, max);
         row.iter_mut().for_each(|x| *x *= inv);
     }
 }

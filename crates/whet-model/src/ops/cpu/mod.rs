@@ -8,8 +8,24 @@ pub(super) mod norm;
 pub(super) mod qgemm;
 pub(super) mod qgemv;
 pub(super) mod swiglu;
+pub(super) mod vmath;
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+
+/// Whether this CPU has AVX2, FMA and F16C, which whet's x86-64 SIMD kernels use.
+pub(super) fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
 
 /// The values of contiguous CPU storage `data` that `layout` covers.
 pub(super) fn viewed<'a>(data: &'a [f32], layout: &Layout) -> &'a [f32] {

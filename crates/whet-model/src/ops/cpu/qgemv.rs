@@ -16,17 +16,7 @@ const BLOCK: usize = 32;
 
 /// Whether this CPU runs the kernels (AVX2, FMA and F16C).
 pub(in crate::ops) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    super::avx2()
 }
 
 /// Whether [`matvec`] takes weights of `dtype`.

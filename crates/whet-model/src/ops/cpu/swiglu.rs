@@ -1,7 +1,7 @@
 //! SwiGLU on the CPU in f32, one pass each way. With `s = sigmoid(g)`: `y = g s u`,
 //! `dg = dy u s (1 + g (1 - s))`, `du = dy g s`.
 
-use super::{viewed, with_f32};
+use super::{viewed, vmath, with_f32};
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -31,8 +31,9 @@ impl CustomOp2 for SwiGlu {
         let mut y = vec![0f32; n];
         y.par_chunks_mut(4096).zip(g.par_chunks(4096)).zip(u.par_chunks(4096)).for_each(
             |((y, g), u)| {
+                vmath::sigmoid(y, g);
                 for ((y, g), u) in y.iter_mut().zip(g).zip(u) {
-                    *y = g / (1.0 + (-g).exp()) * u;
+                    *y *= g * u;
                 }
             },
         );
@@ -65,8 +66,10 @@ pub(in crate::ops) fn backward(
             .zip(du.par_chunks_mut(4096))
             .zip(s[0].par_chunks(4096).zip(s[1].par_chunks(4096)).zip(s[2].par_chunks(4096)))
             .for_each(|((dg, du), ((g, u), dy))| {
+                // The sigmoids first, into `du`, which each step below reads before writing.
+                vmath::sigmoid(du, g);
                 for i in 0..g.len() {
-                    let sig = 1.0 / (1.0 + (-g[i]).exp());
+                    let sig = du[i];
                     du[i] = dy[i] * g[i] * sig;
                     dg[i] = dy[i] * u[i] * sig * (1.0 + g[i] * (1.0 - sig));
                 }
