@@ -30,6 +30,14 @@ pub fn generate(args: BenchGenerateArgs) -> Result<()> {
         "decode:     {decode:.1} tokens/s (median; runs: {})",
         runs.iter().map(|r| format!("{:.1}", r.decode_tps)).collect::<Vec<_>>().join(", ")
     )?;
+    // What bounds decoding on a CPU: every token reads these weights from memory once.
+    let bytes = m.model.decode_weight_bytes() as f64;
+    writeln!(
+        out,
+        "weights:    {:.2} MB read per decoded token, {:.1} GB/s at the median decode speed",
+        bytes / 1e6,
+        bytes * decode / 1e9
+    )?;
     writeln!(out, "{}", whet_infer::bench::load_line(load_before))?;
     Ok(())
 }

@@ -98,6 +98,26 @@ fn bench_generate_reports_speed_and_load() {
     for key in ["prefill:", "decode:", "tokens/s (median", "load avg:"] {
         assert!(out.contains(key), "{out}");
     }
+    // random:tiny: 2 blocks of q, o 64x64, k, v 32x64, gate, up, down 128x64, and the untied
+    // head 320x64: 94,208 weights, 376,832 bytes in f32; in Q8_0, 34 bytes per 32 weights.
+    assert!(out.contains("weights:    0.38 MB read per decoded token"), "{out}");
+    let quantized = whet(
+        &[
+            "bench",
+            "generate",
+            "--model",
+            "random:tiny",
+            "--runs",
+            "1",
+            "--tokens",
+            "4",
+            "--quantize",
+            "q8_0",
+        ],
+        "",
+    );
+    assert!(quantized.status.success(), "{}", stderr(&quantized));
+    assert!(stdout(&quantized).contains("weights:    0.10 MB read"), "{}", stdout(&quantized));
 }
 
 #[test]

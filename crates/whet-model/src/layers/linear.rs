@@ -149,6 +149,17 @@ impl Linear {
         }
     }
 
+    /// Bytes of the weight and bias, as held (quantized blocks where quantized).
+    pub(crate) fn weight_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        match self {
+            Linear::Dense(l) => bytes(l.weight()) + l.bias().map_or(0, bytes),
+            Linear::Quantized { weight, bias, .. } => {
+                weight.storage_size_in_bytes() + bias.as_ref().map_or(0, bytes)
+            }
+        }
+    }
+
     /// The quantized blocks, if the layer holds its weight quantized.
     pub(crate) fn quantized_weight(&self) -> Option<&Arc<QTensor>> {
         match self {

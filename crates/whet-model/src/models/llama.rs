@@ -331,6 +331,13 @@ impl Llama {
         self.embed_tokens.quantize(dtype, tied)
     }
 
+    /// Bytes of frozen weights one decoding step reads: every linear layer and the head, as
+    /// held (quantized or not); the embedding table gives one row, and norms are left out.
+    /// Decoding on a CPU is bound by reading these from memory once per token.
+    pub fn decode_weight_bytes(&self) -> usize {
+        self.projs().map(|p| p.base.weight_bytes()).sum::<usize>() + self.lm_head.weight_bytes()
+    }
+
     /// Final hidden states `[B, T, C]` for `ids` `[B, T]`, which continue `cache` when given.
     pub fn hidden(&self, ids: &Tensor, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;

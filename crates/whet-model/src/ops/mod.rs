@@ -233,18 +233,25 @@ pub fn attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let mut y = None;
+    let q = q.contiguous()?;
     if !kernel(&q) {
         // No kernel of whet's own here: the composed ops, outside the graph.
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
         let out = composed::attention(&q, &k, &v, mask, scale)?;
         if !(q.track_op() || k.track_op() || v.track_op()) {
             return Ok(out);
         }
-        y = Some(out);
+        let op = AttentionNode { y: Precomputed::new(Some(out)), mask: mask.cloned(), scale };
+        return q.apply_op3(&k, &v, op);
     }
-    let op = AttentionNode { y: Precomputed::new(y), mask: mask.cloned(), scale };
-    q.apply_op3(&k, &v, op)
+    // Decoding passes views of the first positions of its key/value cache: the kernel reads
+    // them in place instead of copying the whole cache in every layer for every token.
+    let heads = |t: &Tensor| match cpu::attention::head_stride(t.layout()) {
+        Some(_) => Ok(t.clone()),
+        None => t.contiguous(),
+    };
+    let op = AttentionNode { y: Precomputed::new(None), mask: mask.cloned(), scale };
+    q.apply_op3(&heads(k)?, &heads(v)?, op)
 }
 
 /// The gradients of [`attention`]'s `q`, `k` and `v` for output gradient `dy`, with `P` the

@@ -443,3 +443,42 @@ fn linear_cross_entropy_equals_the_head_then_the_loss() {
     let e = linear_cross_entropy(h.as_tensor(), &dense, &bad).unwrap_err().to_string();
     assert!(e.contains("target token 101 is outside the vocabulary of 101"), "{e}");
 }
+
+/// Attention over views of the first positions of longer key/value buffers (what decoding's
+/// cache passes, read in place) equals attention over contiguous copies, for several sequences
+/// and key/value heads, one of each, and a transposed view (copied first).
+#[test]
+fn attention_reads_cache_views_in_place() {
+    let d = Device::Cpu;
+    for (b, kv, h) in [(2, 3, 6), (1, 3, 9), (2, 1, 2), (1, 1, 1)] {
+        let (t, s, max, hd) = (2, 7, 12, 8);
+        let q = Tensor::randn(0f32, 1., (b, h, t, hd), &d).unwrap();
+        let kbuf = Tensor::randn(0f32, 1., (b, kv, max, hd), &d).unwrap();
+        let vbuf = Tensor::randn(0f32, 1., (b, kv, max, hd), &d).unwrap();
+        let (k, v) = (kbuf.narrow(2, 0, s).unwrap(), vbuf.narrow(2, 0, s).unwrap());
+        assert!(cpu::attention::head_stride(k.layout()).is_some(), "read in place");
+        let mask: Vec<f32> = (0..t * s)
+            .map(|i| if i % s <= s - t + i / s { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, s), &d).unwrap();
+        let views = attention(&q, &k, &v, Some(&mask), 0.35).unwrap();
+        let copies =
+            attention(&q, &k.contiguous().unwrap(), &v.contiguous().unwrap(), Some(&mask), 0.35)
+                .unwrap();
+        close(&views, &copies, 1e-7);
+        let reference = composed::attention(
+            &q,
+            &k.contiguous().unwrap(),
+            &v.contiguous().unwrap(),
+            Some(&mask),
+            0.35,
+        )
+        .unwrap();
+        close(&views, &reference, 1e-5);
+        // Keys transposed in their last two dimensions and back: not a layout the kernel
+        // reads in place, so it is copied first, with the same result.
+        let kt = k.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap();
+        assert!(cpu::attention::head_stride(kt.layout()).is_none() || kt.is_contiguous());
+        close(&attention(&q, &kt, &v, Some(&mask), 0.35).unwrap(), &copies, 1e-7);
+    }
+}

@@ -64,20 +64,39 @@ fn task_mask<'a>(mask: Option<Mask<'a>>, task: usize, n: Dims) -> Option<&'a [f3
     })
 }
 
+/// Keys or values `[B, K, S, D]` whose heads lie `head_stride` values apart (at least `S * D`;
+/// more when they are a view of a longer cache), each head's `S` rows contiguous.
+#[derive(Debug, Clone, Copy)]
+pub(in crate::ops) struct Heads<'a> {
+    pub values: &'a [f32],
+    pub head_stride: usize,
+}
+
+impl<'a> Heads<'a> {
+    fn contiguous(values: &'a [f32], n: Dims) -> Self {
+        Heads { values, head_stride: n.s * n.d }
+    }
+
+    /// Head `task` (`b * K + kv`): `S * D` values.
+    fn head(&self, task: usize, n: Dims) -> &'a [f32] {
+        &self.values[task * self.head_stride..][..n.s * n.d]
+    }
+}
+
 /// Output `[B, K, R*T, D]`.
 pub(in crate::ops) fn forward(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: Heads,
+    v: Heads,
     mask: Option<Mask>,
     scale: f32,
     n: Dims,
 ) -> Vec<f32> {
-    let (qn, kn) = (n.rt * n.d, n.s * n.d);
+    let qn = n.rt * n.d;
     let mut y = vec![0f32; n.b * n.kv * qn];
     y.par_chunks_mut(qn).enumerate().for_each(|(task, y)| {
         let mut p = vec![0f32; n.rt * n.s];
-        let (q, k, v) = (&q[task * qn..][..qn], &k[task * kn..][..kn], &v[task * kn..][..kn]);
+        let (q, k, v) = (&q[task * qn..][..qn], k.head(task, n), v.head(task, n));
         weights(&mut p, q, k, task_mask(mask, task, n), scale, n);
         matmul(y, n.rt, n.d, n.s, (&p, n.s, 1), (v, n.d, 1));
     });
@@ -140,6 +159,40 @@ fn kernel_mask(mask: Option<&Tensor>) -> candle_core::Result<Option<(Tensor, boo
     Ok(Some((mask.to_dtype(DType::F32)?.contiguous()?, per_sequence)))
 }
 
+/// The head stride of keys or values laid out as [`Heads`] wants (contiguous, or a view of the
+/// first `S` positions of a longer `[B, K, max, D]` cache), else `None`.
+pub(in crate::ops) fn head_stride(layout: &Layout) -> Option<usize> {
+    let (&[b, kv, s, d], &[sb, sk, ss, sd]) = (layout.dims(), layout.stride()) else {
+        return None;
+    };
+    if !(sd == 1 && (ss == d || s == 1)) {
+        return None; // a head's rows are not one run of `S * D` values
+    }
+    // Head `b * K + kv` starts at `b * sb + kv * sk`: one stride for all when `sb = K * sk`.
+    let stride = match (b, kv) {
+        (1, 1) => s * d,
+        (_, 1) => sb,
+        (1, _) => sk,
+        _ if sb == kv * sk => sk,
+        _ => return None,
+    };
+    (stride >= s * d).then_some(stride)
+}
+
+/// `data` under `layout` as [`Heads`]; an error for any other layout (the caller makes such
+/// tensors contiguous first).
+fn heads<'a>(data: &'a [f32], layout: &Layout, n: Dims) -> candle_core::Result<Heads<'a>> {
+    if layout.is_contiguous() {
+        return Ok(Heads::contiguous(viewed(data, layout), n));
+    }
+    let Some(head_stride) = head_stride(layout) else {
+        candle_core::bail!("attention kernel: keys/values laid out as {layout:?}")
+    };
+    let tasks = n.b * n.kv;
+    let len = (tasks - 1) * head_stride + n.s * n.d;
+    Ok(Heads { values: &data[layout.start_offset()..][..len], head_stride })
+}
+
 /// The forward kernel on the storage of `q`, `k`, `v` (what a custom op's `cpu_fwd` gets).
 pub(in crate::ops) fn forward_storage(
     (q, ql): (&[f32], &Layout),
@@ -150,7 +203,7 @@ pub(in crate::ops) fn forward_storage(
     scale: f64,
 ) -> candle_core::Result<Vec<f32>> {
     let n = dims(ql.dims(), kl.dims())?;
-    let (q, k, v) = (viewed(q, ql), viewed(k, kl), viewed(v, vl));
+    let (q, k, v) = (viewed(q, ql), heads(k, kl, n)?, heads(v, vl, n)?);
     let scale = scale as f32;
     match kernel_mask(mask)? {
         None => Ok(forward(q, k, v, None, scale, n)),
