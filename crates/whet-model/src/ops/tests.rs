@@ -85,39 +85,46 @@ fn attention_ref(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) 
 #[test]
 fn attention_and_its_gradients_equal_the_composed_reference() {
     let d = Device::Cpu;
-    let q = Var::randn(0f32, 1., (2, 6, 5, 4), &d).unwrap();
-    let k = Var::randn(0f32, 1., (2, 2, 5, 4), &d).unwrap();
-    let v = Var::randn(0f32, 1., (2, 2, 5, 4), &d).unwrap();
-    let probe = Tensor::randn(0f32, 1., (2, 6, 5, 4), &d).unwrap();
-    let causal: Vec<f32> = (0..5)
-        .flat_map(|i| (0..5).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. }))
-        .collect();
-    let causal = Tensor::from_vec(causal, (5, 5), &d).unwrap();
-    // Row 1 holds two packed examples, positions 0-2 and 3-4.
-    let cut = Tensor::from_vec(
-        (0..25).map(|n| if n / 5 >= 3 && n % 5 < 3 { f32::NEG_INFINITY } else { 0. }).collect(),
-        (5, 5),
-        &d,
-    )
-    .unwrap();
-    let packed = Tensor::stack(&[causal.clone(), (&causal + cut).unwrap()], 0)
-        .unwrap()
-        .unsqueeze(1)
-        .unwrap(); // [B, 1, T, S]
-                   // f32 runs whet's CPU kernel; f64 the composed ops other devices use.
-    for dtype in [DType::F32, DType::F64] {
-        let cast = |x: &Var| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
-        let (q, k, v) = (cast(&q), cast(&k), cast(&v));
-        let probe = probe.to_dtype(dtype).unwrap();
-        for mask in [&causal, &packed] {
-            let mask = mask.to_dtype(dtype).unwrap();
-            let ours = attention(&q, &k, &v, Some(&mask), 0.5).unwrap();
-            let reference = attention_ref(&q, &k, &v, &mask, 0.5);
-            close(&ours, &reference, 1e-5);
-            let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-            for x in [&q, &k, &v] {
-                close(g1.get(x).unwrap(), g2.get(x).unwrap(), 1e-4);
+    // 5 positions: one block of query rows; 70: several (`ROW_BLOCK`), each over only the
+    // keys its rows see, with blocks that straddle two stacked query heads.
+    for t in [5, 70] {
+        let q = Var::randn(0f32, 1., (2, 6, t, 4), &d).unwrap();
+        let k = Var::randn(0f32, 1., (2, 2, t, 4), &d).unwrap();
+        let v = Var::randn(0f32, 1., (2, 2, t, 4), &d).unwrap();
+        let probe = Tensor::randn(0f32, 1., (2, 6, t, 4), &d).unwrap();
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0. }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (t, t), &d).unwrap();
+        // Row 1 holds two packed examples, positions 0..3t/5 and the rest.
+        let cut = 3 * t / 5;
+        let cut = Tensor::from_vec(
+            (0..t * t)
+                .map(|n| if n / t >= cut && n % t < cut { f32::NEG_INFINITY } else { 0. })
+                .collect(),
+            (t, t),
+            &d,
+        )
+        .unwrap();
+        let packed = Tensor::stack(&[causal.clone(), (&causal + cut).unwrap()], 0)
+            .unwrap()
+            .unsqueeze(1)
+            .unwrap(); // [B, 1, T, S]
+                       // f32 runs whet's CPU kernel; f64 the composed ops other devices use.
+        for dtype in [DType::F32, DType::F64] {
+            let cast = |x: &Var| Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap();
+            let (q, k, v) = (cast(&q), cast(&k), cast(&v));
+            let probe = probe.to_dtype(dtype).unwrap();
+            for mask in [&causal, &packed] {
+                let mask = mask.to_dtype(dtype).unwrap();
+                let ours = attention(&q, &k, &v, Some(&mask), 0.5).unwrap();
+                let reference = attention_ref(&q, &k, &v, &mask, 0.5);
+                close(&ours, &reference, 1e-5);
+                let g1 = (ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let g2 = (reference * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                for x in [&q, &k, &v] {
+                    close(g1.get(x).unwrap(), g2.get(x).unwrap(), 1e-4);
+                }
             }
         }
     }

@@ -7,7 +7,7 @@
 //! along time, which is `[B, H, T, D]` unchanged), keys and values `[B, K, S, D]`, an additive
 //! mask `[M, T, S]` with `M` 1 or `B`.
 
-use super::gemm::matmul;
+use super::gemm::{matmul, matmul_block};
 use super::vmath;
 use super::{viewed, with_f32};
 use candle_core::{DType, Layout, Tensor};
@@ -39,12 +39,63 @@ pub(in crate::ops) struct Mask<'a> {
     pub per_sequence: bool,
 }
 
-/// The attention weights `softmax(q k^T * scale + mask)` of one task into `p` `[R*T, S]`.
-fn weights(p: &mut [f32], q: &[f32], k: &[f32], mask: Option<&[f32]>, scale: f32, n: Dims) {
-    let (rt, s, d) = (n.rt, n.s, n.d);
-    matmul(p, rt, s, d, (q, d, 1), (k, 1, d));
-    for (r, row) in p.chunks_exact_mut(s).enumerate() {
-        let mask = mask.map(|m| &m[(r % n.t) * s..][..s]);
+/// Query rows whose keys are found together: a causal mask needs, for a block of rows, only
+/// the keys up to its last row's position, so blocks of this many rows skip about half of the
+/// products at training lengths (all of them a row above the diagonal, in the forward pass and
+/// the backward's four products). Smaller blocks skip more but multiply less efficiently.
+const ROW_BLOCK: usize = 32;
+
+/// The blocks of query rows `[start, end)` of one task and the key columns `[lo, hi)` each
+/// needs: those where some row of the block has a finite mask value (all `S` without a mask,
+/// or where every row of the block is masked entirely, which stays NaN as before).
+fn row_blocks(mask: Option<&[f32]>, n: Dims) -> Vec<(usize, usize, usize, usize)> {
+    let s = n.s;
+    // Per position: the first and one past the last key it attends to.
+    let span: Vec<(usize, usize)> = match mask {
+        None => vec![(0, s); n.t],
+        Some(m) => m
+            .chunks_exact(s)
+            .map(|row| {
+                let first = row.iter().position(|x| *x != f32::NEG_INFINITY).unwrap_or(s);
+                let last = row.iter().rposition(|x| *x != f32::NEG_INFINITY).map_or(0, |j| j + 1);
+                (first, last)
+            })
+            .collect(),
+    };
+    (0..n.rt)
+        .step_by(ROW_BLOCK)
+        .map(|start| {
+            let end = (start + ROW_BLOCK).min(n.rt);
+            let (lo, hi) = (start..end)
+                .map(|r| span[r % n.t])
+                .fold((s, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)));
+            if lo < hi {
+                (start, end, lo, hi)
+            } else {
+                (start, end, 0, s)
+            }
+        })
+        .collect()
+}
+
+/// The attention weights `softmax(q k^T * scale + mask)` of rows `[start, end)` of one task
+/// over key columns `[lo, hi)` into `p` `[end - start, hi - lo]`: the weights of the other
+/// columns are exactly 0 (their mask is -inf).
+#[allow(clippy::too_many_arguments)]
+fn weights(
+    p: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    mask: Option<&[f32]>,
+    scale: f32,
+    n: Dims,
+    (start, end, lo, hi): (usize, usize, usize, usize),
+) {
+    let (s, d, w) = (n.s, n.d, hi - lo);
+    let (q, k) = (&q[start * d..end * d], &k[lo * d..hi * d]);
+    matmul(p, end - start, w, d, (q, d, 1), (k, 1, d));
+    for (i, row) in p.chunks_exact_mut(w).enumerate() {
+        let mask = mask.map(|m| &m[((start + i) % n.t) * s + lo..][..w]);
         let mut max = f32::NEG_INFINITY;
         for (j, x) in row.iter_mut().enumerate() {
             *x = *x * scale + mask.map_or(0.0, |m| m[j]);
@@ -95,10 +146,15 @@ pub(in crate::ops) fn forward(
     let qn = n.rt * n.d;
     let mut y = vec![0f32; n.b * n.kv * qn];
     y.par_chunks_mut(qn).enumerate().for_each(|(task, y)| {
-        let mut p = vec![0f32; n.rt * n.s];
         let (q, k, v) = (&q[task * qn..][..qn], k.head(task, n), v.head(task, n));
-        weights(&mut p, q, k, task_mask(mask, task, n), scale, n);
-        matmul(y, n.rt, n.d, n.s, (&p, n.s, 1), (v, n.d, 1));
+        let mask = task_mask(mask, task, n);
+        let mut p = vec![];
+        for block @ (start, end, lo, hi) in row_blocks(mask, n) {
+            p.resize((end - start) * (hi - lo), 0.0);
+            weights(&mut p, q, k, mask, scale, n, block);
+            let (y, v) = (&mut y[start * n.d..end * n.d], &v[lo * n.d..hi * n.d]);
+            matmul(y, end - start, n.d, hi - lo, (&p, hi - lo, 1), (v, n.d, 1));
+        }
     });
     y
 }
@@ -127,18 +183,26 @@ pub(in crate::ops) fn backward(
         .for_each(|(task, ((dq, dk), dv))| {
             let (q, dy) = (&q[task * qn..][..qn], &dy[task * qn..][..qn]);
             let (k, v) = (&k[task * kn..][..kn], &v[task * kn..][..kn]);
-            let (rt, s, d) = (n.rt, n.s, n.d);
-            let mut p = vec![0f32; rt * s];
-            weights(&mut p, q, k, task_mask(mask, task, n), scale, n);
-            matmul(dv, s, d, rt, (&p, 1, s), (dy, d, 1));
-            let mut ds = vec![0f32; rt * s];
-            matmul(&mut ds, rt, s, d, (dy, d, 1), (v, 1, d)); // dP
-            for (dp, p) in ds.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
-                let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
-                dp.iter_mut().zip(p).for_each(|(x, p)| *x = p * (*x - dot) * scale);
+            let d = n.d;
+            let mask = task_mask(mask, task, n);
+            let (mut p, mut ds) = (vec![], vec![]);
+            // Each block's share of dV and dK is added to the rows of the keys it used.
+            for block @ (start, end, lo, hi) in row_blocks(mask, n) {
+                let (m, w) = (end - start, hi - lo);
+                p.resize(m * w, 0.0);
+                ds.resize(m * w, 0.0);
+                weights(&mut p, q, k, mask, scale, n, block);
+                let (qb, dyb) = (&q[start * d..end * d], &dy[start * d..end * d]);
+                let (kb, vb) = (&k[lo * d..hi * d], &v[lo * d..hi * d]);
+                matmul_block(&mut dv[lo * d..hi * d], d, w, d, m, (&p, 1, w), (dyb, d, 1), true);
+                matmul(&mut ds, m, w, d, (dyb, d, 1), (vb, 1, d)); // dP
+                for (dp, p) in ds.chunks_exact_mut(w).zip(p.chunks_exact(w)) {
+                    let dot: f32 = dp.iter().zip(p).map(|(a, b)| a * b).sum();
+                    dp.iter_mut().zip(p).for_each(|(x, p)| *x = p * (*x - dot) * scale);
+                }
+                matmul(&mut dq[start * d..end * d], m, d, w, (&ds, w, 1), (kb, d, 1));
+                matmul_block(&mut dk[lo * d..hi * d], d, w, d, m, (&ds, 1, w), (qb, d, 1), true);
             }
-            matmul(dq, rt, d, s, (&ds, s, 1), (k, d, 1));
-            matmul(dk, s, d, rt, (&ds, 1, s), (q, d, 1));
         });
     (dq, dk, dv)
 }

@@ -21,6 +21,27 @@ pub(in crate::ops) fn matmul(
     unsafe { gemm_into(dst.as_mut_ptr(), m, n, k, lhs, rhs, gemm::Parallelism::None) }
 }
 
+/// `dst [m, n] (+)= lhs [m, k] @ rhs [k, n]` on this thread, `dst`'s rows `dst_rs` apart
+/// (added to `dst` when `accumulate`): a block of rows and columns of a larger matrix.
+#[allow(clippy::too_many_arguments)]
+pub(in crate::ops) fn matmul_block(
+    dst: &mut [f32],
+    dst_rs: usize,
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+) {
+    assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(), "matmul: output size");
+    // SAFETY: `dst` holds the `m` rows of `n` values `dst_rs` apart (asserted) and does not
+    // overlap the operands (a `&mut` slice).
+    unsafe {
+        gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, k, lhs, rhs, accumulate, gemm::Parallelism::None)
+    }
+}
+
 /// `dst [m, n] = lhs [m, k] @ rhs [k, n]` on this thread, `dst`'s rows `dst_rs` apart: one
 /// block of columns of a wider output that other threads fill beside it.
 ///
