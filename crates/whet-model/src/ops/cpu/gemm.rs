@@ -34,12 +34,7 @@ pub(in crate::ops) fn matmul_block(
     rhs: Operand,
     accumulate: bool,
 ) {
-    assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len(), "matmul: output size");
-    // SAFETY: `dst` holds the `m` rows of `n` values `dst_rs` apart (asserted) and does not
-    // overlap the operands (a `&mut` slice).
-    unsafe {
-        gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, k, lhs, rhs, accumulate, gemm::Parallelism::None)
-    }
+    strided(dst, dst_rs, (m, n, k), lhs, rhs, accumulate, gemm::Parallelism::None)
 }
 
 /// `dst [m, n] = lhs [m, k] @ rhs [k, n]` on this thread, `dst`'s rows `dst_rs` apart: one
@@ -98,14 +93,27 @@ pub(in crate::ops) fn gemm_strided(
     rhs: Operand,
     accumulate: bool,
 ) {
-    assert!(
-        m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && n <= dst_rs),
-        "matmul: output size"
-    );
     let par = match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         t => gemm::Parallelism::Rayon(t),
     };
+    strided(dst, dst_rs, (m, n, k), lhs, rhs, accumulate, par)
+}
+
+/// [`matmul_block`] and [`gemm_strided`], with `par`'s threads.
+fn strided(
+    dst: &mut [f32],
+    dst_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand,
+    rhs: Operand,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
+    assert!(
+        m == 0 || n == 0 || ((m - 1) * dst_rs + n <= dst.len() && n <= dst_rs),
+        "matmul: output size"
+    );
     // SAFETY: the assertion keeps every `dst` index in bounds; a `&mut` slice overlaps nothing.
     unsafe { gemm_raw(dst.as_mut_ptr(), dst_rs, m, n, k, lhs, rhs, accumulate, par) }
 }
