@@ -45,10 +45,13 @@ pub(in crate::ops) struct Mask<'a> {
 /// the backward's four products). Smaller blocks skip more but multiply less efficiently.
 const ROW_BLOCK: usize = 32;
 
+/// A block of query rows `[start, end)` and the key columns `[lo, hi)` it needs.
+type Block = (usize, usize, usize, usize);
+
 /// The blocks of query rows `[start, end)` of one task and the key columns `[lo, hi)` each
 /// needs: those where some row of the block has a finite mask value (all `S` without a mask,
 /// or where every row of the block is masked entirely, which stays NaN as before).
-fn row_blocks(mask: Option<&[f32]>, n: Dims) -> Vec<(usize, usize, usize, usize)> {
+fn row_blocks(mask: Option<&[f32]>, n: Dims) -> Vec<Block> {
     let s = n.s;
     // Per position: the first and one past the last key it attends to.
     let span: Vec<(usize, usize)> = match mask {
@@ -89,7 +92,7 @@ fn weights(
     mask: Option<&[f32]>,
     scale: f32,
     n: Dims,
-    (start, end, lo, hi): (usize, usize, usize, usize),
+    (start, end, lo, hi): Block,
 ) {
     let (s, d, w) = (n.s, n.d, hi - lo);
     let (q, k) = (&q[start * d..end * d], &k[lo * d..hi * d]);
@@ -115,12 +118,25 @@ fn task_mask<'a>(mask: Option<Mask<'a>>, task: usize, n: Dims) -> Option<&'a [f3
     })
 }
 
+/// [`row_blocks`] of each distinct mask of a call, one per sequence or one for all, so that
+/// the tasks sharing a mask do not scan it again. Task `b * K + kv` takes entry
+/// `min(b, len - 1)` (see [`task_blocks`]).
+fn mask_blocks(mask: Option<Mask>, n: Dims) -> Vec<Vec<Block>> {
+    let masks = if mask.is_some_and(|m| m.per_sequence) { n.b } else { 1 };
+    (0..masks).map(|b| row_blocks(task_mask(mask, b * n.kv, n), n)).collect()
+}
+
+/// The blocks of task `task` from [`mask_blocks`].
+fn task_blocks(blocks: &[Vec<Block>], task: usize, n: Dims) -> &[Block] {
+    &blocks[(task / n.kv).min(blocks.len() - 1)]
+}
+
 /// Keys or values `[B, K, S, D]` whose heads lie `head_stride` values apart (at least `S * D`;
 /// more when they are a view of a longer cache), each head's `S` rows contiguous.
 #[derive(Debug, Clone, Copy)]
 pub(in crate::ops) struct Heads<'a> {
-    pub values: &'a [f32],
-    pub head_stride: usize,
+    values: &'a [f32],
+    head_stride: usize,
 }
 
 impl<'a> Heads<'a> {
@@ -145,11 +161,12 @@ pub(in crate::ops) fn forward(
 ) -> Vec<f32> {
     let qn = n.rt * n.d;
     let mut y = vec![0f32; n.b * n.kv * qn];
+    let blocks = mask_blocks(mask, n);
     y.par_chunks_mut(qn).enumerate().for_each(|(task, y)| {
         let (q, k, v) = (&q[task * qn..][..qn], k.head(task, n), v.head(task, n));
         let mask = task_mask(mask, task, n);
         let mut p = vec![];
-        for block @ (start, end, lo, hi) in row_blocks(mask, n) {
+        for &block @ (start, end, lo, hi) in task_blocks(&blocks, task, n) {
             p.resize((end - start) * (hi - lo), 0.0);
             weights(&mut p, q, k, mask, scale, n, block);
             let (y, v) = (&mut y[start * n.d..end * n.d], &v[lo * n.d..hi * n.d]);
@@ -176,6 +193,7 @@ pub(in crate::ops) fn backward(
     let tasks = n.b * n.kv;
     let (mut dq, mut dk, mut dv) =
         (vec![0f32; tasks * qn], vec![0f32; tasks * kn], vec![0f32; tasks * kn]);
+    let blocks = mask_blocks(mask, n);
     dq.par_chunks_mut(qn)
         .zip(dk.par_chunks_mut(kn))
         .zip(dv.par_chunks_mut(kn))
@@ -187,7 +205,7 @@ pub(in crate::ops) fn backward(
             let mask = task_mask(mask, task, n);
             let (mut p, mut ds) = (vec![], vec![]);
             // Each block's share of dV and dK is added to the rows of the keys it used.
-            for block @ (start, end, lo, hi) in row_blocks(mask, n) {
+            for &block @ (start, end, lo, hi) in task_blocks(&blocks, task, n) {
                 let (m, w) = (end - start, hi - lo);
                 p.resize(m * w, 0.0);
                 ds.resize(m * w, 0.0);
