@@ -4,12 +4,17 @@
     cargo build --release
     python3 -m pip install torch transformers gguf accelerate peft
     python3 scripts/bench_compare.py train [--rounds 3] [--steps 5]
+    python3 scripts/bench_compare.py train --targets all-linear --batch-size 1 --seq-len 512
+    python3 scripts/bench_compare.py train --data data/support-style --pack --seq-len 512
     python3 scripts/bench_compare.py generate [--rounds 3] [--whet-args "--quantize q8_0"]
     scripts/build-llama-cpp.sh
     python3 scripts/bench_compare.py generate --peer llama.cpp --whet-args "--quantize q4_0"
 
 `train` runs `whet bench train` and scripts/bench_train_torch.py (PyTorch + PEFT, LoRA r8 on
-q,v, batch 4 x 128, f32); `generate` runs `whet bench generate` and
+q,v, batch 4 x 128, f32; --targets, --batch-size and --seq-len go to both). With --data DIR
+[--pack] whet trains on the dataset's train split with the default GGUF's tokenizer and
+template (its weights have the shapes the PyTorch side builds), writes the micro-batches it
+ran, and PyTorch trains on those same batches (`--rows`); `generate` runs `whet bench generate` and
 scripts/bench_generate_torch.py (transformers on the default GGUF); `generate --peer llama.cpp`
 runs llama.cpp's `llama-bench` instead, on the same GGUF with the same prompt and generated
 lengths (128 and 64) and threads. Each round runs whet, then the peer, so that a change in the
@@ -25,6 +30,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WHET = ROOT / "target" / "release" / "whet"
@@ -88,6 +94,11 @@ def main():
                     help="generate: what whet runs beside (llama.cpp: llama-bench)")
     ap.add_argument("--llama-bench", default=str(LLAMA_BENCH),
                     help="llama-bench, built by scripts/build-llama-cpp.sh")
+    ap.add_argument("--targets", help="train: LoRA targets on both sides (default q_proj,v_proj)")
+    ap.add_argument("--batch-size", type=int, help="train: rows per step on both sides")
+    ap.add_argument("--seq-len", type=int, help="train: tokens per row on both sides")
+    ap.add_argument("--data", help="train: a dataset directory both sides train on")
+    ap.add_argument("--pack", action="store_true", help="train: pack --data's examples")
     a = ap.parse_args()
     if not WHET.exists():
         sys.exit(f"error: {WHET} not found; build it first: cargo build --release")
@@ -95,10 +106,28 @@ def main():
         sys.exit(f"error: --rounds must be at least 1, got {a.rounds}")
     count = ["--steps", str(a.steps)] if a.bench == "train" else ["--runs", str(a.runs)]
     peer = a.peer if a.bench == "generate" else "torch"
-    sides = {"whet": [str(WHET), "bench", a.bench, *count, *shlex.split(a.whet_args)]}
+    both, whet_only, torch_only = [], [], []
+    if a.bench == "train":
+        for flag, value in [("--targets", a.targets), ("--batch-size", a.batch_size),
+                            ("--seq-len", a.seq_len)]:
+            if value is not None:
+                both += [flag, str(value)]
+        if a.pack and not a.data:
+            sys.exit("error: --pack needs --data")
+        if a.data:
+            if not MODEL.exists():
+                sys.exit(f"error: --data tokenizes with {MODEL}; fetch it: scripts/fetch-model.sh")
+            rows = pathlib.Path(tempfile.mkdtemp(prefix="whet-bench-")) / "rows.jsonl"
+            whet_only = ["--model", str(MODEL), "--data", a.data, "--save-rows", str(rows),
+                         *(["--pack"] if a.pack else [])]
+            torch_only = ["--rows", str(rows)]  # whet runs first in every round and writes it
+    elif a.targets or a.batch_size or a.seq_len or a.data or a.pack:
+        sys.exit("error: --targets, --batch-size, --seq-len, --data and --pack are train's")
+    sides = {"whet": [str(WHET), "bench", a.bench, *count, *both, *whet_only,
+                      *shlex.split(a.whet_args)]}
     if peer == "torch":
         sides[peer] = [a.python, str(ROOT / "scripts" / f"bench_{a.bench}_torch.py"), *count,
-                       *shlex.split(a.torch_args)]
+                       *both, *torch_only, *shlex.split(a.torch_args)]
     else:
         if not pathlib.Path(a.llama_bench).exists():
             sys.exit(f"error: {a.llama_bench} not found; build it with scripts/build-llama-cpp.sh")

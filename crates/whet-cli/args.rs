@@ -464,7 +464,7 @@ pub struct BenchTrainArgs {
     /// Sequences per step.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
-    /// Tokens per sequence (all trained).
+    /// Tokens per sequence (random rows: all trained; --data: the most a row holds).
     #[arg(long, default_value_t = 128)]
     pub seq_len: usize,
     /// Measured steps (after one warm-up step).
@@ -476,6 +476,18 @@ pub struct BenchTrainArgs {
     /// QLoRA, as `whet train --quantize-base`: `q8_0` or `q4_0`.
     #[arg(long)]
     pub quantize_base: Option<String>,
+    /// Train on a dataset (as `whet train --data`: its train split, tokenized with the model's
+    /// template, the loss on what the model should learn) instead of random full rows; rows
+    /// are cut at --seq-len.
+    #[arg(long)]
+    pub data: Option<std::path::PathBuf>,
+    /// Pack --data's examples into rows of --seq-len tokens, as `whet train --pack`.
+    #[arg(long)]
+    pub pack: bool,
+    /// Write the micro-batches trained (ids, loss mask, positions; one JSON line per batch),
+    /// for scripts/bench_train_torch.py --rows to train on the same tokens.
+    #[arg(long)]
+    pub save_rows: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

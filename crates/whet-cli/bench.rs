@@ -56,17 +56,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
     let dtype = whet_model::parse_dtype(&args.dtype)?;
     let quantize = args.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
     let mut m = model::load_spec_quantized(&args.model, dtype, &device, 0, quantize)?;
-    let vocab = m.config.vocab_size as u32;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let n = args.batch_size * (args.steps + 1);
-    let train: Vec<whet_data::Tokenized> = (0..n)
-        .map(|_| whet_data::Tokenized {
-            ids: (0..args.seq_len).map(|_| rng.random_range(3..vocab)).collect(),
-            mask: vec![1; args.seq_len],
-        })
-        .collect();
-    let data = whet_train::TrainData { train, ..Default::default() };
-    let cfg = whet_train::TrainConfig {
+    let mut cfg = whet_train::TrainConfig {
         model: args.model.clone(),
         data: "synthetic".into(),
         r: args.rank,
@@ -76,10 +66,38 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         max_seq_len: args.seq_len,
         grad_checkpoint: args.grad_checkpoint,
         quantize_base: args.quantize_base.clone(),
+        pack: args.pack,
         eval_every: 0,
         save_every: 0,
         ..Default::default()
     };
+    let data = match &args.data {
+        // Real examples, tokenized, masked and (with --pack) packed as `whet train` does.
+        Some(dir) => {
+            cfg.data = dir.display().to_string();
+            let text = crate::data::ModelText::from_tokenizer(m.tokenizer.clone(), &[])?;
+            let mut data = crate::train::load_data(&cfg, &text)?;
+            anyhow::ensure!(!data.train.is_empty(), "{}: no training examples", dir.display());
+            data.valid.clear();
+            data
+        }
+        None => {
+            anyhow::ensure!(!args.pack, "--pack needs --data: random rows are all full already");
+            let vocab = m.config.vocab_size as u32;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+            let n = args.batch_size * (args.steps + 1);
+            let train = (0..n)
+                .map(|_| whet_data::Tokenized {
+                    ids: (0..args.seq_len).map(|_| rng.random_range(3..vocab)).collect(),
+                    mask: vec![1; args.seq_len],
+                })
+                .collect();
+            whet_train::TrainData { train, ..Default::default() }
+        }
+    };
+    if let Some(path) = &args.save_rows {
+        save_rows(path, &whet_train::trainer::micro_batches(&data, &cfg))?;
+    }
     let dir = tempfile::tempdir()?;
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (mut speeds, mut reduce) = (vec![], vec![]);
@@ -118,6 +136,20 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         args.seq_len,
         if args.grad_checkpoint { ", gradient checkpointing" } else { "" }
     )?;
+    if let Some(dir) = &args.data {
+        let rows = whet_train::trainer::micro_batches(&data, &cfg);
+        let rows: Vec<_> = rows.iter().flatten().collect();
+        let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
+        let trained: usize = rows.iter().map(|r| r.mask.iter().filter(|&&v| v == 1).count()).sum();
+        writeln!(
+            out,
+            "data:       {}{}, {:.0} tokens a row on average, {:.0}% of them trained",
+            dir.display(),
+            if args.pack { " (packed)" } else { "" },
+            tokens as f64 / rows.len().max(1) as f64,
+            100.0 * trained as f64 / tokens.max(1) as f64
+        )?;
+    }
     writeln!(
         out,
         "train:      {:.1} tokens/s (median of {} steps after 1 warm-up; {})",
@@ -140,6 +172,21 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
     writeln!(out, "peak RSS:   {:.0} MB{whose}", whet_train::trainer::peak_rss_mb())?;
     writeln!(out, "{}", whet_infer::bench::load_line(load_before))?;
     Ok(())
+}
+
+/// The micro-batches of a benchmark run, one JSON line each (`{"rows": [{"ids", "mask",
+/// "positions"}, ...]}`), for scripts/bench_train_torch.py --rows: the peer then trains on the
+/// same tokens. Written whole to a temporary file and renamed, so a failed run leaves none.
+fn save_rows(path: &std::path::Path, batches: &[Vec<whet_train::trainer::BatchRow>]) -> Result<()> {
+    use anyhow::Context;
+    let mut text = String::new();
+    for rows in batches {
+        text += &serde_json::to_string(&serde_json::json!({ "rows": rows }))?;
+        text.push('\n');
+    }
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `device:` line of the reports: where it ran, with how many threads.

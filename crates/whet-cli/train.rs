@@ -65,7 +65,7 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
     Ok(c)
 }
 
-fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> {
+pub(crate) fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> {
     let path = Path::new(&c.data);
     if path.join("manifest.json").exists() {
         let (tok, tmpl) = text.hashes()?;

@@ -572,3 +572,116 @@ fn another_base_is_a_warning_and_a_moved_one_is_not() {
     );
     assert!(!run("llama3").contains("was trained on"));
 }
+
+/// `whet bench train --data --pack` trains on a dataset's packed rows and `--save-rows` writes
+/// exactly the micro-batches it ran: one line per step, rows no longer than --seq-len, several
+/// examples a row, each counting its positions from 0. Without --pack each row is one example.
+#[test]
+fn bench_train_on_a_dataset_saves_the_batches_it_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    for pack in [true, false] {
+        let rows = dir.path().join(format!("rows-{pack}.jsonl"));
+        let mut args = vec!["bench", "train", "--model", "random:tiny", "--steps", "2"];
+        args.extend(["--batch-size", "2", "--seq-len", "1024", "--data", "data/support-style"]);
+        args.extend(["--save-rows", rows.to_str().unwrap()]);
+        if pack {
+            args.push("--pack");
+        }
+        let o = whet(&args, "");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let packed = if pack { " (packed)" } else { "" };
+        assert!(out.contains(&format!("data:       data/support-style{packed}, ")), "{out}");
+        assert!(out.contains("% of them trained") && out.contains("train: "), "{out}");
+        let text = std::fs::read_to_string(&rows).unwrap();
+        let batches: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(batches.len(), 3, "a warm-up step and 2 measured: {text:.200}");
+        let mut examples_per_row = vec![];
+        for batch in &batches {
+            let batch = batch["rows"].as_array().unwrap();
+            assert!(!batch.is_empty() && batch.len() <= 2);
+            for row in batch {
+                let field = |k: &str| -> Vec<u64> {
+                    row[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect()
+                };
+                let (ids, mask, pos) = (field("ids"), field("mask"), field("positions"));
+                assert!(!ids.is_empty() && ids.len() <= 1024);
+                assert!(ids.len() == mask.len() && ids.len() == pos.len());
+                assert_eq!(pos[0], 0);
+                for w in pos.windows(2) {
+                    assert!(w[1] == w[0] + 1 || w[1] == 0, "positions {w:?}");
+                }
+                assert!(mask.iter().any(|&m| m == 1) && mask.iter().any(|&m| m == 0));
+                examples_per_row.push(pos.iter().filter(|&&p| p == 0).count());
+            }
+        }
+        if pack {
+            assert!(examples_per_row.iter().all(|&n| n >= 2), "{examples_per_row:?}");
+        } else {
+            assert!(examples_per_row.iter().all(|&n| n == 1), "{examples_per_row:?}");
+        }
+    }
+    let o = whet(&["bench", "train", "--model", "random:tiny", "--steps", "1", "--pack"], "");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--pack needs --data"), "{}", stderr(&o));
+    let o = whet(&["bench", "train", "--model", "random:tiny", "--data", "data/nowhere"], "");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("data/nowhere"), "{}", stderr(&o));
+}
+
+/// The PyTorch side of the training benchmark runs whet's saved micro-batches as whet does:
+/// in a packed row each example sees only itself (its logits equal the example's own run) and
+/// the labels are exactly the tokens whet trains. Needs Python with torch and transformers
+/// (`WHET_PYTHON`); without them it says so and checks nothing.
+#[test]
+fn the_pytorch_benchmark_trains_whets_packed_rows_as_whet_does() {
+    let python = std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import torch, transformers, peft"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: {python} lacks torch/transformers/peft; set WHET_PYTHON to a Python that has them");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rows = dir.path().join("rows.jsonl");
+    let args = ["bench", "train", "--model", "random:tiny", "--steps", "1", "--batch-size", "2"];
+    let more = ["--seq-len", "1024", "--data", "data/support-style", "--pack", "--save-rows"];
+    let o = whet(&[&args[..], &more[..], &[rows.to_str().unwrap()]].concat(), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let check = r#"
+import json, sys, torch
+sys.path.insert(0, "scripts")
+from bench_train_torch import batch_inputs
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+model = LlamaForCausalLM(cfg).float().eval()
+rows = json.loads(open(sys.argv[1]).readline())["rows"]
+inputs, tokens = batch_inputs(rows)
+assert tokens == sum(len(r["ids"]) for r in rows), tokens
+trained = sum(sum(r["mask"]) for r in rows)
+assert int((inputs["labels"] != -100).sum()) == trained, "labels are whet's trained tokens"
+with torch.no_grad():
+    packed = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+    worst, examples = 0.0, 0
+    for i, r in enumerate(rows):
+        starts = [k for k, p in enumerate(r["positions"]) if p == 0] + [len(r["ids"])]
+        for a, b in zip(starts, starts[1:]):
+            alone = model(input_ids=torch.tensor([r["ids"][a:b]])).logits[0]
+            worst = max(worst, (packed[i, a:b] - alone).abs().max().item())
+            examples += 1
+assert examples > len(rows), "rows hold several examples"
+assert worst < 1e-4, worst
+print(f"ok: {examples} examples, worst difference {worst:.2e}")
+"#;
+    let o = std::process::Command::new(&python)
+        .current_dir(root())
+        .args(["-c", check, rows.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("ok: "), "{}", stdout(&o));
+}

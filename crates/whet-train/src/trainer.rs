@@ -78,6 +78,44 @@ fn rows(examples: &[Tokenized], cfg: &TrainConfig) -> Vec<Row> {
     }
 }
 
+/// One row of a micro-batch as the loop runs it: token ids, the loss mask (1 where the token
+/// is trained) and each token's position within its own example (packed rows restart at 0).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BatchRow {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// 1 where the loss applies.
+    pub mask: Vec<u8>,
+    /// Position of each token in its example.
+    pub positions: Vec<u32>,
+}
+
+/// The rows of every micro-batch that [`train`] runs with `cfg` on `data` (single process), in
+/// the order it runs them: `steps x grad_accum` batches, packed when `cfg.pack`. Benchmarks
+/// hand them to a peer so that both sides train on the same tokens.
+pub fn micro_batches(data: &TrainData, cfg: &TrainConfig) -> Vec<Vec<BatchRow>> {
+    let rows = rows(&data.train, cfg);
+    if rows.is_empty() {
+        return vec![];
+    }
+    let mut order = (0, vec![]);
+    (0..cfg.steps * cfg.grad_accum)
+        .map(|g| {
+            micro_batch(&rows, cfg.batch_size, cfg.seed, g, &mut order)
+                .into_iter()
+                .map(|r| BatchRow {
+                    ids: r.ids.clone(),
+                    mask: r.mask.clone(),
+                    positions: match &r.packed {
+                        Some((p, _)) => p.clone(),
+                        None => (0..r.ids.len() as u32).collect(),
+                    },
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// A scalar tensor's value on the host. Reduced on the device in its own dtype (f32 for
 /// losses and adapter gradients) and converted here: Metal cannot cast to f64 on the device.
 fn host_scalar(t: &Tensor) -> candle_core::Result<f64> {

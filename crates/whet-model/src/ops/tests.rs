@@ -489,3 +489,43 @@ fn attention_reads_cache_views_in_place() {
         close(&attention(&q, &kt, &v, Some(&mask), 0.35).unwrap(), &copies, 1e-7);
     }
 }
+
+/// How fast f32 decoding's products stream SmolLM2-135M's weights (30 layers' seven
+/// projections and the 49k-row head, 538 MB) one row at a time (prints GB/s; run by hand:
+/// `cargo test -p whet-model --release --lib decode_stream -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn f32_decode_stream() {
+    let d = Device::Cpu;
+    let (c, f) = (576usize, 1536usize);
+    let mut shapes = vec![];
+    for _ in 0..30 {
+        shapes.extend([(c, c), (192, c), (192, c), (c, c), (f, c), (f, c), (c, f)]);
+    }
+    shapes.push((49152, c));
+    let ws: Vec<Tensor> = shapes.iter().map(|&s| Tensor::randn(0f32, 1., s, &d).unwrap()).collect();
+    let bytes: usize = ws.iter().map(|w| w.elem_count() * 4).sum();
+    let xs = [c, f].map(|k| Tensor::randn(0f32, 1., (1, k), &d).unwrap());
+    let token = || {
+        for w in &ws {
+            let x = if w.dim(1).unwrap() == c { &xs[0] } else { &xs[1] };
+            dense_matvec(x, w).unwrap().unwrap();
+        }
+    };
+    token();
+    let mut times = vec![];
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        token();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let gbs = |s: f64| bytes as f64 / s / 1e9;
+    println!(
+        "{:.0} MB a token: fastest {:.1} GB/s, median {:.1} GB/s ({:.1} ms)",
+        bytes as f64 / 1e6,
+        gbs(times[0]),
+        gbs(times[10]),
+        times[10] * 1e3
+    );
+}
