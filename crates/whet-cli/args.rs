@@ -484,8 +484,9 @@ pub struct BenchTrainArgs {
     /// Pack --data's examples into rows of --seq-len tokens, as `whet train --pack`.
     #[arg(long)]
     pub pack: bool,
-    /// Write the micro-batches trained (ids, loss mask, positions; one JSON line per batch),
-    /// for scripts/bench_train_torch.py --rows to train on the same tokens.
+    /// Write the micro-batches trained (ids, loss mask, positions; one JSON line per batch,
+    /// the warm-up's first; whole batches, by rank 0 under mpirun), for
+    /// scripts/bench_train_torch.py --rows to train on the same tokens.
     #[arg(long)]
     pub save_rows: Option<std::path::PathBuf>,
 }

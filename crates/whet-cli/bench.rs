@@ -95,8 +95,14 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
             whet_train::TrainData { train, ..Default::default() }
         }
     };
-    if let Some(path) = &args.save_rows {
-        save_rows(path, &whet_train::trainer::micro_batches(&data, &cfg))?;
+    // What the loop will run (the same draw of rows), described below and saved for a peer.
+    let batches = if args.data.is_some() || args.save_rows.is_some() {
+        whet_train::trainer::micro_batches(&data, &cfg)
+    } else {
+        vec![]
+    };
+    if let (Some(path), true) = (&args.save_rows, world.is_root()) {
+        save_rows(path, &batches)?;
     }
     let dir = tempfile::tempdir()?;
     let stop = std::sync::atomic::AtomicBool::new(false);
@@ -137,8 +143,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         if args.grad_checkpoint { ", gradient checkpointing" } else { "" }
     )?;
     if let Some(dir) = &args.data {
-        let rows = whet_train::trainer::micro_batches(&data, &cfg);
-        let rows: Vec<_> = rows.iter().flatten().collect();
+        let rows: Vec<_> = batches.iter().flatten().collect();
         let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
         let trained: usize = rows.iter().map(|r| r.mask.iter().filter(|&&v| v == 1).count()).sum();
         writeln!(

@@ -636,14 +636,7 @@ fn bench_train_on_a_dataset_saves_the_batches_it_ran() {
 /// (`WHET_PYTHON`); without them it says so and checks nothing.
 #[test]
 fn the_pytorch_benchmark_trains_whets_packed_rows_as_whet_does() {
-    let python = std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import torch, transformers, peft"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED: {python} lacks torch/transformers/peft; set WHET_PYTHON to a Python that has them");
-        return;
-    }
+    let Some(python) = python_with("torch, transformers, peft") else { return };
     let dir = tempfile::tempdir().unwrap();
     let rows = dir.path().join("rows.jsonl");
     let args = ["bench", "train", "--model", "random:tiny", "--steps", "1", "--batch-size", "2"];

@@ -74,6 +74,19 @@ pub fn have_default_model() -> bool {
     false
 }
 
+/// `WHET_PYTHON` (default `python3`) when it imports every one of `modules` (`"torch, peft"`);
+/// otherwise `None`, after saying on stderr that the test checks nothing.
+pub fn python_with(modules: &str) -> Option<String> {
+    let python = std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe =
+        std::process::Command::new(&python).args(["-c", &format!("import {modules}")]).output();
+    if probe.is_ok_and(|o| o.status.success()) {
+        return Some(python);
+    }
+    eprintln!("SKIPPED: {python} lacks {modules}; set WHET_PYTHON to a Python that has them");
+    None
+}
+
 /// A `random:tiny` model written as a Hugging Face directory with `chat_template`.
 pub fn tiny_hf_dir(chat_template: Option<&str>) -> tempfile::TempDir {
     use candle_core::{DType, Device};

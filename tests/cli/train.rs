@@ -235,14 +235,7 @@ fn peft_loads_the_adapter_and_agrees() {
     if !have_default_model() {
         return;
     }
-    let python = std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = std::process::Command::new(&python)
-        .args(["-c", "import torch, transformers, gguf, peft"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("SKIPPED: {python} lacks torch/transformers/gguf/peft; set WHET_PYTHON to a Python that has them");
-        return;
-    }
+    let Some(python) = python_with("torch, transformers, gguf, peft") else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let data = root().join("data/support-style");
