@@ -529,3 +529,47 @@ fn f32_decode_stream() {
         times[10] * 1e3
     );
 }
+
+/// The frozen forward product `x W^T` computed as gemm is called now (the weight packed by
+/// every call) and as `(W x^T)^T` (the activations packed, the weight read in place, the
+/// result transposed after). Prints timings; run by hand: `cargo test -p whet-model --release
+/// --lib orientation -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn frozen_product_orientation() {
+    use cpu::gemm::matmul;
+    let t = 256;
+    for (n, k) in [(576usize, 576usize), (192, 576), (1536, 576), (576, 1536)] {
+        let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
+        let (mut y, mut yt, mut y2) = (vec![0f32; t * n], vec![0f32; t * n], vec![0f32; t * n]);
+        let time = |f: &mut dyn FnMut()| {
+            f();
+            (0..20)
+                .map(|_| {
+                    let s = std::time::Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64() * 1e6
+                })
+                .fold(f64::INFINITY, f64::min)
+        };
+        let a = time(&mut || matmul(&mut y, t, n, k, (&x, k, 1), (&w, 1, k)));
+        let b = time(&mut || {
+            matmul(&mut yt, n, t, k, (&w, k, 1), (&x, 1, k));
+            for (j, row) in yt.chunks_exact(t).enumerate() {
+                for (i, v) in row.iter().enumerate() {
+                    y2[i * n + j] = *v;
+                }
+            }
+        });
+        let bt = time(&mut || matmul(&mut yt, n, t, k, (&w, k, 1), (&x, 1, k)));
+        let worst = y.iter().zip(&y2).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let gf = |us: f64| 2.0 * (t * n * k) as f64 / us / 1e3;
+        println!(
+            "{t}x{k} @ {k}x{n}: x W^T {a:7.0} us ({:.0} GFLOP/s), (W x^T)^T {b:7.0} us \
+             (product alone {bt:.0} us, {:.0} GFLOP/s); |diff| {worst:.1e}",
+            gf(a),
+            gf(bt)
+        );
+    }
+}
