@@ -314,6 +314,19 @@ fn quantized_embedding_equals_the_dequantized_rows() {
     }
 }
 
+/// The fastest of `runs` timed calls of `f` (after one untimed), in microseconds: the timing
+/// probes below take minima because this machine's neighbours make means noisy.
+fn fastest_us(runs: usize, f: &mut dyn FnMut()) -> f64 {
+    f();
+    (0..runs)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64() * 1e6
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// Where the tiled dequantizing product overtakes candle's block dot products (prints timings;
 /// run by hand: `cargo test -p whet-model --lib crossover -- --ignored --nocapture`).
 #[test]
@@ -328,16 +341,10 @@ fn quantized_matmul_crossover() {
         let qmm = QMatMul::from_arc(q.clone()).unwrap();
         for m in [1usize, 2, 4, 8, 16, 32, 48, 64, 128] {
             let x = Tensor::randn(0f32, 1., (m, 576), &d).unwrap();
-            // The fastest of 30 runs: this machine's neighbours make means noisy.
             let time = |f: &dyn Fn() -> Tensor| {
-                f();
-                (0..30)
-                    .map(|_| {
-                        let t = std::time::Instant::now();
-                        f();
-                        t.elapsed().as_secs_f64() * 1e6
-                    })
-                    .fold(f64::INFINITY, f64::min)
+                fastest_us(30, &mut || {
+                    f();
+                })
             };
             let dots = time(&|| qmm.forward(&x).unwrap());
             let ours = time(&|| quantized_matvec(&x, &q).unwrap().unwrap_or_else(|| x.clone()));
@@ -543,16 +550,7 @@ fn frozen_product_orientation() {
         let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3).collect();
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
         let (mut y, mut yt, mut y2) = (vec![0f32; t * n], vec![0f32; t * n], vec![0f32; t * n]);
-        let time = |f: &mut dyn FnMut()| {
-            f();
-            (0..20)
-                .map(|_| {
-                    let s = std::time::Instant::now();
-                    f();
-                    s.elapsed().as_secs_f64() * 1e6
-                })
-                .fold(f64::INFINITY, f64::min)
-        };
+        let time = |f: &mut dyn FnMut()| fastest_us(20, f);
         let a = time(&mut || matmul(&mut y, t, n, k, (&x, k, 1), (&w, 1, k)));
         let b = time(&mut || {
             matmul(&mut yt, n, t, k, (&w, k, 1), (&x, 1, k));
