@@ -27,6 +27,7 @@ import os
 import pathlib
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -135,6 +136,15 @@ def main():
         sides[peer] = [a.llama_bench, "-m", str(MODEL), "-p", "128", "-n", "64", "-t", threads,
                        "-r", str(a.runs), "-o", "json"]
     fields = FIELDS[a.bench]
+    try:
+        compare(a, sides, fields, peer)
+    finally:
+        if torch_only:
+            shutil.rmtree(rows.parent, ignore_errors=True)
+
+
+def compare(a, sides, fields, peer):
+    """Run the sides alternately for `a.rounds` rounds, then print medians and ratios."""
     results = {side: [] for side in sides}
     for r in range(a.rounds):
         for side, cmd in sides.items():
