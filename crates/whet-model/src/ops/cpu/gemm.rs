@@ -65,15 +65,11 @@ pub(in crate::ops) fn matmul_pooled(
     lhs: Operand,
     rhs: Operand,
 ) -> Vec<f32> {
-    let par = match rayon::current_num_threads() {
-        1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    };
     // Not zero-filled first: gemm writes every value without reading any (`read_dst` false).
     let mut dst = Vec::with_capacity(m * n);
     // SAFETY: `dst` has room for `m * n` values, all of which gemm writes, and is fresh memory.
     unsafe {
-        gemm_into(dst.as_mut_ptr(), m, n, k, lhs, rhs, par);
+        gemm_into(dst.as_mut_ptr(), m, n, k, lhs, rhs, pool());
         dst.set_len(m * n);
     }
     dst
@@ -93,11 +89,15 @@ pub(in crate::ops) fn gemm_strided(
     rhs: Operand,
     accumulate: bool,
 ) {
-    let par = match rayon::current_num_threads() {
+    strided(dst, dst_rs, (m, n, k), lhs, rhs, accumulate, pool())
+}
+
+/// The threads of the current rayon pool, as gemm takes them.
+fn pool() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
         1 => gemm::Parallelism::None,
         t => gemm::Parallelism::Rayon(t),
-    };
-    strided(dst, dst_rs, (m, n, k), lhs, rhs, accumulate, par)
+    }
 }
 
 /// [`matmul_block`] and [`gemm_strided`], with `par`'s threads.
