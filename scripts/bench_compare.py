@@ -9,6 +9,8 @@
     python3 scripts/bench_compare.py generate [--rounds 3] [--whet-args "--quantize q8_0"]
     scripts/build-llama-cpp.sh
     python3 scripts/bench_compare.py generate --peer llama.cpp --whet-args "--quantize q4_0"
+    cargo build --release --no-default-features --target-dir target/avx2
+    python3 scripts/bench_compare.py train --isa avx2
 
 `train` runs `whet bench train` and scripts/bench_train_torch.py (PyTorch + PEFT, LoRA r8 on
 q,v, batch 4 x 128, f32; --targets, --batch-size and --seq-len go to both). With --data DIR
@@ -20,6 +22,9 @@ runs llama.cpp's `llama-bench` instead, on the same GGUF with the same prompt an
 lengths (128 and 64) and threads. Each round runs whet, then the peer, so that a change in the
 machine's load hits both; the load average is printed with the
 figures. The machines are shared and noisy: compare medians over rounds, not single runs.
+`--isa avx2` measures an AVX2 machine on an AVX-512 one: whet built without its AVX-512
+kernels (`--no-default-features`, in target/avx2), PyTorch with ATen, MKL and oneDNN held to
+AVX2. The CPU's SIMD flags are printed with the figures.
 """
 import argparse
 import json
@@ -35,6 +40,10 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WHET = ROOT / "target" / "release" / "whet"
+WHET_AVX2 = ROOT / "target" / "avx2" / "release" / "whet"
+# What holds PyTorch's kernels to AVX2 (ATen's own, MKL's GEMMs, oneDNN's).
+TORCH_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+              "ONEDNN_MAX_CPU_ISA": "AVX2"}
 LLAMA_BENCH = ROOT / "models" / "llama.cpp" / "build" / "bin" / "llama-bench"
 MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -46,9 +55,11 @@ FIELDS = {
 LOAD = r"^load avg:\s+([\d.]+) before, ([\d.]+) after"
 
 
-def run(cmd):
-    """Run `cmd`, return its stdout and stderr; stop with its output if it fails."""
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+def run(cmd, env=None):
+    """Run `cmd` (with `env` added to the environment), return its stdout and stderr; stop
+    with its output if it fails."""
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
     if p.returncode != 0:
         sys.exit(f"error: `{shlex.join(cmd)}` failed:\n{p.stdout}{p.stderr}")
     return p.stdout + p.stderr
@@ -82,6 +93,19 @@ def llama_bench(cmd):
     return {"prefill tok/s": pp[0], "decode tok/s": tg[0], "load": (before, after)}
 
 
+def simd_flags():
+    """The x86 SIMD flags of this CPU that decide which kernels run, as /proc/cpuinfo lists
+    them ("" where it cannot be read)."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
+    have = set(m.group(1).split()) if m else set()
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni"]
+    return " ".join(f for f in wanted if f in have)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bench", choices=["train", "generate"])
@@ -100,9 +124,14 @@ def main():
     ap.add_argument("--seq-len", type=int, help="train: tokens per row on both sides")
     ap.add_argument("--data", help="train: a dataset directory both sides train on")
     ap.add_argument("--pack", action="store_true", help="train: pack --data's examples")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: both sides held to AVX2 kernels (whet from target/avx2)")
     a = ap.parse_args()
-    if not WHET.exists():
-        sys.exit(f"error: {WHET} not found; build it first: cargo build --release")
+    whet = WHET_AVX2 if a.isa == "avx2" else WHET
+    if not whet.exists():
+        build = ("cargo build --release --no-default-features --target-dir target/avx2"
+                 if a.isa == "avx2" else "cargo build --release")
+        sys.exit(f"error: {whet} not found; build it first: {build}")
     if a.rounds < 1:
         sys.exit(f"error: --rounds must be at least 1, got {a.rounds}")
     count = ["--steps", str(a.steps)] if a.bench == "train" else ["--runs", str(a.runs)]
@@ -124,7 +153,7 @@ def main():
             torch_only = ["--rows", str(rows)]  # whet runs first in every round and writes it
     elif a.targets or a.batch_size or a.seq_len or a.data or a.pack:
         sys.exit("error: --targets, --batch-size, --seq-len, --data and --pack are train's")
-    sides = {"whet": [str(WHET), "bench", a.bench, *count, *both, *whet_only,
+    sides = {"whet": [str(whet), "bench", a.bench, *count, *both, *whet_only,
                       *shlex.split(a.whet_args)]}
     if peer == "torch":
         sides[peer] = [a.python, str(ROOT / "scripts" / f"bench_{a.bench}_torch.py"), *count,
@@ -136,25 +165,31 @@ def main():
         sides[peer] = [a.llama_bench, "-m", str(MODEL), "-p", "128", "-n", "64", "-t", threads,
                        "-r", str(a.runs), "-o", "json"]
     fields = FIELDS[a.bench]
+    env = TORCH_AVX2 if a.isa == "avx2" and peer == "torch" else {}
     try:
-        compare(a, sides, fields, peer)
+        compare(a, sides, fields, peer, env)
     finally:
         if torch_only:
             shutil.rmtree(rows.parent, ignore_errors=True)
 
 
-def compare(a, sides, fields, peer):
-    """Run the sides alternately for `a.rounds` rounds, then print medians and ratios."""
+def compare(a, sides, fields, peer, peer_env):
+    """Run the sides alternately for `a.rounds` rounds (the peer with `peer_env` added to its
+    environment), then print medians and ratios."""
     results = {side: [] for side in sides}
     for r in range(a.rounds):
         for side, cmd in sides.items():
-            values = llama_bench(cmd) if side == "llama.cpp" else parse(run(cmd), fields, cmd)
+            if side == "llama.cpp":
+                values = llama_bench(cmd)
+            else:
+                values = parse(run(cmd, peer_env if side == peer else None), fields, cmd)
             results[side].append(values)
             shown = ", ".join(f"{k} {v:g}" for k, v in values.items() if k != "load")
             print(f"round {r + 1}/{a.rounds} {side:5}: {shown} (load {values['load'][0]:.2f})",
                   flush=True)
 
-    print(f"\n{a.bench}, {a.rounds} rounds, medians ({os.cpu_count()} CPUs):")
+    print(f"\n{a.bench}, {a.rounds} rounds, medians ({os.cpu_count()} CPUs; flags: {simd_flags()};"
+          f" kernels: {a.isa}):")
     medians = {}
     for side, runs in results.items():
         medians[side] = {k: statistics.median(v[k] for v in runs) for k in fields}
