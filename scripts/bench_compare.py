@@ -136,6 +136,9 @@ def main():
         sys.exit(f"error: --rounds must be at least 1, got {a.rounds}")
     count = ["--steps", str(a.steps)] if a.bench == "train" else ["--runs", str(a.runs)]
     peer = a.peer if a.bench == "generate" else "torch"
+    if a.isa == "avx2" and peer != "torch":
+        sys.exit("error: --isa avx2 holds PyTorch to AVX2, not llama.cpp, whose build picks its "
+                 "kernels; compare with --peer torch")
     both, whet_only, torch_only = [], [], []
     if a.bench == "train":
         for flag, value in [("--targets", a.targets), ("--batch-size", a.batch_size),
