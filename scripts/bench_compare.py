@@ -127,6 +127,9 @@ def main():
     ap.add_argument("--isa", choices=["native", "avx2"], default="native",
                     help="avx2: both sides held to AVX2 kernels (whet from target/avx2)")
     a = ap.parse_args()
+    if a.isa == "avx2" and a.bench == "generate" and a.peer != "torch":
+        sys.exit("error: --isa avx2 holds PyTorch to AVX2, not llama.cpp, whose build picks its "
+                 "kernels; compare with --peer torch")
     whet = WHET_AVX2 if a.isa == "avx2" else WHET
     if not whet.exists():
         build = ("cargo build --release --no-default-features --target-dir target/avx2"
@@ -136,9 +139,6 @@ def main():
         sys.exit(f"error: --rounds must be at least 1, got {a.rounds}")
     count = ["--steps", str(a.steps)] if a.bench == "train" else ["--runs", str(a.runs)]
     peer = a.peer if a.bench == "generate" else "torch"
-    if a.isa == "avx2" and peer != "torch":
-        sys.exit("error: --isa avx2 holds PyTorch to AVX2, not llama.cpp, whose build picks its "
-                 "kernels; compare with --peer torch")
     both, whet_only, torch_only = [], [], []
     if a.bench == "train":
         for flag, value in [("--targets", a.targets), ("--batch-size", a.batch_size),

@@ -678,3 +678,22 @@ print(f"ok: {examples} examples, worst difference {worst:.2e}")
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).starts_with("ok: "), "{}", stdout(&o));
 }
+
+/// `scripts/bench_compare.py` refuses, before running anything, a comparison it would not make
+/// as asked: `--isa avx2` holds PyTorch to AVX2 but cannot hold llama.cpp's kernels.
+#[test]
+fn bench_compare_refuses_avx2_kernels_beside_llama_cpp() {
+    let python = std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let run = |args: &[&str]| {
+        std::process::Command::new(&python)
+            .arg("scripts/bench_compare.py")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let err = assert_one_line_error(&run(&["generate", "--isa", "avx2", "--peer", "llama.cpp"]));
+    assert!(err.contains("--isa avx2") && err.contains("llama.cpp"), "{err}");
+    let o = run(&["train", "--isa", "sse4"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("invalid choice: 'sse4'"), "{}", stderr(&o));
+}
