@@ -168,7 +168,7 @@ def main():
         sides[peer] = [a.llama_bench, "-m", str(MODEL), "-p", "128", "-n", "64", "-t", threads,
                        "-r", str(a.runs), "-o", "json"]
     fields = FIELDS[a.bench]
-    env = TORCH_AVX2 if a.isa == "avx2" and peer == "torch" else {}
+    env = TORCH_AVX2 if a.isa == "avx2" else {}  # the peer is PyTorch then (checked above)
     try:
         compare(a, sides, fields, peer, env)
     finally:

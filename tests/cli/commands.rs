@@ -683,10 +683,9 @@ print(f"ok: {examples} examples, worst difference {worst:.2e}")
 /// as asked: `--isa avx2` holds PyTorch to AVX2 but cannot hold llama.cpp's kernels.
 #[test]
 fn bench_compare_refuses_avx2_kernels_beside_llama_cpp() {
-    let python = std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
     let run = |args: &[&str]| {
-        std::process::Command::new(&python)
-            .arg("scripts/bench_compare.py")
+        std::process::Command::new(python())
+            .arg(root().join("scripts/bench_compare.py"))
             .args(args)
             .output()
             .unwrap()

@@ -74,10 +74,15 @@ pub fn have_default_model() -> bool {
     false
 }
 
-/// `WHET_PYTHON` (default `python3`) when it imports every one of `modules` (`"torch, peft"`);
-/// otherwise `None`, after saying on stderr that the test checks nothing.
+/// The Python the tests run: `WHET_PYTHON`, default `python3`.
+pub fn python() -> String {
+    std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// [`python`] when it imports every one of `modules` (`"torch, peft"`); otherwise `None`,
+/// after saying on stderr that the test checks nothing.
 pub fn python_with(modules: &str) -> Option<String> {
-    let python = std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = python();
     let probe =
         std::process::Command::new(&python).args(["-c", &format!("import {modules}")]).output();
     if probe.is_ok_and(|o| o.status.success()) {
