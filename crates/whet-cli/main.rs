@@ -114,6 +114,7 @@ fn main() {
             _ => None,
         });
         if on_rank.is_some_and(|r| r != 0) {
+            whet_train::dist::linger_for_rank_zero();
             std::process::exit(1);
         }
         let chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();

@@ -74,6 +74,32 @@ pub struct World {
 /// Default of [`World::timeout`]; `WHET_DIST_TIMEOUT` (seconds) overrides it.
 const DEFAULT_TIMEOUT_SECS: u64 = 300;
 
+/// `WHET_DIST_TIMEOUT`, or the default.
+fn timeout_from_env() -> Result<Duration, TrainError> {
+    match std::env::var("WHET_DIST_TIMEOUT") {
+        Ok(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+            _ => Err(TrainError::Run(format!(
+                "WHET_DIST_TIMEOUT=`{v}`: expected a positive number of seconds"
+            ))),
+        },
+        Err(_) => Ok(Duration::from_secs(DEFAULT_TIMEOUT_SECS)),
+    }
+}
+
+/// Called by a rank that leaves the report of a shared failure to rank 0, before it exits:
+/// wait for the launcher to end this process once rank 0 has exited. `mpirun` aborts the
+/// whole job at the first non-zero exit, so a rank that exited at once could have rank 0
+/// killed before it printed the one error the user should see. Rank 0 meets the same
+/// failure, so the wait is short; it is bounded (by `WHET_DIST_TIMEOUT`, at most a minute)
+/// in case the launcher does not end the job.
+pub fn linger_for_rank_zero() {
+    let wait = timeout_from_env()
+        .unwrap_or(Duration::from_secs(DEFAULT_TIMEOUT_SECS))
+        .min(Duration::from_secs(60));
+    std::thread::sleep(wait);
+}
+
 impl World {
     /// A single process: every collective is the identity.
     pub fn single() -> Self {
@@ -99,18 +125,7 @@ impl World {
         if !several && !force {
             return Ok(Self::single());
         }
-        let timeout = match std::env::var("WHET_DIST_TIMEOUT") {
-            Ok(v) => match v.trim().parse::<f64>() {
-                Ok(s) if s > 0.0 && s.is_finite() => Duration::from_secs_f64(s),
-                _ => {
-                    return Err(TrainError::Run(format!(
-                        "WHET_DIST_TIMEOUT=`{v}`: expected a positive number of seconds"
-                    )))
-                }
-            },
-            Err(_) => Duration::from_secs(DEFAULT_TIMEOUT_SECS),
-        };
-        Self::init_mpi(launch, timeout)
+        Self::init_mpi(launch, timeout_from_env()?)
     }
 
     #[cfg(feature = "mpi")]
