@@ -35,7 +35,7 @@ pub(crate) enum Linear {
 const WHET_DOT_ROWS: usize = 48;
 const CANDLE_DOT_ROWS: usize = 32;
 /// Rows below which a dense f32 layer takes whet's matrix-vector kernel (decoding steps) rather
-/// than candle's gemm.
+/// than gemm (`ops::dense_matmul`).
 const DENSE_DOT_ROWS: usize = 16;
 
 /// Why a quantized weight is not written out: its dequantized values are not the checkpoint's.
@@ -73,7 +73,7 @@ impl Linear {
                 let ours = if rows < DENSE_DOT_ROWS {
                     crate::ops::dense_matvec(x, l.weight())?
                 } else {
-                    None
+                    crate::ops::dense_matmul(x, l.weight())?
                 };
                 match ours {
                     Some(y) => add_bias(y, l.bias()),

@@ -118,6 +118,23 @@ pub fn dense_matvec(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Tensor::from_vec(y, last_dim(x.dims(), n), x.device()).map(Some)
 }
 
+/// `x @ w^T` for many rows of `x` (prefill, scoring) and a dense `w` `[out, in]`, by blocks of
+/// `w`'s rows on the pool's threads (`cpu::gemm::matmul_wt`) where whet's kernels run (the
+/// CPU, f32, contiguous `w`); `None` elsewhere, for the caller's matmul. Not differentiable.
+pub fn dense_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !(kernel(x) && kernel(w) && w.is_contiguous()) {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    if x.dims().last() != Some(&k) {
+        return Ok(None); // the caller's matmul reports the mismatch
+    }
+    let x = x.contiguous()?;
+    let m = x.elem_count() / k;
+    let y = cpu::with_f32(&[&x, w], |s| Ok(cpu::gemm::matmul_wt(s[0], m, s[1], n, k)))?;
+    Tensor::from_vec(y, last_dim(x.dims(), n), x.device()).map(Some)
+}
+
 /// `dims` with the last one set to `n`: a product's output shape.
 fn last_dim(dims: &[usize], n: usize) -> Vec<usize> {
     let mut out = dims.to_vec();

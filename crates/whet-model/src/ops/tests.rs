@@ -293,6 +293,33 @@ fn dense_matvec_equals_the_matmul() {
     }
 }
 
+/// The many-row f32 product by blocks of the weight's rows equals candle's matmul: a weight of
+/// one block, one of several with a partial last block and one narrower than a block's
+/// rows, each in a pool of one thread (one gemm call) and of three (a task per block).
+#[test]
+fn dense_matmul_equals_the_matmul() {
+    let d = Device::Cpu;
+    for (rows, cols) in [(40usize, 64usize), (1000, 576), (7, 2048)] {
+        let w = Tensor::randn(0f32, 1., (rows, cols), &d).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 33, cols), &d).unwrap();
+        let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+        for threads in [1, 3] {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let ours = pool.install(|| dense_matmul(&x, &w)).unwrap();
+            if !kernels_enabled() {
+                assert!(ours.is_none(), "WHET_KERNELS=portable leaves it to candle");
+                continue;
+            }
+            let ours = ours.expect("f32 on the CPU takes the kernel");
+            assert_eq!(ours.dims(), &[2, 33, rows]);
+            close(&ours, &want, 1e-5 * cols as f32);
+        }
+    }
+    let bf16 = Tensor::zeros((4, 8), DType::BF16, &d).unwrap();
+    let x = Tensor::zeros((3, 8), DType::BF16, &d).unwrap();
+    assert!(dense_matmul(&x, &bf16).unwrap().is_none(), "bf16 is left to candle");
+}
+
 #[test]
 fn quantized_embedding_equals_the_dequantized_rows() {
     use candle_core::quantized::{GgmlDType, QTensor};

@@ -7,7 +7,7 @@
 //! its weights, small beside the `2 * rows` flops per weight the gemm then does, and only one
 //! tile is ever held in f32, so the weight keeps its quantized size (QLoRA's memory).
 
-use super::gemm::{gemm_strided, Operand};
+use super::gemm::{by_column_blocks, gemm_strided, Operand, COLUMN_BLOCK_VALUES};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, Result};
 use rayon::prelude::*;
@@ -114,50 +114,12 @@ pub(in crate::ops) fn gather_rows(w: &QWeight, ids: &[u32]) -> Result<Vec<f32>> 
 
 /// `x [m, k] @ w^T` for `w` `[n, k]`: `[m, n]`. Each task of the pool takes a tile of `w`'s
 /// rows (`y`'s columns), dequantizes it into a buffer small enough to stay in its core's cache
-/// and multiplies it on its own thread: no tile moves between cores, and there is no
-/// fork-join per tile.
+/// and multiplies it on its own thread ([`by_column_blocks`]).
 pub(in crate::ops) fn forward(x: &[f32], m: usize, w: &QWeight) -> Result<Vec<f32>> {
     let (n, k) = (w.rows, w.cols);
-    let mut y = vec![0f32; m * n];
-    let dst = Columns(y.as_mut_ptr());
-    let tile_rows = (LOCAL_TILE_VALUES / k).max(1);
-    let starts: Vec<usize> = (0..n).step_by(tile_rows).collect();
-    starts.into_par_iter().try_for_each(|r0| -> Result<()> {
-        let r1 = (r0 + tile_rows).min(n);
-        let tile = w.dequantize_rows(r0, r1)?;
-        // SAFETY: columns `r0..r1` of `y` (`[m, n]`) are this task's alone; `tile` is
-        // `[r1 - r0, k]`.
-        unsafe { dst.multiply(r0, n, m, r1 - r0, k, (x, k, 1), (&tile, 1, k)) };
-        Ok(())
-    })?;
-    Ok(y)
-}
-
-/// f32 values per tile of [`forward`] (256 KiB): half of this machine's 512 KiB per-core L2.
-const LOCAL_TILE_VALUES: usize = 1 << 16;
-
-/// The output of [`forward`], whose column blocks the pool's tasks write side by side.
-struct Columns(*mut f32);
-// SAFETY: each task writes its own columns (see `forward`), and `y` outlives the tasks.
-unsafe impl Sync for Columns {}
-
-impl Columns {
-    /// # Safety
-    /// Columns `c0..c0 + n` of the `[m, row_len]` output are the caller's alone.
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn multiply(
-        &self,
-        c0: usize,
-        row_len: usize,
-        m: usize,
-        n: usize,
-        k: usize,
-        lhs: Operand,
-        rhs: Operand,
-    ) {
-        // SAFETY: as the caller vouches; `c0 + n <= row_len`, so the block lies inside `y`.
-        unsafe { super::gemm::matmul_columns(self.0.add(c0), row_len, m, n, k, lhs, rhs) }
-    }
+    by_column_blocks(x, m, n, k, (COLUMN_BLOCK_VALUES / k).max(1), |r0, r1| {
+        w.dequantize_rows(r0, r1)
+    })
 }
 
 /// `g [m, n] @ w` for `w` `[n, k]`: `[m, k]`, the input gradient of [`forward`]; each tile of
