@@ -104,15 +104,7 @@ pub fn quantized_matvec(x: &Tensor, w: &QTensor) -> Result<Option<Tensor>> {
 /// matrix-vector kernel where it runs (the CPU, f32, contiguous `w`); `None` elsewhere, for
 /// the caller's matmul. Not differentiable: inference only.
 pub fn dense_matvec(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !(kernel(x) && kernel(w) && w.is_contiguous()) {
-        return Ok(None);
-    }
-    let (n, k) = w.dims2()?;
-    if x.dims().last() != Some(&k) {
-        return Ok(None); // the caller's matmul reports the mismatch
-    }
-    let x = x.contiguous()?;
-    let m = x.elem_count() / k;
+    let Some((x, m, n, k)) = dense_operands(x, w)? else { return Ok(None) };
     let y = cpu::with_f32(&[&x, w], |s| Ok(cpu::qgemv::matvec_f32(s[0], m, s[1], k)))?;
     let Some(y) = y else { return Ok(None) };
     Tensor::from_vec(y, last_dim(x.dims(), n), x.device()).map(Some)
@@ -122,17 +114,25 @@ pub fn dense_matvec(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
 /// `w`'s rows on the pool's threads (`cpu::gemm::matmul_wt`) where whet's kernels run (the
 /// CPU, f32, contiguous `w`); `None` elsewhere, for the caller's matmul. Not differentiable.
 pub fn dense_matmul(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let Some((x, m, n, k)) = dense_operands(x, w)? else { return Ok(None) };
+    let y = cpu::with_f32(&[&x, w], |s| Ok(cpu::gemm::matmul_wt(s[0], m, s[1], n, k)))?;
+    Tensor::from_vec(y, last_dim(x.dims(), n), x.device()).map(Some)
+}
+
+/// For whet's dense inference products: `x` contiguous and its rows `m`, and `w`'s `[n, k]`,
+/// where the kernels run (the CPU, f32, contiguous `w`, `x`'s last dimension `k`); `None`
+/// otherwise, for the caller's matmul, which also reports a mismatch.
+fn dense_operands(x: &Tensor, w: &Tensor) -> Result<Option<(Tensor, usize, usize, usize)>> {
     if !(kernel(x) && kernel(w) && w.is_contiguous()) {
         return Ok(None);
     }
     let (n, k) = w.dims2()?;
     if x.dims().last() != Some(&k) {
-        return Ok(None); // the caller's matmul reports the mismatch
+        return Ok(None);
     }
     let x = x.contiguous()?;
     let m = x.elem_count() / k;
-    let y = cpu::with_f32(&[&x, w], |s| Ok(cpu::gemm::matmul_wt(s[0], m, s[1], n, k)))?;
-    Tensor::from_vec(y, last_dim(x.dims(), n), x.device()).map(Some)
+    Ok(Some((x, m, n, k)))
 }
 
 /// `dims` with the last one set to `n`: a product's output shape.
