@@ -95,16 +95,38 @@ fn assert_same_adapter(a: &Path, b: &Path) {
     }
 }
 
-/// The PID of rank `rank` among `mpirun`'s processes, read from their environments.
-fn rank_pid(rank: usize) -> Option<u32> {
+/// The PID of rank `rank` of the job `mpirun` started as `job`, read from its processes'
+/// environments. Only `job`'s descendants count: the tests of this file run side by side, and
+/// another test's rank 1 is as much a whet with `OMPI_COMM_WORLD_RANK=1` as this job's.
+fn rank_pid(job: &std::process::Child, rank: usize) -> Option<u32> {
     let want = format!("OMPI_COMM_WORLD_RANK={rank}");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let env = std::fs::read(e.path().join("environ")).ok()?;
         let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-        let ours = String::from_utf8_lossy(&cmd).contains(env!("CARGO_BIN_EXE_whet"));
+        let ours = String::from_utf8_lossy(&cmd).contains(env!("CARGO_BIN_EXE_whet"))
+            && descends_from(pid, job.id());
         (ours && env.split(|&b| b == 0).any(|v| v == want.as_bytes())).then_some(pid)
     })
+}
+
+/// Whether `ancestor` is `pid`'s parent, or its parent's, up a few generations.
+fn descends_from(mut pid: u32, ancestor: u32) -> bool {
+    for _ in 0..4 {
+        let Some(parent) = parent_pid(pid) else { return false };
+        if parent == ancestor {
+            return true;
+        }
+        pid = parent;
+    }
+    false
+}
+
+/// The parent of `pid`, from the fourth field of `/proc/PID/stat` (after the command name,
+/// which is in parentheses and may hold spaces).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[test]
@@ -146,7 +168,7 @@ fn two_ranks_train_the_single_process_adapter_and_survive_a_killed_rank() {
         assert!(std::time::Instant::now() < deadline, "the run never reached step 50");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let pid = rank_pid(1).expect("rank 1 is running");
+    let pid = rank_pid(&job, 1).expect("rank 1 is running");
     assert!(Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
     let o = job.wait_with_output().unwrap();
     assert!(!o.status.success(), "a job with a dead rank fails");
@@ -186,7 +208,7 @@ fn a_hung_rank_fails_the_job_in_bounded_time() {
         assert!(started.elapsed().as_secs() < 120, "the run never reached step 30");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    let pid = rank_pid(1).expect("rank 1 is running");
+    let pid = rank_pid(&job, 1).expect("rank 1 is running");
     assert!(Command::new("kill").args(["-STOP", &pid.to_string()]).status().unwrap().success());
     let stopped = std::time::Instant::now();
     let o = job.wait_with_output().unwrap();
