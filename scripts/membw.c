@@ -2,16 +2,21 @@
 // every weight once per token, so tokens/s x bytes of weights cannot pass this.
 //   gcc -O2 -mavx2 -fopenmp scripts/membw.c -o /tmp/membw && OMP_NUM_THREADS=2 /tmp/membw
 // Sums a 540 MB array (SmolLM2-135M's f32 weights) five times with AVX2 loads on every thread.
+// With HUGE=1 in the environment the array is asked for in 2 MB pages (madvise), as whet asks
+// for its weights' pages when it decodes.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/mman.h>
 #include <time.h>
 
 int main(void) {
   size_t n = 540u * 1000 * 1000 / 4;
-  float *a = aligned_alloc(64, n * 4);
+  size_t huge = 2u << 20, bytes = (n * 4 + huge - 1) / huge * huge;
+  float *a = aligned_alloc(huge, bytes);
   if (!a) return 1;
+  if (getenv("HUGE")) madvise(a, bytes, MADV_HUGEPAGE);
   for (size_t i = 0; i < n; i++) a[i] = 1.0f;
   for (int rep = 0; rep < 5; rep++) {
     struct timespec t0, t1;
