@@ -11,6 +11,9 @@
     python3 scripts/bench_compare.py generate --peer llama.cpp --whet-args "--quantize q4_0"
     cargo build --release --no-default-features --target-dir target/avx2
     python3 scripts/bench_compare.py train --isa avx2
+    python3 scripts/bench_compare.py train --preset qwen2.5-1.5b --batch-size 1 --steps 2
+    scripts/build-cuda.sh    # then, on the GPU machine:
+    python3 scripts/bench_compare.py train --device cuda --dtype bf16 --batch-size 4 --seq-len 512
 
 `train` runs `whet bench train` and scripts/bench_train_torch.py (PyTorch + PEFT, LoRA r8 on
 q,v, batch 4 x 128, f32; --targets, --batch-size and --seq-len go to both). With --data DIR
@@ -25,6 +28,10 @@ figures. The machines are shared and noisy: compare medians over rounds, not sin
 `--isa avx2` measures an AVX2 machine on an AVX-512 one: whet built without its AVX-512
 kernels (`--no-default-features`, in target/avx2), PyTorch with ATen, MKL and oneDNN held to
 AVX2. The CPU's SIMD flags are printed with the figures.
+`--device cuda` trains on the GPU on both sides (whet from target/cuda, built by
+scripts/build-cuda.sh, or --whet PATH); each run's peak GPU memory is what nvidia-smi reports
+in use on the GPU while it runs, above what was in use before it started (the same measure for
+both engines: PyTorch's allocator keeps what it reserved, candle's frees).
 """
 import argparse
 import json
@@ -37,10 +44,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WHET = ROOT / "target" / "release" / "whet"
 WHET_AVX2 = ROOT / "target" / "avx2" / "release" / "whet"
+WHET_CUDA = ROOT / "target" / "cuda" / "release" / "whet"
 # What holds PyTorch's kernels to AVX2 (ATen's own, MKL's GEMMs, oneDNN's).
 TORCH_AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
               "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -50,19 +60,59 @@ MODEL = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What each side prints, as "label:  <number> ..." lines.
 FIELDS = {
     "train": {"tokens/s": r"^train:\s+([\d.]+)", "peak MB": r"^peak RSS:\s+([\d.]+)"},
+    "train-gpu": {"tokens/s": r"^train:\s+([\d.]+)", "peak GPU MB": r"^peak GPU MB:\s+([\d.]+)"},
     "generate": {"prefill tok/s": r"^prefill:\s+([\d.]+)", "decode tok/s": r"^decode:\s+([\d.]+)"},
 }
 LOAD = r"^load avg:\s+([\d.]+) before, ([\d.]+) after"
 
 
-def run(cmd, env=None):
-    """Run `cmd` (with `env` added to the environment), return its stdout and stderr; stop
-    with its output if it fails."""
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, **(env or {})})
+def run(cmd, env=None, gpu=False):
+    """Run `cmd` (with `env` added to the environment), return its stdout and stderr, and with
+    `gpu` a `peak GPU MB:` line after them; stop with its output if it fails."""
+    sampler = GpuMemory() if gpu else None
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, **(env or {})})
+    out, err = p.communicate()
+    peak = sampler.stop() if sampler else None
     if p.returncode != 0:
-        sys.exit(f"error: `{shlex.join(cmd)}` failed:\n{p.stdout}{p.stderr}")
-    return p.stdout + p.stderr
+        sys.exit(f"error: `{shlex.join(cmd)}` failed:\n{out}{err}")
+    return out + err + (f"\npeak GPU MB: {peak:.0f}\n" if gpu else "")
+
+
+NVIDIA_SMI = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+
+
+def gpu_memory_used():
+    """MB in use on each GPU, as nvidia-smi reports it; raises OSError or ValueError where it
+    cannot be read."""
+    p = subprocess.run(NVIDIA_SMI, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise OSError(f"exit status {p.returncode}: {p.stderr.strip()}")
+    return [float(x) for x in p.stdout.split()]
+
+
+class GpuMemory:
+    """The most GPU memory in use (summed over the GPUs) while a run lasts, above what was in use
+    when it started: nvidia-smi polled every 0.1 s on a thread of its own."""
+
+    def __init__(self):
+        self.base = sum(gpu_memory_used())
+        self.peak = self.base
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+
+    def poll(self):
+        while not self.done.wait(0.1):
+            try:
+                self.peak = max(self.peak, sum(gpu_memory_used()))
+            except (OSError, ValueError):
+                pass  # a sample missed; the first one (in main) showed nvidia-smi works
+
+    def stop(self):
+        self.done.set()
+        self.thread.join()
+        return self.peak - self.base
 
 
 def parse(out, fields, cmd):
@@ -102,7 +152,7 @@ def simd_flags():
         return ""
     m = re.search(r"^flags\s*:(.*)$", text, re.MULTILINE)
     have = set(m.group(1).split()) if m else set()
-    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni"]
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni"]
     return " ".join(f for f in wanted if f in have)
 
 
@@ -126,15 +176,37 @@ def main():
     ap.add_argument("--pack", action="store_true", help="train: pack --data's examples")
     ap.add_argument("--isa", choices=["native", "avx2"], default="native",
                     help="avx2: both sides held to AVX2 kernels (whet from target/avx2)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="train: where both sides train (cuda: whet from target/cuda)")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                    help="train: the base model's dtype on both sides (LoRA weights stay f32)")
+    ap.add_argument("--preset", help="train: the shapes both sides build with random weights "
+                    "(whet's random:NAME; default smollm2-135m, or qwen2.5-1.5b)")
+    ap.add_argument("--whet", help="the whet binary (default: target/release, avx2 or cuda)")
     a = ap.parse_args()
+    if a.bench != "train" and (a.device != "cpu" or a.dtype != "f32"):
+        sys.exit("error: --device and --dtype are train's; `generate` runs on the CPU in f32")
+    if a.device == "cuda" and a.isa != "native":
+        sys.exit("error: --isa avx2 holds CPU kernels to AVX2; it means nothing with --device cuda")
     if a.isa == "avx2" and a.bench == "generate" and a.peer != "torch":
         sys.exit("error: --isa avx2 holds PyTorch to AVX2, not llama.cpp, whose build picks its "
                  "kernels; compare with --peer torch")
-    whet = WHET_AVX2 if a.isa == "avx2" else WHET
+    if a.whet:
+        whet, build = pathlib.Path(a.whet), None
+    elif a.device == "cuda":
+        whet, build = WHET_CUDA, "scripts/build-cuda.sh"
+    elif a.isa == "avx2":
+        whet, build = WHET_AVX2, "cargo build --release --no-default-features --target-dir target/avx2"
+    else:
+        whet, build = WHET, "cargo build --release"
     if not whet.exists():
-        build = ("cargo build --release --no-default-features --target-dir target/avx2"
-                 if a.isa == "avx2" else "cargo build --release")
-        sys.exit(f"error: {whet} not found; build it first: {build}")
+        sys.exit(f"error: {whet} not found" + (f"; build it first: {build}" if build else ""))
+    if a.device == "cuda":
+        try:
+            gpu_memory_used()
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: `{shlex.join(NVIDIA_SMI)}` failed ({e}); --device cuda measures "
+                     "GPU memory with it")
     if a.rounds < 1:
         sys.exit(f"error: --rounds must be at least 1, got {a.rounds}")
     count = ["--steps", str(a.steps)] if a.bench == "train" else ["--runs", str(a.runs)]
@@ -142,11 +214,16 @@ def main():
     both, whet_only, torch_only = [], [], []
     if a.bench == "train":
         for flag, value in [("--targets", a.targets), ("--batch-size", a.batch_size),
-                            ("--seq-len", a.seq_len)]:
+                            ("--seq-len", a.seq_len), ("--device", a.device),
+                            ("--dtype", a.dtype)]:
             if value is not None:
                 both += [flag, str(value)]
         if a.pack and not a.data:
             sys.exit("error: --pack needs --data")
+        if a.preset and a.data:
+            sys.exit("error: --data trains the default GGUF's shapes; drop --preset")
+        if a.preset:
+            whet_only, torch_only = ["--model", f"random:{a.preset}"], ["--preset", a.preset]
         if a.data:
             if not MODEL.exists():
                 sys.exit(f"error: --data tokenizes with {MODEL}; fetch it: scripts/fetch-model.sh")
@@ -154,8 +231,9 @@ def main():
             whet_only = ["--model", str(MODEL), "--data", a.data, "--save-rows", str(rows),
                          *(["--pack"] if a.pack else [])]
             torch_only = ["--rows", str(rows)]  # whet runs first in every round and writes it
-    elif a.targets or a.batch_size or a.seq_len or a.data or a.pack:
-        sys.exit("error: --targets, --batch-size, --seq-len, --data and --pack are train's")
+    elif a.targets or a.batch_size or a.seq_len or a.data or a.pack or a.preset:
+        sys.exit("error: --targets, --batch-size, --seq-len, --data, --pack and --preset are "
+                 "train's")
     sides = {"whet": [str(whet), "bench", a.bench, *count, *both, *whet_only,
                       *shlex.split(a.whet_args)]}
     if peer == "torch":
@@ -167,12 +245,12 @@ def main():
         threads = str(len(os.sched_getaffinity(0)))
         sides[peer] = [a.llama_bench, "-m", str(MODEL), "-p", "128", "-n", "64", "-t", threads,
                        "-r", str(a.runs), "-o", "json"]
-    fields = FIELDS[a.bench]
+    fields = FIELDS["train-gpu" if a.device == "cuda" else a.bench]
     env = TORCH_AVX2 if a.isa == "avx2" else {}  # the peer is PyTorch then (checked above)
     try:
         compare(a, sides, fields, peer, env)
     finally:
-        if torch_only:
+        if a.data:
             shutil.rmtree(rows.parent, ignore_errors=True)
 
 
@@ -185,14 +263,16 @@ def compare(a, sides, fields, peer, peer_env):
             if side == "llama.cpp":
                 values = llama_bench(cmd)
             else:
-                values = parse(run(cmd, peer_env if side == peer else None), fields, cmd)
+                out = run(cmd, peer_env if side == peer else None, gpu=a.device == "cuda")
+                values = parse(out, fields, cmd)
             results[side].append(values)
             shown = ", ".join(f"{k} {v:g}" for k, v in values.items() if k != "load")
             print(f"round {r + 1}/{a.rounds} {side:5}: {shown} (load {values['load'][0]:.2f})",
                   flush=True)
 
-    print(f"\n{a.bench}, {a.rounds} rounds, medians ({os.cpu_count()} CPUs; flags: {simd_flags()};"
-          f" kernels: {a.isa}):")
+    where = (f"{a.device}, {a.dtype}; " if a.bench == "train" else "")
+    print(f"\n{a.bench}, {a.rounds} rounds, medians ({where}{os.cpu_count()} CPUs; flags: "
+          f"{simd_flags()}; kernels: {a.isa}):")
     medians = {}
     for side, runs in results.items():
         medians[side] = {k: statistics.median(v[k] for v in runs) for k in fields}

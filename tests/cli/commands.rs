@@ -695,4 +695,60 @@ fn bench_compare_refuses_avx2_kernels_beside_llama_cpp() {
     let o = run(&["train", "--isa", "sse4"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("invalid choice: 'sse4'"), "{}", stderr(&o));
+    // The GPU comparison: train's alone, never beside CPU kernel switches, and refused up
+    // front where nvidia-smi (its memory measure) is missing.
+    let err = assert_one_line_error(&run(&["generate", "--device", "cuda"]));
+    assert!(err.contains("--device and --dtype are train's"), "{err}");
+    let err = assert_one_line_error(&run(&["train", "--device", "cuda", "--isa", "avx2"]));
+    assert!(err.contains("--isa avx2") && err.contains("--device cuda"), "{err}");
+    // An absolute Python: the command's PATH (searched for the program too) holds nothing.
+    let exe = std::process::Command::new(python())
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new(stdout(&exe).trim())
+        .arg(root().join("scripts/bench_compare.py"))
+        .args(["train", "--device", "cuda", "--whet", env!("CARGO_BIN_EXE_whet")])
+        .env("PATH", empty.path())
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&o);
+    assert!(err.contains("nvidia-smi") && err.contains("failed"), "{err}");
+}
+
+/// `scripts/bench_compare.py --device cuda` reports each run's peak GPU memory as the most
+/// nvidia-smi showed in use while the run lasted, above what was in use when it began: here a
+/// stand-in nvidia-smi whose figure grows 1000 MB at each call, beside a 0.5 s run.
+#[test]
+fn bench_compare_samples_gpu_memory_over_a_run() {
+    let bin = tempfile::tempdir().unwrap();
+    let (smi, count) = (bin.path().join("nvidia-smi"), bin.path().join("count"));
+    std::fs::write(&count, "100").unwrap();
+    let script = format!(
+        "#!/bin/sh\nn=$(cat {c})\necho $((n + 1000)) > {c}\necho $n\n",
+        c = count.display()
+    );
+    std::fs::write(&smi, script).unwrap();
+    std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let check = r#"
+import os, re, sys
+sys.path.insert(0, "scripts")
+import bench_compare
+out = bench_compare.run(["sleep", "0.5"], gpu=True)
+peak = float(re.search(r"^peak GPU MB: (\d+)$", out, re.M).group(1))
+calls = (int(open(sys.argv[1]).read()) - 100) // 1000
+# The first call is the baseline, the last sample the peak: every later call adds 1000 MB.
+assert peak == 1000 * (calls - 1) and calls >= 3, (peak, calls)
+print(f"ok: {peak:.0f} MB over {calls} calls")
+"#;
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let o = std::process::Command::new(python())
+        .current_dir(root())
+        .args(["-c", check, count.to_str().unwrap()])
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).starts_with("ok: "), "{}", stdout(&o));
 }
