@@ -45,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 WHET = ROOT / "target" / "release" / "whet"
@@ -180,8 +179,9 @@ def main():
                     help="train: where both sides train (cuda: whet from target/cuda)")
     ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
                     help="train: the base model's dtype on both sides (LoRA weights stay f32)")
-    ap.add_argument("--preset", help="train: the shapes both sides build with random weights "
-                    "(whet's random:NAME; default smollm2-135m, or qwen2.5-1.5b)")
+    ap.add_argument("--preset", choices=["smollm2-135m", "qwen2.5-1.5b"],
+                    help="train: the shapes both sides build with random weights (whet's "
+                    "random:NAME; default smollm2-135m)")
     ap.add_argument("--whet", help="the whet binary (default: target/release, avx2 or cuda)")
     a = ap.parse_args()
     if a.bench != "train" and (a.device != "cpu" or a.dtype != "f32"):
