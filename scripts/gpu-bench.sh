@@ -28,14 +28,14 @@ command -v nvidia-smi > /dev/null || { echo "error: nvidia-smi not found: no NVI
 
 # CUDA 13 libraries the binary links, wherever this machine has them.
 libs=$(python3 - <<'EOF'
-import pathlib, site, sys
+import pathlib, site
 roots = [pathlib.Path("target/cuda-toolkit")] + [pathlib.Path(p) for p in site.getsitepackages()]
+wanted = {"libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13"}
 seen = []
-for root in roots:
-    for lib in ["libcublas.so.13", "libcublasLt.so.13", "libcurand.so.10", "libcudart.so.13"]:
-        for f in root.glob(f"**/{lib}") if root.exists() else []:
-            if str(f.parent.resolve()) not in seen:
-                seen.append(str(f.parent.resolve()))
+for root in filter(pathlib.Path.exists, roots):
+    for f in root.rglob("lib*.so.1*"):  # one walk of each tree for all four
+        if f.name in wanted and str(f.parent.resolve()) not in seen:
+            seen.append(str(f.parent.resolve()))
 print(":".join(seen))
 EOF
 )
