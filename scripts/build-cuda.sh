@@ -21,7 +21,7 @@
 # 22 minutes on 2 AVX2 cores (most of it nvcc compiling candle's kernels), and 13 minutes (780 s,
 # wheels included) on 2 Zen 5 cores on 2026-12-02. To run the binary on
 # a GPU machine: LD_LIBRARY_PATH=target/cuda-toolkit/nvidia/cu13/lib target/cuda/release/whet
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "$0")/.."
 
 FEATURES=cuda

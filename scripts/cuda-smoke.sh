@@ -9,7 +9,7 @@
 #   scripts/cuda-smoke.sh [WHET_BINARY]        # on the GPU machine; needs python3 (stdlib only)
 #
 # WHET_SMOKE_DEVICE=cpu runs the "GPU" side on the CPU too, to check the script itself.
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 whet=${1:-target/cuda/release/whet}
 device=${WHET_SMOKE_DEVICE:-cuda}

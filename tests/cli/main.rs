@@ -74,9 +74,17 @@ pub fn have_default_model() -> bool {
     false
 }
 
-/// The Python the tests run: `WHET_PYTHON`, default `python3`.
+/// The Python the tests run: `WHET_PYTHON`, else the project's `.venv/` (made by
+/// scripts/test.sh, see scripts/lib.sh), else `python3`.
 pub fn python() -> String {
-    std::env::var("WHET_PYTHON").unwrap_or_else(|_| "python3".into())
+    if let Ok(p) = std::env::var("WHET_PYTHON") {
+        return p;
+    }
+    let venv = root().join(".venv/bin/python");
+    if venv.exists() {
+        return venv.display().to_string();
+    }
+    "python3".into()
 }
 
 /// [`python`] when it imports every one of `modules` (`"torch, peft"`); otherwise `None`,
@@ -88,7 +96,7 @@ pub fn python_with(modules: &str) -> Option<String> {
     if probe.is_ok_and(|o| o.status.success()) {
         return Some(python);
     }
-    eprintln!("SKIPPED: {python} lacks {modules}; set WHET_PYTHON to a Python that has them");
+    eprintln!("SKIPPED: {python} lacks {modules}; run scripts/test.sh (it installs them into .venv/) or set WHET_PYTHON to a Python that has them");
     None
 }
 

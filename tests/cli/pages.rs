@@ -3,7 +3,7 @@
 //! renders; screenshots of both, and no script error in the console. The playground's
 //! screenshot is left in the temporary directory as whet-playground.png.
 
-use super::{root, stderr, whet};
+use super::{python, root, stderr, whet};
 use std::path::Path;
 use std::process::Command;
 
@@ -21,7 +21,7 @@ fn chromium() -> Option<&'static str> {
 /// until `done` (a JavaScript expression) holds: the DOM then, and a screenshot in `png`.
 /// Panics on a script error or a timeout.
 fn load(url: &str, done: &str, png: &Path) -> String {
-    let o = Command::new("python3")
+    let o = Command::new(python())
         .arg(root().join("scripts/check_page.py"))
         .args([url, png.to_str().unwrap(), done, "60"])
         .output()
