@@ -2,32 +2,34 @@
 //! merge`: the base model with an adapter folded in, written out.
 
 use crate::args::{AdapterCheckArgs, AdapterConvertArgs, AdapterInfoArgs, MergeArgs};
+use crate::output::{Output, Shape};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A GGUF file out: an existing one is replaced (with --overwrite) only if it is a GGUF file.
+const GGUF: Shape = Shape::File { magic: b"GGUF" };
 use std::io::Write;
 use whet_model::adapter::PeftAdapter;
 
 pub fn info(a: AdapterInfoArgs) -> Result<()> {
     let adapter = PeftAdapter::read(&a.dir)?;
     let path = a.dir.join("adapter_model.safetensors");
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not a readable safetensors file", path.display()))?;
+    // Read and checked as loading reads them: a truncated file or a NaN is refused here too.
+    let tensors = whet_model::adapter::read_tensors(&a.dir)?;
+    let bytes = std::fs::metadata(&path).map(|m| m.len() as usize).unwrap_or(0);
     // Per module kind (`q_proj`): how many layers, and the ranks the A matrices have.
     let mut kinds: BTreeMap<String, (usize, Vec<usize>)> = BTreeMap::new();
     let mut params = 0usize;
-    for (name, view) in st.tensors() {
-        params += view.shape().iter().product::<usize>();
-        let Some(module) = name
-            .strip_suffix(".lora_A.weight")
-            .or_else(|| name.strip_suffix(".lora_A.default.weight"))
-        else {
+    for (name, view) in &tensors {
+        params += view.elem_count();
+        let Some(module) = name.strip_suffix(".lora_A.weight") else {
             continue;
         };
         let kind = module.rsplit('.').next().unwrap_or(module).to_string();
         let entry = kinds.entry(kind).or_default();
         entry.0 += 1;
-        let r = view.shape().first().copied().unwrap_or(0);
+        let r = view.dims().first().copied().unwrap_or(0);
         if !entry.1.contains(&r) {
             entry.1.push(r);
         }
@@ -44,7 +46,7 @@ pub fn info(a: AdapterInfoArgs) -> Result<()> {
         writeln!(out, "  {kind:<13} {layers} layers, rank {}", ranks.join("/"))?;
     }
     writeln!(out, "parameters:     {params} ({:.2}M)", params as f64 / 1e6)?;
-    writeln!(out, "size:           {:.1} KB", bytes.len() as f64 / 1024.0)?;
+    writeln!(out, "size:           {:.1} KB", bytes as f64 / 1024.0)?;
     Ok(())
 }
 
@@ -68,9 +70,6 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         [] => bail!("--adapter is required: the adapter to merge"),
         _ => bail!("merge takes one plain `--adapter DIR`"),
     };
-    if a.out.exists() && !a.overwrite {
-        bail!("{} already exists; pass --overwrite to replace it", a.out.display());
-    }
     let spec = crate::model::model_spec(&a.model.model);
     let gguf_base = match crate::model::source(&spec)? {
         whet_model::ModelSource::Gguf(path) => Some(whet_model::io::gguf::GgufFile::open(&path)?),
@@ -79,35 +78,23 @@ pub fn merge(a: MergeArgs) -> Result<()> {
         ),
         _ => None,
     };
+    let shape = if a.format == "gguf" { GGUF } else { Shape::Dir };
+    let inputs = crate::model::input_paths(&a.model);
+    let inputs: Vec<(&str, &Path)> = inputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    let out = Output::plan(&a.out, shape, "merge", a.overwrite, &inputs)?;
     // model::load merges the adapter into the weights.
     let (m, _) = crate::model::load(&a.model, 0)?;
     let weights = m.model.named_weights().context("cannot write the merged weights")?;
     if let (Some(src), "gguf") = (&gguf_base, a.format.as_str()) {
-        whet_model::io::export::save_gguf(src, &m.config, &weights, quant, &a.out)?;
-        println!(
-            "merged {} into {}: {} ({})",
-            adapter.display(),
-            m.source,
-            a.out.display(),
-            a.quant
-        );
+        whet_model::io::export::save_gguf(src, &m.config, &weights, quant, out.staging()?)?;
+        let out = out.commit()?;
+        println!("merged {} into {}: {} ({})", adapter.display(), m.source, out.display(), a.quant);
         return Ok(());
     }
     let tensors: std::collections::HashMap<String, candle_core::Tensor> =
         weights.into_iter().collect();
-    // Written beside --out, then moved into place: a failure leaves no half-written model.
-    let parent =
-        a.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = tempfile::Builder::new().prefix(".whet-merge-").tempdir_in(parent)?;
-    whet_model::io::export::save_hf_dir(tmp.path(), &m.config, &tensors, &m.tokenizer, 1)?;
-    if a.out.exists() {
-        std::fs::remove_dir_all(&a.out)
-            .with_context(|| format!("cannot remove {}", a.out.display()))?;
-    }
-    std::fs::rename(tmp.keep(), &a.out)
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
+    whet_model::io::export::save_hf_dir(out.staging()?, &m.config, &tensors, &m.tokenizer, 1)?;
+    out.commit()?;
     println!("merged {} into {}: {}", adapter.display(), m.source, a.out.display());
     Ok(())
 }
@@ -117,12 +104,18 @@ pub fn convert(a: AdapterConvertArgs) -> Result<()> {
         bail!("`--to {}` is not implemented; whet converts adapters `--to gguf` (llama.cpp)", a.to);
     }
     let spec = crate::model::model_spec(&a.model);
+    // The adapter's own refusals (fields whet does not implement) come first.
+    PeftAdapter::read(&a.dir)?;
+    let mut inputs = vec![("the adapter", a.dir.as_path())];
+    inputs.extend(Some(Path::new(&spec)).filter(|m| m.exists()).map(|m| ("--model", m)));
+    let out = Output::plan(&a.out, GGUF, "adapter convert", a.overwrite, &inputs)?;
     // The configuration alone (architecture, head counts): no weights are loaded.
     let source = crate::model::source(&spec)?;
     let cfg = whet_model::io::config_only(&source)
         .with_context(|| format!("cannot read the configuration of `{spec}`"))?;
-    let n = whet_model::adapter::adapter_to_gguf(&a.dir, &cfg, &a.out)?;
-    println!("wrote {} ({n} adapted modules, {} base)", a.out.display(), cfg.arch.name());
+    let n = whet_model::adapter::adapter_to_gguf(&a.dir, &cfg, out.staging()?)?;
+    let out = out.commit()?;
+    println!("wrote {} ({n} adapted modules, {} base)", out.display(), cfg.arch.name());
     Ok(())
 }
 

@@ -96,6 +96,9 @@ pub struct EvalShared {
     /// Write report.json, report.md, report.html and the plots into this directory.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Replace --out if an earlier run of the same command wrote it.
+    #[arg(long, requires = "out")]
+    pub overwrite: bool,
     /// Most tokens per answer.
     #[arg(long, default_value_t = 128)]
     pub max_tokens: usize,
@@ -163,6 +166,10 @@ pub struct CompareArgs {
     pub device: String,
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Quantize the base's linear layers and embedding for every arm alike (`q8_0` or
+    /// `q4_0`): the adapter stays f32 beside them, and CPU decoding runs 2-3x faster.
+    #[arg(long)]
+    pub quantize: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +267,9 @@ pub struct AdapterConvertArgs {
     /// The base model (its architecture and head counts shape the file) [default: the default model].
     #[arg(short, long, env = "WHET_MODEL")]
     pub model: Option<String>,
+    /// Replace --out if it is a GGUF file.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Args)]

@@ -2,6 +2,7 @@
 
 use crate::args::{BenchDataArgs, DataArgs, PrepareArgs, PreviewArgs};
 use crate::model::model_spec;
+use crate::output::{Output, Shape};
 use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
@@ -91,6 +92,15 @@ pub(crate) fn run_pipeline(a: &DataArgs, m: &ModelText) -> Result<(Settings, Vec
     let mut splits = dataset::read(&a.path, s.format)?;
     dataset::split_valid(&mut splits, a.valid_fraction, a.seed);
     let prepared = dataset::prepare(&splits, &m.renderer(s.train_on), a.max_seq_len, s.overlong)?;
+    // A filter that leaves a split empty is a mistake to say, not an empty cache to write.
+    if let Some(p) = prepared.iter().find(|p| p.examples.is_empty() && p.dropped > 0) {
+        bail!(
+            "{}: all {} examples are longer than --max-seq-len {} and were dropped (--overlong drop)\nhint: raise --max-seq-len, or pass --overlong truncate",
+            p.path.display(),
+            p.dropped,
+            a.max_seq_len
+        );
+    }
     Ok((s, prepared))
 }
 
@@ -241,16 +251,18 @@ pub fn preview(a: PreviewArgs) -> Result<()> {
 }
 
 pub fn prepare(a: PrepareArgs) -> Result<()> {
-    if a.out.exists() && !a.overwrite {
-        bail!("{} already exists; pass --overwrite to replace it", a.out.display());
-    }
+    let mut inputs = vec![("--data", a.data.path.as_path())];
+    let model = a.data.model.as_deref().map(std::path::Path::new).filter(|m| m.exists());
+    inputs.extend(model.map(|m| ("--model", m)));
+    let out = Output::plan(&a.out, Shape::Dir, "data prepare", a.overwrite, &inputs)?;
     let m = ModelText::load(&a.data)?;
     let start = Instant::now();
     let (s, splits) = run_pipeline(&a.data, &m)?;
     let manifest = manifest(&a, &m, &s, &splits)?;
     let cache: Vec<(String, Vec<whet_data::Tokenized>)> =
         splits.iter().map(|x| (x.name.clone(), x.examples.clone())).collect();
-    whet_data::cache::save(&a.out, &manifest, &cache)?;
+    whet_data::cache::save(out.staging()?, &manifest, &cache)?;
+    out.commit()?;
     let mut out = std::io::stdout().lock();
     for x in &splits {
         write!(

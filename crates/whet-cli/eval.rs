@@ -3,6 +3,7 @@
 
 use crate::args::{CompareArgs, EvalArgs, EvalShared};
 use crate::model;
+use crate::output::{Output, Shape};
 use anyhow::{Context, Result};
 use whet_eval::compare::{self, CompareConfig};
 use whet_eval::run::{Model, Prompting, RunSettings};
@@ -47,6 +48,23 @@ fn into_model(m: whet_model::LoadedModel) -> Result<Model> {
     Ok(Model { model: m.model, tokenizer: m.tokenizer, template, source: m.source })
 }
 
+/// `--out`, checked before any work: the report directory, never one of `inputs` nor a
+/// directory that `whet COMMAND` did not write.
+fn plan_out(
+    s: &EvalShared,
+    command: &'static str,
+    mut inputs: Vec<(&'static str, std::path::PathBuf)>,
+) -> Result<Option<Output>> {
+    let Some(out) = &s.out else { return Ok(None) };
+    inputs.push(("--data", s.data.clone()));
+    if let Some(f) = &s.system_prompt_file {
+        inputs.push(("--system-prompt-file", f.clone()));
+    }
+    let inputs: Vec<(&str, &std::path::Path)> =
+        inputs.iter().map(|(f, p)| (*f, p.as_path())).collect();
+    Output::plan(out, Shape::Dir, command, s.overwrite, &inputs).map(Some)
+}
+
 /// The data directory and test file `--data` names.
 fn data_paths(data: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     if data.is_dir() {
@@ -58,6 +76,7 @@ fn data_paths(data: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
 
 pub fn eval(args: EvalArgs) -> Result<()> {
     let run = settings(&args.shared)?;
+    let out = plan_out(&args.shared, "eval", model::input_paths(&args.model))?;
     let system = system_prompt(&args.shared)?;
     let (dir, test_path) = data_paths(&args.shared.data);
     let mut test = whet_eval::read_examples(&test_path)?;
@@ -152,15 +171,23 @@ pub fn eval(args: EvalArgs) -> Result<()> {
             l.total_p50, l.total_p95, l.ttft_p50
         );
     }
-    if let Some(out) = &args.shared.out {
-        whet_eval::report::write(&report, out)?;
-        eprintln!("wrote {}", out.display());
+    if let Some(out) = out {
+        whet_eval::report::write(&report, out.staging()?)?;
+        eprintln!("wrote {}", out.commit()?.display());
     }
     Ok(())
 }
 
 pub fn compare(args: CompareArgs) -> Result<()> {
     let run = settings(&args.shared)?;
+    let mut inputs = vec![("--adapter", args.adapter.clone())];
+    for m in [&args.model, &args.baseline_model].into_iter().flatten() {
+        if std::path::Path::new(m).exists() {
+            inputs.push(("--model", m.into()));
+        }
+    }
+    let sizes = curve_sizes(&args)?;
+    let out = plan_out(&args.shared, "compare", inputs)?;
     let system = system_prompt(&args.shared)?;
     anyhow::ensure!(
         args.shared.data.is_dir(),
@@ -170,13 +197,21 @@ pub fn compare(args: CompareArgs) -> Result<()> {
     let device = whet_model::parse_device(&args.device)?;
     let dtype = whet_model::parse_dtype(&args.dtype)?;
     let spec = model::model_spec(&args.model);
+    let quantize = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let quantized = |mut m: whet_model::LoadedModel| -> Result<whet_model::LoadedModel> {
+        if let Some(q) = quantize {
+            m.model.quantize(q).context("cannot quantize the model")?;
+            m.source = format!("{}, linear layers quantized to {q:?}", m.source);
+        }
+        Ok(m)
+    };
     let mut base = model::load_spec(&spec, dtype, &device, 0)?;
     whet_model::adapter::load_named_adapter(&mut base.model, "finetuned", 1.0, &args.adapter)
         .with_context(|| format!("cannot apply the adapter in {}", args.adapter.display()))?;
     base.model.set_adapter_weights(&[])?;
-    let base = into_model(base)?;
+    let base = into_model(quantized(base)?)?;
     let baseline = match &args.baseline_model {
-        Some(b) => Some(into_model(model::load_spec(b, dtype, &device, 0)?)?),
+        Some(b) => Some(into_model(quantized(model::load_spec(b, dtype, &device, 0)?)?)?),
         None => None,
     };
     let cfg = CompareConfig {
@@ -190,20 +225,21 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         limit: args.shared.limit,
         run,
     };
-    let sizes = curve_sizes(&args)?;
     let start = std::time::Instant::now();
     let mut progress = |what: &str| {
         eprintln!("compare: {what} ({:.0} s in)", start.elapsed().as_secs_f64());
     };
     let mut report = compare::compare(&base, baseline.as_ref(), &cfg, &mut progress)?;
     if !sizes.is_empty() {
-        let points = learning_curve(&args, &cfg, &spec, &sizes)?;
+        let staging = out.as_ref().context("--learning-curve needs --out")?.staging()?;
+        let points = learning_curve(&args, &cfg, &spec, &sizes, staging)?;
         report.learning_curve = compare::LearningCurve::new(points, &report);
     }
     print!("{}", whet_eval::report::table(&report));
     println!("\n{}", report.verdict);
-    if let Some(out) = &args.shared.out {
-        whet_eval::report::write(&report, out)?;
+    if let Some(out) = out {
+        whet_eval::report::write(&report, out.staging()?)?;
+        let out = out.commit()?;
         eprintln!("wrote {}/report.{{md,html,json}}, metric.svg, latency.svg", out.display());
     }
     Ok(())
@@ -227,10 +263,10 @@ fn learning_curve(
     cfg: &CompareConfig,
     spec: &str,
     sizes: &[String],
+    out: &std::path::Path,
 ) -> Result<Vec<(usize, whet_eval::metrics::Estimate)>> {
     use rand::seq::SliceRandom;
     use rand::SeedableRng;
-    let out = args.shared.out.as_ref().context("--learning-curve needs --out")?;
     let train_path = cfg.data.join("train.jsonl");
     let text = std::fs::read_to_string(&train_path)
         .with_context(|| format!("cannot read {}", train_path.display()))?;
@@ -267,6 +303,10 @@ fn learning_curve(
         let mut m = model::load_spec(spec, dtype, &device, 0)?;
         whet_model::adapter::load_named_adapter(&mut m.model, "finetuned", 1.0, &adapter)?;
         m.model.set_adapter_weights(&[])?;
+        // Scored as the other arms are: on the same quantized base.
+        if let Some(q) = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()? {
+            m.model.quantize(q).context("cannot quantize the model")?;
+        }
         let e = compare::score_finetuned(&into_model(m)?, cfg)?;
         eprintln!(
             "learning curve: {n} examples: {:.3} [{:.3}, {:.3}]",

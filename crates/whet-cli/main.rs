@@ -10,6 +10,7 @@ mod eval;
 mod generate;
 mod info;
 mod model;
+mod output;
 mod serve;
 mod tokenize;
 mod train;
@@ -153,15 +154,26 @@ fn main() {
             eprintln!("error: rank {rank}: {}", dedup_chain(&chain));
             std::process::exit(1);
         }
-        eprintln!("error: {}", dedup_chain(&chain));
-        if let Some(hint) = model::hint_for(&err) {
+        // A message may end with its own `\nhint: ...`: that goes on a line of its own.
+        let joined = dedup_chain(&chain);
+        let (message, hint) = match joined.split_once(HINT_BREAK) {
+            Some((m, h)) => (m.to_string(), Some(h.replace(HINT_BREAK, "; ").to_string())),
+            None => (joined, model::hint_for(&err)),
+        };
+        eprintln!("error: {message}");
+        if let Some(hint) = hint {
             eprintln!("hint: {hint}");
         }
         std::process::exit(1);
     }
 }
 
-/// Join an error chain on one line, dropping links that only repeat their cause.
+/// Where an error's own hint starts, kept by [`dedup_chain`] (every other line break becomes a
+/// space).
+const HINT_BREAK: &str = "\u{1}hint: ";
+
+/// Join an error chain on one line, dropping links that only repeat their cause; a
+/// `\nhint: ` in it is kept as [`HINT_BREAK`].
 fn dedup_chain(chain: &[String]) -> String {
     let mut parts: Vec<&str> = vec![];
     for (i, link) in chain.iter().enumerate() {
@@ -177,7 +189,7 @@ fn dedup_chain(chain: &[String]) -> String {
         parts.push(link);
     }
     parts.retain(|p| !p.is_empty());
-    parts.join(": ").replace('\n', " ")
+    parts.join(": ").replace("\nhint: ", HINT_BREAK).replace('\n', " ")
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {

@@ -60,6 +60,22 @@ pub fn load_with(args: &ModelArgs, seed: u64, merge_one: bool) -> Result<(Loaded
     Ok((model, device))
 }
 
+/// The local files and directories `args` reads (the model, when it is a path, and every
+/// adapter), by flag: what an `--out` may never replace.
+pub fn input_paths(args: &ModelArgs) -> Vec<(&'static str, std::path::PathBuf)> {
+    let mut paths = vec![];
+    let spec = model_spec(&args.model);
+    if std::path::Path::new(&spec).exists() {
+        paths.push(("--model", spec.into()));
+    }
+    for a in &args.adapter {
+        if let Ok(spec) = AdapterSpec::parse(a) {
+            paths.push(("--adapter", spec.dir));
+        }
+    }
+    paths
+}
+
 /// An adapter's name when none is given: its directory's name (`runs/style/adapter` is
 /// `style`: a run directory's adapter lives in `adapter/`).
 fn default_name(dir: &std::path::Path) -> String {
@@ -86,12 +102,18 @@ impl AdapterSpec {
             _ => (None, spec),
         };
         let (dir, weight) = match rest.rsplit_once(':') {
-            Some((dir, w)) if name.is_some() => {
-                let w: f64 = w.parse().map_err(|_| {
+            Some((dir, text)) if name.is_some() => {
+                let w: f64 = text.parse().map_err(|_| {
                     anyhow::anyhow!(
-                        "--adapter `{spec}`: weight `{w}` is not a number (NAME=DIR[:WEIGHT])"
+                        "--adapter `{spec}`: weight `{text}` is not a number (NAME=DIR[:WEIGHT])"
                     )
                 })?;
+                // The weight scales f32 products: NaN, infinities and values past f32's range
+                // would turn every answer into nothing.
+                anyhow::ensure!(
+                    (w as f32).is_finite(),
+                    "--adapter `{spec}`: weight `{text}` is not a finite f32 number (NAME=DIR[:WEIGHT])"
+                );
                 (dir, Some(w))
             }
             _ => (rest, None),
@@ -176,6 +198,11 @@ pub fn generate_config(s: &SamplingArgs) -> Result<GenerateConfig> {
         s.repetition_penalty
     );
     anyhow::ensure!(s.max_tokens > 0, "--max-tokens must be positive, got `0`");
+    // An empty stop string matches at once: an empty answer that looks like success.
+    anyhow::ensure!(
+        s.stop.iter().all(|x| !x.is_empty()),
+        "--stop `` is empty; it would stop before the first token"
+    );
     Ok(GenerateConfig {
         max_tokens: s.max_tokens,
         stop: s.stop.clone(),

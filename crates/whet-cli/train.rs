@@ -154,11 +154,16 @@ pub fn run(a: TrainArgs) -> Result<()> {
     c.validate()?;
     let mut world = World::from_launch(a.distributed)?;
     let root = world.is_root();
-    if a.overwrite && a.out.exists() && !a.out.join("whet.toml").exists() {
-        bail!(
-            "{} is not a whet run directory (no whet.toml); refusing to delete it",
-            a.out.display()
-        );
+    // Everything about --out is checked before the slow model load: never an input, never a
+    // directory another command (or no whet command) wrote.
+    // A run's whet.toml, written before its first step, marks it as train's.
+    if a.overwrite && !a.resume {
+        let mut inputs: Vec<(&str, &Path)> = vec![];
+        inputs.extend(Some(Path::new(&c.data)).filter(|d| d.exists()).map(|d| ("--data", d)));
+        inputs.extend(Some(Path::new(&c.model)).filter(|m| m.exists()).map(|m| ("--model", m)));
+        inputs.extend(a.config.as_deref().map(|c| ("--config", c)));
+        let shape = crate::output::Shape::Dir;
+        crate::output::Output::plan(&a.out, shape, "train", a.overwrite, &inputs)?;
     }
     // Fail before the slow model load when the run directory cannot be used (rank 0 owns it).
     if !a.overwrite && root {
@@ -256,13 +261,28 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let mut out = std::io::stdout().lock();
     writeln!(out, "steps:          {} of {}", summary.steps, c.steps)?;
-    writeln!(out, "final loss:     {:.4}", summary.final_loss)?;
+    match summary.final_loss {
+        Some(loss) => writeln!(out, "final loss:     {loss:.4}")?,
+        None => writeln!(
+            out,
+            "finished:       the run had already done all {} steps; nothing to resume",
+            c.steps
+        )?,
+    }
     if let Some(v) = summary.best_val_loss {
         writeln!(out, "best val loss:  {v:.4} (adapter in {})", a.out.join("best").display())?;
     }
     writeln!(out, "adapter:        {}", a.out.join("adapter").display())?;
-    if let Some(why) = summary.stopped {
-        writeln!(out, "stopped:        {why}; continue with --resume")?;
+    match summary.stopped {
+        Some(why @ whet_train::Stopped::Interrupted) => {
+            writeln!(out, "stopped:        {why}; continue with --resume")?;
+            out.flush()?;
+            // 128 + SIGINT, as a shell reports a command Ctrl-C ended: `train && merge` must
+            // not go on with the adapter of an unfinished run. The checkpoint is whole.
+            std::process::exit(130);
+        }
+        Some(why) => writeln!(out, "stopped:        {why}")?,
+        None => {}
     }
     Ok(())
 }

@@ -158,7 +158,7 @@ fn eval_scores_one_model_and_writes_its_report() {
     assert!(r["arms"][0]["classification"]["confusion"].is_object());
     assert_eq!(r["arms"][0]["outputs"].as_array().unwrap().len(), 6);
     // --limit scores the first N test examples, and the report says so.
-    let o = eval(&["--limit", "4", "--out", o_]);
+    let o = eval(&["--limit", "4", "--out", o_, "--overwrite"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("(4 examples"), "{}", stdout(&o));
     let r: Value =

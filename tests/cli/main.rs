@@ -7,6 +7,7 @@ mod eval;
 mod llama_cpp;
 mod mpi;
 mod pages;
+mod regression;
 mod serve;
 mod train;
 

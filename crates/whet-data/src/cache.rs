@@ -78,20 +78,15 @@ fn io(path: &Path, e: impl std::fmt::Display) -> CacheError {
     CacheError::Io { path: path.to_path_buf(), msg: e.to_string() }
 }
 
-/// Write `splits` and `manifest` into `dir` atomically: everything goes into a temporary
-/// sibling directory first, which replaces `dir` only when complete — a failure leaves no
-/// half-written cache behind.
+/// Write `splits` and `manifest` into the directory `dir` (created if needed). The CLI hands
+/// it a fresh staging directory that replaces `--out` only when complete, so a failure leaves
+/// no half-written cache behind (whet-cli's `output`).
 pub fn save(
     dir: &Path,
     manifest: &Manifest,
     splits: &[(String, Vec<Tokenized>)],
 ) -> Result<(), CacheError> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".whet-prepare-")
-        .tempdir_in(parent)
-        .map_err(|e| io(parent, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     for (name, examples) in splits {
         let ids: Vec<u32> = examples.iter().flat_map(|e| e.ids.iter().copied()).collect();
         let mask: Vec<u8> = examples.iter().flat_map(|e| e.mask.iter().copied()).collect();
@@ -106,20 +101,14 @@ pub fn save(
             ("mask".to_string(), view(Dtype::U8, mask.len(), &mask, dir)?),
             ("offsets".to_string(), view(Dtype::I64, offsets.len(), &off_bytes, dir)?),
         ];
-        let path = tmp.path().join(format!("{name}.safetensors"));
-        safetensors::serialize_to_file(tensors, None, &path).map_err(|e| io(&path, e))?;
+        let path = dir.join(format!("{name}.safetensors"));
+        // Written plainly, so the file takes the user's umask (safetensors' writer makes 0600).
+        let bytes = safetensors::serialize(tensors, None).map_err(|e| io(&path, e))?;
+        std::fs::write(&path, bytes).map_err(|e| io(&path, e))?;
     }
-    let path = tmp.path().join("manifest.json");
+    let path = dir.join("manifest.json");
     let text = serde_json::to_string_pretty(manifest).map_err(|e| io(&path, e))?;
-    std::fs::write(&path, text).map_err(|e| io(&path, e))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
-    }
-    let tmp = tmp.keep();
-    std::fs::rename(&tmp, dir).map_err(|e| {
-        let _ = std::fs::remove_dir_all(&tmp);
-        io(dir, e)
-    })
+    std::fs::write(&path, text).map_err(|e| io(&path, e))
 }
 
 fn view<'a>(

@@ -290,15 +290,11 @@ pub fn html(r: &Report) -> String {
     s
 }
 
-/// Write every report file into `out` (replacing what is there), atomically.
+/// Write every report file into the directory `out` (created if needed). The CLI hands it a
+/// fresh staging directory that replaces `--out` only when complete (whet-cli's `output`).
 pub fn write(r: &Report, out: &Path) -> Result<(), Error> {
     let io = |path: &Path, e: std::io::Error| Error::Io { path: path.to_path_buf(), source: e };
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".whet-report-")
-        .tempdir_in(parent)
-        .map_err(|e| io(parent, e))?;
+    std::fs::create_dir_all(out).map_err(|e| io(out, e))?;
     let mut files = vec![
         ("report.json", serde_json::to_string_pretty(r).unwrap_or_default()),
         ("report.md", markdown(r)),
@@ -310,18 +306,8 @@ pub fn write(r: &Report, out: &Path) -> Result<(), Error> {
         files.push(("learning-curve.svg", svg));
     }
     for (name, text) in files {
-        let p = tmp.path().join(name);
+        let p = out.join(name);
         std::fs::write(&p, text).map_err(|e| io(&p, e))?;
     }
-    // The adapters `--learning-curve` trained into `out` stay.
-    let curve = out.join("learning-curve");
-    if curve.is_dir() {
-        std::fs::rename(&curve, tmp.path().join("learning-curve")).map_err(|e| io(&curve, e))?;
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(|e| io(out, e))?;
-    }
-    let tmp = tmp.keep();
-    std::fs::rename(&tmp, out).map_err(|e| io(out, e))?;
     Ok(())
 }

@@ -6,6 +6,9 @@ use candle_transformers::generation::{LogitsProcessor, Sampling};
 use std::time::Instant;
 use whet_model::{Cache, Llama, ModelTokenizer};
 
+/// Temperatures below this sample greedily (see `SamplingConfig::sampling`).
+pub const GREEDY_BELOW: f64 = 1e-5;
+
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingConfig {
@@ -64,7 +67,10 @@ impl SamplingConfig {
 
     fn sampling(&self) -> Sampling {
         let (t, k, p) = (self.temperature, self.top_k, self.top_p);
-        if t <= 0.0 {
+        // Sampling tends to greedy as the temperature falls to 0, and below 1e-5 it is greedy
+        // to within f32 anyway (a logit gap of 1e-3 already means odds of e^100); far below,
+        // logits / t leaves f32's range and the probabilities become NaN (`1e-40` failed so).
+        if t < GREEDY_BELOW {
             Sampling::ArgMax
         } else if k > 0 && p < 1.0 {
             Sampling::TopKThenTopP { k, p, temperature: t }
@@ -333,6 +339,9 @@ mod tests {
         };
         assert_eq!(s(0.0, 40, 0.9), Sampling::ArgMax);
         assert_eq!(s(0.7, 0, 1.0), Sampling::All { temperature: 0.7 });
+        // Regression: `"temperature": 1e-40` failed with NaN probabilities (503 and a backtrace).
+        assert_eq!(s(1e-40, 0, 1.0), Sampling::ArgMax);
+        assert_eq!(s(f64::MIN_POSITIVE, 40, 0.9), Sampling::ArgMax);
         assert_eq!(s(0.7, 40, 1.0), Sampling::TopK { k: 40, temperature: 0.7 });
         assert_eq!(s(0.7, 0, 0.9), Sampling::TopP { p: 0.9, temperature: 0.7 });
         assert_eq!(s(0.7, 40, 0.9), Sampling::TopKThenTopP { k: 40, p: 0.9, temperature: 0.7 });

@@ -106,7 +106,10 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| io(path, e))?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| io(path, e))
+    // Serialized in memory and written plainly, so the file takes the user's umask like every
+    // other file whet writes (safetensors' own writer makes it 0600).
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| io(path, e))?;
+    std::fs::write(path, bytes).map_err(|e| io(path, e))
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -446,6 +449,36 @@ pub fn load_named_adapter(
     attach(model, dir, Some((name, weight)))
 }
 
+/// The tensors of `dir/adapter_model.safetensors`, named as PEFT saves them without the
+/// adapter name (`lora_A.default.weight` -> `lora_A.weight`), every one checked finite. A path
+/// that is not a regular file (a FIFO, a device) is refused before it is opened: opening a
+/// FIFO blocks until someone writes to it.
+pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join("adapter_model.safetensors");
+    match std::fs::metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotFound { path });
+        }
+        Err(e) => return Err(io(&path, e)),
+        Ok(m) if !m.is_file() => return Err(io(&path, "not a regular file")),
+        Ok(_) => {}
+    }
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| io(&path, format!("not a readable safetensors file: {e}")))?;
+    let mut out = HashMap::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            return Err(io(
+                &path,
+                format!("tensor `{name}` holds {bad}: an adapter's weights must be finite numbers"),
+            ));
+        }
+        out.insert(name.replace(".default.weight", ".weight"), t);
+    }
+    Ok(out)
+}
+
 fn attach(model: &mut Llama, dir: &Path, named: Option<(&str, f64)>) -> Result<PeftAdapter> {
     let adapter = PeftAdapter::read(dir)?;
     let path = dir.join("adapter_model.safetensors");
@@ -459,11 +492,7 @@ fn attach(model: &mut Llama, dir: &Path, named: Option<(&str, f64)>) -> Result<P
         }
         return Err(Error::NotFound { path });
     }
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| io(&path, format!("not a readable safetensors file: {e}")))?;
-    // PEFT keeps the adapter name in keys (`lora_A.default.weight`) when saved by hand.
-    let mut tensors: HashMap<String, Tensor> =
-        tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
+    let mut tensors = read_tensors(dir)?;
     let (device, dtype) = (model.device().clone(), model.dtype());
     let build = |module: &str, in_dim: usize, out_dim: usize| -> Result<Option<Lora>> {
         if !adapter.targets(module) {
@@ -521,10 +550,7 @@ pub fn adapter_to_gguf(dir: &Path, cfg: &crate::Config, out: &Path) -> Result<us
     use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
     let adapter = PeftAdapter::read(dir)?;
     let path = dir.join("adapter_model.safetensors");
-    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
-        .map_err(|e| io(&path, format!("not a readable safetensors file: {e}")))?;
-    let tensors: HashMap<String, Tensor> =
-        tensors.into_iter().map(|(k, v)| (k.replace(".default.weight", ".weight"), v)).collect();
+    let tensors = read_tensors(dir)?;
     let arch = match cfg.arch {
         crate::Arch::Llama | crate::Arch::Mistral => "llama",
         other => other.name(),
@@ -631,6 +657,10 @@ pub fn check_for(dir: &Path, runtime: &str) -> Result<Vec<Finding>> {
         .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
     let set = |k: &str| v.get(k).is_some_and(|value| is_set(k, value));
     let mut out = vec![];
+    // Every runtime reads the tensors: a truncated or non-finite file runs nowhere.
+    if let Err(e) = read_tensors(dir) {
+        out.push(Finding::Rejects(e.to_string()));
+    }
     match runtime {
         "whet" => {
             if let Err(e) = PeftAdapter::read(dir) {

@@ -51,6 +51,17 @@ impl ApiError {
         )
     }
 
+    /// 415: a body that is not `application/json`. Browsers send `text/plain` and form
+    /// bodies from any page without asking the server first (no CORS preflight), so only JSON
+    /// is taken: a page on another site cannot drive a server that has no `--api-key`.
+    pub(crate) fn not_json(given: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("the body must be `Content-Type: application/json`, not `{given}`"),
+        )
+    }
+
     pub(crate) fn busy(limit: usize) -> Self {
         Self::new(
             StatusCode::TOO_MANY_REQUESTS,

@@ -38,7 +38,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// With `--api-key`, every route but `/health` and the static page needs the key.
+/// Before any route: with `--api-key`, every route but `/health` and the static page needs
+/// the key (the `Bearer` scheme in any case, as HTTP's schemes are); a body must be JSON; and
+/// a `Content-Length` past the body limit is refused before a byte of the body is read.
 async fn auth(State(state): Shared, req: Request, next: Next) -> Response {
     let open = matches!(req.uri().path(), "/health" | "/");
     if let (Some(key), false) = (&state.cfg.api_key, open) {
@@ -46,9 +48,25 @@ async fn auth(State(state): Shared, req: Request, next: Next) -> Response {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
         if !given.is_some_and(|g| same(g.as_bytes(), key.as_bytes())) {
             return ApiError::unauthorized().into_response();
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let kind = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let media = kind.and_then(|k| k.split(';').next()).map(str::trim);
+        if !media.is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
+            return ApiError::not_json(kind.unwrap_or("none")).into_response();
+        }
+        let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
+        if length
+            .and_then(|l| l.parse::<u64>().ok())
+            .is_some_and(|l| l > state.cfg.max_body_bytes as u64)
+        {
+            return ApiError::too_large(state.cfg.max_body_bytes).into_response();
         }
     }
     next.run(req).await

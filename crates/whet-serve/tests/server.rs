@@ -10,6 +10,20 @@ use whet_infer::{EngineConfig, GenerateConfig};
 use whet_model::{load, LoadedModel, ModelSource};
 use whet_serve::ServeConfig;
 
+/// The Python the tests run: `WHET_PYTHON`, else the project's `.venv/` (scripts/lib.sh), else
+/// `python3`.
+fn python() -> String {
+    if let Ok(p) = std::env::var("WHET_PYTHON") {
+        return p;
+    }
+    let venv = root().join(".venv/bin/python");
+    if venv.exists() {
+        venv.display().to_string()
+    } else {
+        "python3".into()
+    }
+}
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -287,6 +301,68 @@ async fn an_api_key_guards_everything_but_health_and_the_page() {
     assert_eq!(get("/v1/models", Some("sekrit")).await.unwrap().status(), 200);
     let (status, _) = s.post("/v1/completions", completion("base")).await;
     assert_eq!(status, 401);
+    // Regression: `bearer` in lowercase was refused; HTTP's auth schemes ignore case.
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let r = s
+            .http
+            .get(format!("{}/v1/models", s.url))
+            .header("authorization", format!("{scheme} sekrit"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{scheme}");
+    }
+    s.stop().await;
+}
+
+/// Regression: `Content-Type: text/plain` with an `Origin` of another site loaded an adapter
+/// (201) on a server without a key: a web page can send such a body without asking first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_plain_body_from_a_web_page_drove_a_server_without_a_key() {
+    let s = Server::start(config()).await;
+    for (path, body) in [
+        ("/v1/adapters", json!({"name": "x", "path": "regex"}).to_string()),
+        ("/v1/chat/completions", json!({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).to_string()),
+        ("/v1/completions", completion("base").to_string()),
+    ] {
+        for kind in [Some("text/plain"), Some("application/x-www-form-urlencoded"), None] {
+            let mut r = s.http.post(format!("{}{path}", s.url))
+                .header("origin", "http://evil.example").body(body.clone());
+            if let Some(k) = kind {
+                r = r.header("content-type", k);
+            }
+            let r = r.send().await.unwrap();
+            assert_eq!(r.status(), 415, "{path} with {kind:?}");
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(error_code(&v), "unsupported_media_type");
+        }
+        // JSON with a charset parameter is JSON.
+        let r = s.http.post(format!("{}{path}", s.url))
+            .header("content-type", "Application/JSON; charset=utf-8").body(body.clone())
+            .send().await.unwrap();
+        assert_ne!(r.status(), 415, "{path}");
+    }
+    s.stop().await;
+}
+
+/// Regression: a `Content-Length` above the body limit was read before it was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_above_the_limit_gets_413_at_once() {
+    let s = Server::start(config()).await;
+    let r = s
+        .http
+        .post(format!("{}/v1/chat/completions", s.url))
+        .header("content-type", "application/json")
+        .header("content-length", (10u64 << 30).to_string())
+        .body(reqwest::Body::wrap_stream(futures_util::stream::pending::<
+            Result<Vec<u8>, std::io::Error>,
+        >()))
+        .send();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), r)
+        .await
+        .expect("413 came without waiting for the body")
+        .unwrap();
+    assert_eq!(r.status(), 413);
     s.stop().await;
 }
 
@@ -375,13 +451,14 @@ async fn a_client_that_hangs_up_mid_stream_frees_its_slot_and_over_the_limit_get
 /// stream with usage, and two concurrent requests on different adapters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_client_works() {
-    let has = std::process::Command::new("python3")
+    let python = python();
+    let has = std::process::Command::new(&python)
         .args(["-c", "import openai"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !has {
         eprintln!(
-            "SKIPPED: the `openai` Python package is not installed (python3 -m pip install openai)"
+            "SKIPPED: {python} lacks the `openai` package (scripts/test.sh installs it into .venv/; or set WHET_PYTHON)"
         );
         return;
     }
@@ -391,7 +468,7 @@ async fn the_official_openai_client_works() {
         (format!("{}/v1", s.url), peft_text("patterns"), peft_text("regex"));
     let ids = golden()["ids"].to_string();
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
+        std::process::Command::new(python)
             .arg(script)
             .args([url, ids, patterns, regex])
             .output()

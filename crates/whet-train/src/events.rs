@@ -46,10 +46,33 @@ pub enum Event {
 pub struct Summary {
     /// Steps completed.
     pub steps: usize,
-    /// Last training loss.
-    pub final_loss: f64,
+    /// Last training loss; `None` when no step ran (a resumed run that was already finished).
+    pub final_loss: Option<f64>,
     /// Best validation loss, if validated.
     pub best_val_loss: Option<f64>,
-    /// Why it stopped early, if it did.
-    pub stopped: Option<String>,
+    /// Why it stopped before its last step, if it did.
+    pub stopped: Option<Stopped>,
+}
+
+/// Why a run stopped before its last step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// No better validation loss in `patience` evaluations.
+    EarlyStop {
+        /// The evaluations waited.
+        patience: usize,
+    },
+    /// Asked to stop (Ctrl-C, SIGTERM); the checkpoint holds the last step.
+    Interrupted,
+}
+
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::EarlyStop { patience } => {
+                write!(f, "early stop: no better validation loss in {patience} evaluations")
+            }
+            Self::Interrupted => write!(f, "interrupted"),
+        }
+    }
 }

@@ -19,5 +19,5 @@ pub mod trainer;
 pub use config::TrainConfig;
 pub use dist::World;
 pub use error::TrainError;
-pub use events::{Event, Summary};
+pub use events::{Event, Stopped, Summary};
 pub use trainer::{train, TrainData};

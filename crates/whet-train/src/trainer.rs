@@ -5,7 +5,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{learning_rate, TrainConfig};
 use crate::dist::World;
 use crate::error::TrainError;
-use crate::events::{Event, Summary};
+use crate::events::{Event, Stopped, Summary};
 use crate::optim::{AdamW, AdamWParams};
 use crate::shards::Shards;
 use candle_core::{Device, Tensor};
@@ -485,7 +485,7 @@ pub fn train(
     state.data_sha256 = fingerprints;
     let root = world.is_root();
     let mut metrics = if root { Some(checkpoint::Metrics::open(run, state.step)?) } else { None };
-    let mut last_loss = f64::NAN;
+    let mut last_loss = None;
     let mut stopped = None;
     let mut order = (0, vec![]);
 
@@ -542,7 +542,7 @@ pub fn train(
         }
         let grad_norm = clip_grad_norm(&mut grads, cfg.max_grad_norm)?;
         opt.step(&grads, lr)?;
-        last_loss = loss;
+        last_loss = Some(loss);
         state.step = step + 1;
         let secs = start.elapsed().as_secs_f64();
         let event = Event::Step {
@@ -583,17 +583,14 @@ pub fn train(
             }
             on_event(&event);
             if cfg.patience > 0 && state.bad_evals >= cfg.patience {
-                stopped = Some(format!(
-                    "early stop: no better validation loss in {} evaluations",
-                    cfg.patience
-                ));
+                stopped = Some(Stopped::EarlyStop { patience: cfg.patience });
             }
         }
         // Ctrl-C reaches the ranks at different moments; they stop at the same step.
         let mut interrupted = [f64::from(u8::from(stop.load(Ordering::SeqCst)))];
         world.sum_f64(&mut interrupted)?;
         if interrupted[0] > 0.0 && stopped.is_none() {
-            stopped = Some("interrupted".into());
+            stopped = Some(Stopped::Interrupted);
         }
         if root
             && ((cfg.save_every > 0 && state.step % cfg.save_every == 0)

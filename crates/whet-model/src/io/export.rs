@@ -93,7 +93,7 @@ pub fn save_hf_dir(
     write("generation_config.json", serde_json::to_string_pretty(&generation).unwrap_or_default())?;
     if shards <= 1 {
         let path = dir.join("model.safetensors");
-        return candle_core::safetensors::save(tensors, &path).map_err(|e| Error::corrupt(path, e));
+        return save_safetensors(tensors, &path);
     }
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
@@ -102,14 +102,24 @@ pub fn save_hf_dir(
         let file = format!("model-{:05}-of-{shards:05}.safetensors", i + 1);
         let part: HashMap<String, Tensor> =
             chunk.iter().map(|n| ((*n).clone(), tensors[*n].clone())).collect();
-        candle_core::safetensors::save(&part, dir.join(&file))
-            .map_err(|e| Error::corrupt(dir.join(&file), e))?;
+        save_safetensors(&part, &dir.join(&file))?;
         for n in chunk {
             weight_map.insert((*n).clone(), file.clone().into());
         }
     }
     let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
     write("model.safetensors.index.json", index.to_string())
+}
+
+/// candle's safetensors writer, with the file's mode then set as the user's umask gives it (the
+/// writer makes 0600 files; a model is copied and served by other users and processes).
+fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let mode = std::fs::File::create(path)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions())
+        .map_err(|e| Error::corrupt(path, e))?;
+    candle_core::safetensors::save(tensors, path).map_err(|e| Error::corrupt(path, e))?;
+    std::fs::set_permissions(path, mode).map_err(|e| Error::corrupt(path, e))
 }
 
 /// Write `tensors` (Hugging Face names, e.g. from [`crate::Llama::named_weights`]) as a GGUF file
