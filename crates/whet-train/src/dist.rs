@@ -65,6 +65,10 @@ pub struct World {
     /// How long a rank waits for the others at a step before it calls the job dead.
     #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
     timeout: Duration,
+    /// The step the loop is at and what a failure leaves (the intact checkpoint), for the
+    /// error of a collective that never returns: it names them as the check-in's error does.
+    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+    progress: std::sync::Arc<std::sync::Mutex<(usize, String)>>,
     #[cfg(feature = "mpi")]
     mpi: Option<mpi_world::MpiWorld>,
     #[cfg(feature = "nccl")]
@@ -108,6 +112,7 @@ impl World {
             size: 1,
             local_rank: 0,
             timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+            progress: Default::default(),
             #[cfg(feature = "mpi")]
             mpi: None,
             #[cfg(feature = "nccl")]
@@ -137,6 +142,7 @@ impl World {
             size,
             local_rank,
             timeout,
+            progress: Default::default(),
             mpi: Some(mpi),
             #[cfg(feature = "nccl")]
             nccl: None,
@@ -304,17 +310,41 @@ impl World {
         Ok(())
     }
 
+    /// Record that the loop works on `step` (0-based) and what a failure leaves: `after`,
+    /// e.g. "the last checkpoint (step 40) is intact; hint: ...".
+    pub fn at_step(&self, step: usize, after: Option<String>) {
+        let mut p = self.progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        p.0 = step;
+        if let Some(after) = after {
+            p.1 = after;
+        }
+    }
+
     /// Run collective `f`; if it has not returned within the timeout, the other ranks are gone
-    /// (or hung): say so and end this process, which makes the launcher end the job (an MPI
-    /// collective cannot be cancelled).
+    /// (or hung): say so, in the words of [`World::check_in`]'s error (which ranks, which
+    /// step, the intact checkpoint), and end this process, which makes the launcher end the
+    /// job (an MPI collective cannot be cancelled). Which of the other ranks hangs a
+    /// collective cannot be told from inside it, so they are all named.
     #[cfg(feature = "mpi")]
     fn watched<R>(&self, what: &str, f: impl FnOnce() -> R) -> R {
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
         let (rank, timeout, what) = (self.rank, self.timeout, what.to_string());
+        let others: Vec<String> =
+            (0..self.size).filter(|r| *r != rank).map(|r| r.to_string()).collect();
+        let others = match others.split_last() {
+            Some((last, [])) => last.clone(),
+            Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+            None => String::new(),
+        };
+        let progress = self.progress.clone();
         let watchdog = std::thread::spawn(move || {
             if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
+                let p = progress.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let after = if p.1.is_empty() { String::new() } else { format!("; {}", p.1) };
+                let who = if rank == 0 { String::new() } else { format!("rank {rank}: ") };
                 eprintln!(
-                    "error: rank {rank}: no answer from the other ranks in {what} within {:.0} s: a rank is dead or hung (WHET_DIST_TIMEOUT sets the wait)",
+                    "error: {who}rank {others} did not reach step {} (no answer in {what} within {:.0} s): dead or hung (WHET_DIST_TIMEOUT sets the wait){after}",
+                    p.0 + 1,
                     timeout.as_secs_f64()
                 );
                 std::process::exit(1);

@@ -271,6 +271,15 @@ fn forward_backward(
     Ok((loss, tokens, grads))
 }
 
+/// What a failed distributed step leaves: the intact checkpoint and how to continue from it.
+fn recovery(run: &Path) -> String {
+    format!(
+        "the last checkpoint ({}) is intact; hint: `whet train --out {} --resume` continues from it, with any number of ranks",
+        checkpoint::describe(run),
+        run.display()
+    )
+}
+
 /// Sum this rank's `grads` and `[loss, tokens]` over all ranks: one f32 buffer holding
 /// every LoRA gradient end to end, and one small f64 one; returns the seconds the sums took
 /// (after every rank has checked in).
@@ -489,7 +498,9 @@ pub fn train(
     let mut stopped = None;
     let mut order = (0, vec![]);
 
+    world.at_step(state.step, Some(recovery(run)));
     for step in state.step..cfg.steps {
+        world.at_step(step, None);
         let start = Instant::now();
         let lr = learning_rate(schedule, cfg.learning_rate, cfg.warmup_steps, cfg.steps, step);
         // Forward and backward over grad_accum micro-batches, summing gradients.
@@ -522,14 +533,11 @@ pub fn train(
         }
         let mut grads: Vec<Tensor> = grads.into_iter().flatten().collect();
         let mut scalars = [loss_sum, tokens as f64];
-        let allreduce_secs = all_reduce(world, step, &mut grads, &mut scalars).map_err(|e| match e {
-            TrainError::Dist(msg) => TrainError::Dist(format!(
-                "{msg}; the last checkpoint ({}) is intact; hint: `whet train --out {} --resume` continues from it, with any number of ranks",
-                checkpoint::describe(run),
-                run.display()
-            )),
-            e => e,
-        })?;
+        let allreduce_secs =
+            all_reduce(world, step, &mut grads, &mut scalars).map_err(|e| match e {
+                TrainError::Dist(msg) => TrainError::Dist(format!("{msg}; {}", recovery(run))),
+                e => e,
+            })?;
         let [loss_sum, tokens] = scalars;
         let tokens = tokens as usize;
         let loss = loss_sum / cfg.grad_accum as f64;
@@ -598,6 +606,7 @@ pub fn train(
                 || stopped.is_some())
         {
             checkpoint::save(run, model, &opt, &state)?;
+            world.at_step(step, Some(recovery(run)));
             on_event(&Event::Checkpoint { step: state.step });
         }
         if stopped.is_some() {
