@@ -184,20 +184,14 @@ fn adapter_convert_overwrote_its_own_input() {
     let model = root().join("tests/fixtures/families/llama3");
     let own = adapter.join("adapter_model.safetensors");
     let before = std::fs::read(&own).unwrap();
-    for extra in [&[][..], &["--overwrite"][..]] {
-        let mut args = vec![
-            "adapter",
-            "convert",
-            adapter.to_str().unwrap(),
-            "--to",
-            "gguf",
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
-            own.to_str().unwrap(),
-        ];
+    let convert = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["adapter", "convert", adapter.to_str().unwrap(), "--to", "gguf"];
+        args.extend(["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
         args.extend(extra);
-        let err = assert_one_line_error(&whet(&args, ""));
+        whet(&args, "")
+    };
+    for extra in [&[][..], &["--overwrite"][..]] {
+        let err = assert_one_line_error(&convert(&own, extra));
         assert!(
             err.contains("already exists")
                 || err.contains("not a file `whet adapter convert` writes"),
@@ -206,35 +200,12 @@ fn adapter_convert_overwrote_its_own_input() {
     }
     assert_eq!(std::fs::read(&own).unwrap(), before);
     // Its directory is an input too.
-    let args = [
-        "adapter",
-        "convert",
-        adapter.to_str().unwrap(),
-        "--to",
-        "gguf",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        adapter.to_str().unwrap(),
-    ];
-    let err = assert_one_line_error(&whet(&args, ""));
+    let err = assert_one_line_error(&convert(&adapter, &[]));
     assert!(err.contains("input (the adapter)"), "{err}");
     // A GGUF file it wrote is replaced with --overwrite.
     let gguf = tmp.path().join("a.gguf");
-    let mut args = vec![
-        "adapter",
-        "convert",
-        adapter.to_str().unwrap(),
-        "--to",
-        "gguf",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        gguf.to_str().unwrap(),
-    ];
-    assert!(whet(&args, "").status.success());
-    args.push("--overwrite");
-    let o = whet(&args, "");
+    assert!(convert(&gguf, &[]).status.success());
+    let o = convert(&gguf, &["--overwrite"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
