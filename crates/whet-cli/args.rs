@@ -203,6 +203,34 @@ pub struct ServeArgs {
     /// Largest request body in bytes; larger gets HTTP 413.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// A host name clients may reach the server by (repeatable; `*`: any). IP addresses and
+    /// `localhost` always work; any other `Host` header gets HTTP 403, which stops web pages
+    /// that rebind their DNS name to this machine.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// A web origin whose pages may call the API, e.g. `https://app.example` (repeatable;
+    /// `*`: any). Without it no CORS header is sent and cross-site browser requests get 403.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
+    /// Seconds a connection may stay open with no request in progress (before its first
+    /// request, while its header arrives, or kept alive after a response).
+    #[arg(long, default_value_t = whet_serve::NetConfig::default().idle_timeout.as_secs_f64(), value_parser = positive_secs)]
+    pub idle_timeout: f64,
+    /// Seconds a request body may take to arrive after its header; slower gets HTTP 408.
+    #[arg(long, default_value_t = whet_serve::NetConfig::default().body_timeout.as_secs_f64(), value_parser = positive_secs)]
+    pub body_timeout: f64,
+    /// Most open connections; at the cap a new one closes the one idle longest. Default: the
+    /// descriptor limit (raised to its hard limit) less 256.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+}
+
+/// A positive, finite number of seconds.
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a number of seconds between 0 and 86400")),
+    }
 }
 
 #[derive(Debug, Args)]

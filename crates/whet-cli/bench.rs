@@ -224,6 +224,9 @@ pub fn serve(args: crate::args::BenchServeArgs) -> Result<()> {
             ..whet_infer::EngineConfig::default()
         },
         defaults: whet_infer::GenerateConfig::default(),
+        net: whet_serve::NetConfig::default(),
+        allowed_hosts: vec![],
+        cors_origins: vec![],
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

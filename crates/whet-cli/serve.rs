@@ -23,7 +23,19 @@ pub fn run(args: ServeArgs) -> Result<()> {
             ..whet_infer::EngineConfig::default()
         },
         defaults,
+        net: whet_serve::NetConfig {
+            idle_timeout: std::time::Duration::from_secs_f64(args.idle_timeout),
+            body_timeout: std::time::Duration::from_secs_f64(args.body_timeout),
+            max_connections: args.max_connections,
+            ..whet_serve::NetConfig::default()
+        },
+        allowed_hosts: args.allowed_hosts.clone(),
+        cors_origins: args.cors_origins.clone(),
     };
+    anyhow::ensure!(
+        cfg.net.max_connections != Some(0),
+        "--max-connections 0: the server needs at least one connection"
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

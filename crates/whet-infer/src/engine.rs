@@ -36,6 +36,18 @@ pub enum Event {
     Done(Generation),
     /// The sequence failed (or its adapter was removed); the last event.
     Failed(String),
+    /// The sequence is working but has no text to pass on: sent on admission, between the
+    /// chunks of a long prompt, and for a token that completes no text yet (half a character,
+    /// the start of a stop string), so that a receiver that is gone cancels the sequence there
+    /// instead of after the whole prompt or answer has run.
+    Progress {
+        /// Prompt tokens in the cache so far.
+        prefilled: usize,
+        /// Prompt tokens in all.
+        of: usize,
+        /// Tokens generated so far.
+        generated: usize,
+    },
 }
 
 /// Receives a sequence's events; returning `false` (the receiver is gone: a client hung up)
@@ -78,6 +90,20 @@ struct Seq {
     prefill_secs: f64,
     first_token: Option<Instant>,
     out: TextStream,
+}
+
+impl Seq {
+    /// Whether anyone still waits for this sequence's prompt: its own receiver, or a fork's.
+    fn still_wanted(&mut self) -> bool {
+        self.progress() || !self.forks.is_empty()
+    }
+
+    /// Tell the receiver how far the sequence is; `false`: the receiver is gone.
+    fn progress(&mut self) -> bool {
+        let (prefilled, of) = (self.seen.len().min(self.prompt.len()), self.prompt.len());
+        let generated = self.out.ids.len();
+        (self.sink)(Event::Progress { prefilled, of, generated })
+    }
 }
 
 /// A continuous-batching generation engine. It holds no model: [`Engine::step`] borrows one,
@@ -186,6 +212,9 @@ impl Engine {
     pub fn step(&mut self, model: &Llama, tokenizer: &ModelTokenizer) {
         while self.running.len() < self.cfg.max_batch {
             let Some(mut s) = self.waiting.pop_front() else { break };
+            if !s.still_wanted() {
+                continue; // its receiver went away while it waited
+            }
             s.admitted = Some(Instant::now());
             self.running.push(s);
         }
@@ -227,7 +256,9 @@ impl Engine {
         for (i, (mut s, fed)) in self.running.drain(..).zip(feeds).enumerate() {
             s.seen.extend_from_slice(&fed);
             if !s.pending.is_empty() {
-                keep.push(s); // the prompt is not all in yet
+                if s.still_wanted() {
+                    keep.push(s); // the prompt is not all in yet
+                }
                 continue;
             }
             // The prompt is in: the other continuations start here, from the same logits.
@@ -298,10 +329,12 @@ fn advance(
     }
     let next = s.config.sampling.sample(&mut s.sampler, &logits.get(i)?, &s.seen)?;
     let (piece, stop) = s.out.push(&s.config, next, tokenizer, s.seen.len(), context)?;
-    if let Some(piece) = piece {
-        if !(s.sink)(Event::Text(piece)) {
-            return Ok(Some(Event::Failed("cancelled".into())));
-        }
+    let still_wanted = match piece {
+        Some(piece) => (s.sink)(Event::Text(piece)),
+        None => s.progress(),
+    };
+    if !still_wanted {
+        return Ok(Some(Event::Failed("cancelled".into())));
     }
     let Some(reason) = stop else {
         s.pending.push(next);
@@ -362,7 +395,7 @@ pub fn generate_forks(
                 let tx = tx.clone();
                 let sink: Sink = Box::new(move |e| {
                     match e {
-                        Event::Text(_) => {}
+                        Event::Text(_) | Event::Progress { .. } => {}
                         Event::Done(g) => drop(tx.send((i, j, Ok(g)))),
                         Event::Failed(m) => drop(tx.send((i, j, Err(Error::Prompt(m))))),
                     }

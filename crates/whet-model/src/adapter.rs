@@ -112,11 +112,22 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     std::fs::write(path, bytes).map_err(|e| io(path, e))
 }
 
+/// A regular file's text. Anything else (a FIFO, a device) is refused before it is opened:
+/// opening a FIFO blocks until someone writes to it.
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NotFound { path: path.to_path_buf() },
-        _ => io(path, e),
-    })
+    regular_file(path)?;
+    std::fs::read_to_string(path).map_err(|e| io(path, e))
+}
+
+fn regular_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::NotFound { path: path.to_path_buf() })
+        }
+        Err(e) => Err(io(path, e)),
+        Ok(m) if !m.is_file() => Err(io(path, "not a regular file")),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Which modules an adapter wraps: PEFT's `target_modules` as a list of names (a module whose
@@ -455,14 +466,7 @@ pub fn load_named_adapter(
 /// FIFO blocks until someone writes to it.
 pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let path = dir.join("adapter_model.safetensors");
-    match std::fs::metadata(&path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::NotFound { path });
-        }
-        Err(e) => return Err(io(&path, e)),
-        Ok(m) if !m.is_file() => return Err(io(&path, "not a regular file")),
-        Ok(_) => {}
-    }
+    regular_file(&path)?;
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
         .map_err(|e| io(&path, format!("not a readable safetensors file: {e}")))?;
     let mut out = HashMap::with_capacity(tensors.len());
@@ -479,20 +483,52 @@ pub fn read_tensors(dir: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(out)
 }
 
-fn attach(model: &mut Llama, dir: &Path, named: Option<(&str, f64)>) -> Result<PeftAdapter> {
-    let adapter = PeftAdapter::read(dir)?;
-    let path = dir.join("adapter_model.safetensors");
-    if !path.exists() {
-        let bin = dir.join("adapter_model.bin");
-        if bin.exists() {
-            return Err(Error::config(
-                &bin,
-                "PyTorch pickle adapters are not read (they can run code); hint: save it with safetensors: `model.save_pretrained(dir, safe_serialization=True)` in PEFT",
-            ));
+/// A PEFT adapter directory read into memory (its config checked, its tensors finite) but
+/// not yet attached to a model: the slow, file-reading half of a load, which a server does off
+/// the thread that owns the model.
+pub struct AdapterFiles {
+    /// The adapter's configuration.
+    pub config: PeftAdapter,
+    tensors: HashMap<String, Tensor>,
+    path: std::path::PathBuf,
+}
+
+impl AdapterFiles {
+    /// Read `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let config = PeftAdapter::read(dir)?;
+        let path = dir.join("adapter_model.safetensors");
+        if !path.exists() {
+            let bin = dir.join("adapter_model.bin");
+            if bin.exists() {
+                return Err(Error::config(
+                    &bin,
+                    "PyTorch pickle adapters are not read (they can run code); hint: save it with safetensors: `model.save_pretrained(dir, safe_serialization=True)` in PEFT",
+                ));
+            }
+            return Err(Error::NotFound { path });
         }
-        return Err(Error::NotFound { path });
+        let tensors = read_tensors(dir)?;
+        Ok(Self { config, tensors, path })
     }
-    let mut tensors = read_tensors(dir)?;
+
+    /// Attach the adapter to `model`: as its one adapter (`named` = `None`) or as a named
+    /// adapter with a weight.
+    pub fn attach(self, model: &mut Llama, named: Option<(&str, f64)>) -> Result<PeftAdapter> {
+        attach_files(model, self, named)
+    }
+}
+
+fn attach(model: &mut Llama, dir: &Path, named: Option<(&str, f64)>) -> Result<PeftAdapter> {
+    attach_files(model, AdapterFiles::read(dir)?, named)
+}
+
+fn attach_files(
+    model: &mut Llama,
+    files: AdapterFiles,
+    named: Option<(&str, f64)>,
+) -> Result<PeftAdapter> {
+    let AdapterFiles { config: adapter, mut tensors, path } = files;
     let (device, dtype) = (model.device().clone(), model.dtype());
     let build = |module: &str, in_dim: usize, out_dim: usize| -> Result<Option<Lora>> {
         if !adapter.targets(module) {

@@ -62,6 +62,35 @@ impl ApiError {
         )
     }
 
+    /// 403: a request from where the server does not take them (a `Host` or an `Origin` it
+    /// was not told to allow); `code` says which.
+    pub(crate) fn forbidden(code: &'static str, message: String) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// 405, naming the methods the route takes.
+    pub(crate) fn method_not_allowed(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            format!("`{method} {path}` is not a route of this server; see GET /v1/models, POST /v1/chat/completions, POST /v1/completions, POST /v1/adapters, DELETE /v1/adapters/NAME"),
+        )
+    }
+
+    /// 408: the body did not arrive in time.
+    pub(crate) fn body_timeout(secs: f64) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!("the request body did not arrive within {secs} s of its header"),
+        )
+    }
+
+    /// 504: work the server waited on did not finish in time.
+    pub(crate) fn timed_out(message: String) -> Self {
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+    }
+
     pub(crate) fn busy(limit: usize) -> Self {
         Self::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -84,6 +113,7 @@ impl ApiError {
     fn kind(&self) -> &'static str {
         match self.status {
             StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
             s if s.is_server_error() => "server_error",

@@ -10,15 +10,18 @@
 
 mod api;
 pub mod bench;
+mod conn;
 mod error;
+mod guard;
 mod routes;
 mod worker;
 
+pub use conn::{NetConfig, RESERVED_FDS};
 pub use error::ApiError;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use whet_infer::{ChatTemplate, EngineConfig, GenerateConfig};
 use whet_model::{Llama, ModelTokenizer};
@@ -44,6 +47,16 @@ pub struct ServeConfig {
     pub engine: EngineConfig,
     /// Settings a request does not give (from the sampling flags).
     pub defaults: GenerateConfig,
+    /// Connection limits and timeouts.
+    pub net: NetConfig,
+    /// Host names a request's `Host` header may carry besides IP addresses and `localhost`
+    /// (`*`: any), so that a web page reached through a rebound DNS name cannot talk to the
+    /// server.
+    pub allowed_hosts: Vec<String>,
+    /// Web origins (`https://app.example`, or `*`) whose pages may call the API: they get
+    /// CORS headers. Without any, a browser page from another site can neither read an answer
+    /// nor send a JSON body.
+    pub cors_origins: Vec<String>,
 }
 
 /// An adapter the server can serve.
@@ -69,6 +82,27 @@ pub(crate) struct AppState {
     pub(crate) engine: std::sync::mpsc::Sender<worker::Command>,
     pub(crate) in_flight: AtomicUsize,
     pub(crate) next_id: AtomicU64,
+}
+
+/// A request slot of `--max-concurrent`; freed when dropped. The engine holds it with the
+/// request's events, so a request whose client hung up counts until its work has stopped.
+pub(crate) struct Slot(Arc<AppState>);
+
+impl Slot {
+    pub(crate) fn take(state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let max = state.cfg.max_concurrent;
+        if state.in_flight.fetch_add(1, Ordering::SeqCst) >= max {
+            state.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(ApiError::busy(max));
+        }
+        Ok(Slot(state.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Errors that stop the server from starting or running.
@@ -133,7 +167,7 @@ pub async fn serve(
     let app = routes::router(state.clone());
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!("serving on http://{}", addr.map_or("?".into(), |a| a.to_string()));
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    conn::serve(listener, app, state.cfg.net, shutdown).await?;
     // The engine thread ends once the last sender is gone and its sequences are done.
     drop(state);
     let _ = tokio::task::spawn_blocking(move || engine.join()).await;

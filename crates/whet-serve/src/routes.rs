@@ -4,12 +4,11 @@
 use crate::api::{self, ChatRequest, CompletionRequest, PromptInput};
 use crate::error::ApiError;
 use crate::worker::Command;
-use crate::{unix_now, AdapterEntry, AppState};
+use crate::{unix_now, AdapterEntry, AppState, Slot};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::Next;
+use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -33,48 +32,12 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/adapters", post(load_adapter))
         .route("/v1/adapters/{name}", delete(unload_adapter))
         .fallback(|| async { ApiError::not_found("not_found", "no such route".into()) })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::method_not_allowed(req.method().as_str(), req.uri().path())
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::guard::guard))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
-}
-
-/// Before any route: with `--api-key`, every route but `/health` and the static page needs
-/// the key (the `Bearer` scheme in any case, as HTTP's schemes are); a body must be JSON; and
-/// a `Content-Length` past the body limit is refused before a byte of the body is read.
-async fn auth(State(state): Shared, req: Request, next: Next) -> Response {
-    let open = matches!(req.uri().path(), "/health" | "/");
-    if let (Some(key), false) = (&state.cfg.api_key, open) {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
-        if !given.is_some_and(|g| same(g.as_bytes(), key.as_bytes())) {
-            return ApiError::unauthorized().into_response();
-        }
-    }
-    if req.method() == axum::http::Method::POST {
-        let kind = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-        let media = kind.and_then(|k| k.split(';').next()).map(str::trim);
-        if !media.is_some_and(|m| m.eq_ignore_ascii_case("application/json")) {
-            return ApiError::not_json(kind.unwrap_or("none")).into_response();
-        }
-        let length = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok());
-        if length
-            .and_then(|l| l.parse::<u64>().ok())
-            .is_some_and(|l| l > state.cfg.max_body_bytes as u64)
-        {
-            return ApiError::too_large(state.cfg.max_body_bytes).into_response();
-        }
-    }
-    next.run(req).await
-}
-
-/// Comparison whose time does not depend on where the strings differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn playground() -> Html<&'static str> {
@@ -116,26 +79,6 @@ fn body(state: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Bytes, 
             ApiError::bad_request(format!("cannot read the body: {e}"))
         }
     })
-}
-
-/// A request slot; freed when dropped (the response is done, or its client went away).
-struct Slot(Arc<AppState>);
-
-impl Slot {
-    fn take(state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let max = state.cfg.max_concurrent;
-        if state.in_flight.fetch_add(1, Ordering::SeqCst) >= max {
-            state.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return Err(ApiError::busy(max));
-        }
-        Ok(Slot(state.clone()))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// What both endpoints do once they have a prompt.
@@ -290,7 +233,15 @@ async fn run(state: Arc<AppState>, slot: Slot, job: Job, kind: Kind) -> Result<R
         adapters: job.adapters.clone(),
     };
     let gone = || ApiError::unavailable("the server is shutting down".into());
-    state.engine.send(Command::Generate { request, events, accepted }).map_err(|_| gone())?;
+    // The slot is freed when both the response and the engine's work are done: a client
+    // that hangs up during a long prefill counts against --max-concurrent until the engine
+    // has stopped it, and a client that reads slowly until its answer is sent.
+    let slot = Arc::new(slot);
+    let engine_slot = slot.clone();
+    state
+        .engine
+        .send(Command::Generate { request, events, accepted, slot: engine_slot })
+        .map_err(|_| gone())?;
     match ok.await.map_err(|_| gone())? {
         Ok(()) => {}
         Err(e) if e.contains("no adapter named") => {
@@ -307,7 +258,7 @@ async fn run(state: Arc<AppState>, slot: Slot, job: Job, kind: Kind) -> Result<R
         // Dropping `rx` (the client hung up, so axum dropped this future) cancels generation.
         let g = loop {
             match rx.recv().await {
-                Some(Event::Text(_)) => {}
+                Some(Event::Text(_) | Event::Progress { .. }) => {}
                 Some(Event::Done(g)) => break g,
                 Some(Event::Failed(m)) => {
                     return Err(ApiError::unavailable(format!("generation ended: {m}")))
@@ -377,6 +328,10 @@ async fn run(state: Arc<AppState>, slot: Slot, job: Job, kind: Kind) -> Result<R
         }
         loop {
             let event = match rx.recv().await {
+                // A comment line, which clients skip: writing something while there is no
+                // text (a long prefill) is how the server learns that a client has hung up.
+                Some(Event::Progress { prefilled, of, generated }) => SseEvent::default()
+                    .comment(format!("prompt {prefilled}/{of}, generated {generated}")),
                 Some(Event::Text(t)) => chunk(piece(Some(&t), None, false), None),
                 Some(Event::Done(g)) => {
                     let last = chunk(piece(None, Some(g.stop_reason.finish_reason()), false), None);
@@ -488,9 +443,38 @@ async fn load_adapter(
     if !dir.starts_with(root) || !dir.is_dir() {
         return Err(outside());
     }
+    // The files too: a symbolic link inside the directory must not lead outside it either.
+    for file in ["adapter_config.json", "adapter_model.safetensors"] {
+        if let Ok(target) = std::fs::canonicalize(dir.join(file)) {
+            if !target.starts_with(root) {
+                return Err(ApiError {
+                    param: Some("path".into()),
+                    ..ApiError::bad_request(format!(
+                        "`path` `{}`: `{file}` is a link to a file outside --adapter-dir",
+                        req.path
+                    ))
+                });
+            }
+        }
+    }
+    // Reading the files is the slow part (a FIFO, a hung network disk): it runs on a blocking
+    // thread under a timeout, and the engine thread only attaches what was read.
+    let limit = state.cfg.net.adapter_load_timeout;
+    let read = tokio::task::spawn_blocking(move || whet_model::adapter::AdapterFiles::read(&dir));
+    let files = match tokio::time::timeout(limit, read).await {
+        Err(_) => {
+            return Err(ApiError::timed_out(format!(
+                "reading adapter `{}` did not finish within {} s",
+                req.path,
+                limit.as_secs_f64()
+            )))
+        }
+        Ok(Err(e)) => return Err(ApiError::internal(format!("reading the adapter failed: {e}"))),
+        Ok(Ok(r)) => r.map_err(|e| ApiError::unprocessable(e.to_string(), Some("path")))?,
+    };
     let (reply, done) = oneshot::channel();
     let gone = || ApiError::unavailable("the server is shutting down".into());
-    let cmd = Command::Load { name: name.to_string(), dir, weight, reply };
+    let cmd = Command::Load { name: name.to_string(), files: Box::new(files), weight, reply };
     state.engine.send(cmd).map_err(|_| gone())?;
     done.await.map_err(|_| gone())?.map_err(|e| ApiError::unprocessable(e, Some("path")))?;
     let entry = AdapterEntry { name: name.to_string(), weight, created: unix_now() };

@@ -2,23 +2,31 @@
 //! are running, taking new requests and adapter changes between steps. The HTTP handlers talk
 //! to it through [`Command`]s only, so no lock is held across a forward pass.
 
-use std::path::PathBuf;
+use crate::Slot;
 use std::sync::mpsc;
 use std::sync::Arc;
 use tokio::sync::{mpsc as tmpsc, oneshot};
 use whet_infer::{Engine, EngineConfig, Event, Request};
+use whet_model::adapter::AdapterFiles;
 use whet_model::{Llama, ModelTokenizer};
 
 pub(crate) enum Command {
     /// Queue a request; `accepted` says whether the engine took it, its events go to
     /// `events` (dropping the receiver cancels it).
+    /// The request's slot is dropped with its events: when its sequence has ended.
     Generate {
         request: Request,
         events: tmpsc::UnboundedSender<Event>,
         accepted: oneshot::Sender<Result<(), String>>,
+        slot: Arc<Slot>,
     },
-    /// Load a PEFT adapter as the named adapter `name`.
-    Load { name: String, dir: PathBuf, weight: f64, reply: oneshot::Sender<Result<(), String>> },
+    /// Attach a PEFT adapter, already read from its files, as the named adapter `name`.
+    Load {
+        name: String,
+        files: Box<AdapterFiles>,
+        weight: f64,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// Remove adapter `name`; its running sequences fail.
     Unload { name: String, reply: oneshot::Sender<Result<(), String>> },
 }
@@ -63,14 +71,16 @@ pub(crate) fn spawn(
 
 fn handle(cmd: Command, engine: &mut Engine, model: &mut Llama) {
     match cmd {
-        Command::Generate { request, events, accepted } => {
-            let sink = Box::new(move |e| events.send(e).is_ok());
+        Command::Generate { request, events, accepted, slot } => {
+            let sink = Box::new(move |e| {
+                let _slot = &slot;
+                events.send(e).is_ok()
+            });
             let _ = accepted.send(engine.submit(model, request, sink).map_err(|e| e.to_string()));
         }
-        Command::Load { name, dir, weight, reply } => {
-            let r = whet_model::adapter::load_named_adapter(model, &name, weight, &dir)
-                .map(|_| ())
-                .map_err(|e| e.to_string());
+        Command::Load { name, files, weight, reply } => {
+            let r =
+                files.attach(model, Some((&name, weight))).map(|_| ()).map_err(|e| e.to_string());
             let _ = reply.send(r);
         }
         Command::Unload { name, reply } => {

@@ -190,6 +190,35 @@ fn a_cancelled_sequence_leaves_and_the_others_finish() {
 }
 
 #[test]
+fn a_receiver_gone_during_a_long_prefill_stops_it_at_the_next_chunk() {
+    let m = tiny();
+    let prompt: Vec<u32> = (0..100).map(|i| 10 + i % 50).collect();
+    let mut engine = Engine::new(EngineConfig { max_batch: 4, prefill_chunk: 16 });
+    let (tx, rx) = std::sync::mpsc::channel();
+    // The client hangs up once 32 of the 100 prompt tokens are in; one waiting in the
+    // queue is gone before it is admitted; a third one stays.
+    for (i, hang_up_at) in [(0, Some(32)), (1, Some(0)), (2, None)] {
+        let tx = tx.clone();
+        let sink = Box::new(move |e: Event| match e {
+            Event::Progress { prefilled, of, .. } => {
+                tx.send((i, prefilled, of)).unwrap();
+                hang_up_at.is_none_or(|at| prefilled < at)
+            }
+            _ => true,
+        });
+        engine.submit(&m.model, request(&prompt, greedy(2), None), sink).unwrap();
+    }
+    engine.step(&m.model, &m.tokenizer);
+    assert_eq!(engine.len(), 2, "the one gone before admission never ran");
+    engine.step(&m.model, &m.tokenizer);
+    assert_eq!(engine.len(), 1, "the prefill stopped at 32 of 100 tokens");
+    engine.run(&m.model, &m.tokenizer);
+    drop(tx);
+    let seen: Vec<_> = rx.iter().filter(|(i, ..)| *i == 0).map(|(_, d, _)| d).collect();
+    assert_eq!(seen, vec![0, 16, 32], "row 0 was asked at admission and between chunks");
+}
+
+#[test]
 fn requests_the_model_cannot_run_are_refused_before_they_join() {
     let m = tiny();
     let mut engine = Engine::new(EngineConfig::default());
@@ -216,7 +245,7 @@ fn removing_an_adapter_fails_only_its_sequences() {
             match e {
                 Event::Done(_) => tx.send((i, "done".to_string())).unwrap(),
                 Event::Failed(m) => tx.send((i, m)).unwrap(),
-                Event::Text(_) => {}
+                Event::Text(_) | Event::Progress { .. } => {}
             }
             true
         });
