@@ -396,6 +396,38 @@ fn data_check_dropping_every_example_exited_0() {
 }
 
 #[test]
+fn a_template_with_nested_range_loops_hung_data_check() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    let fixture = root().join("tests/fixtures/families/llama3");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture.join(f), model.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture.join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    config["chat_template"] =
+        "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}"
+            .into();
+    std::fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let m = model.to_str().unwrap();
+    let failed = "tokenizer_config.json: chat template failed to render: rendering ran past";
+    // `data check` names every line it cannot render.
+    let o = whet(&["data", "check", &data, "--model", m], "");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.last(), Some(&"error: 12 problem(s) in the data; nothing was written"));
+    assert!(lines[..lines.len() - 1].iter().all(|l| l.contains(failed)), "{err}");
+    let o = whet(&["generate", "--model", m, "--chat", "--prompt", "hi", "--max-tokens", "2"], "");
+    let err = assert_one_line_error(&o);
+    assert!(err.contains(failed), "{err}");
+}
+
+#[test]
 fn generate_with_an_empty_stop_string_gave_an_empty_answer_and_rc_0() {
     let o = whet(&["generate", "--model", "random:tiny", "--prompt", "hi", "--stop", ""], "");
     let err = assert_one_line_error(&o);

@@ -39,6 +39,10 @@ pub struct TemplateError {
 /// The ChatML template (Qwen2, SmolLM2 and many others use it), for models that ship none.
 pub const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// The most instructions one render may run: about a second of work at most, thousands of
+/// times what a chat template needs for a long conversation with tools.
+pub const RENDER_FUEL: u64 = 20_000_000;
+
 /// A compiled chat template.
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -66,6 +70,9 @@ impl ChatTemplate {
         eos_token: Option<&str>,
     ) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
+        // A template is code from a model file: a loop nest that never ends in practice
+        // (`range(100000)` inside another) must end in an error, not hang whet or fill memory.
+        env.set_fuel(Some(RENDER_FUEL));
         // transformers renders with trim_blocks and lstrip_blocks; without them whitespace differs.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -277,6 +284,11 @@ fn python_string(s: &str) -> String {
 
 /// minijinja's error as one line, with the template line when known.
 fn describe(e: &minijinja::Error) -> String {
+    if e.kind() == ErrorKind::OutOfFuel {
+        return format!(
+            "rendering ran past {RENDER_FUEL} steps, the limit for one render (a loop that runs too long?)"
+        );
+    }
     let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.kind().to_string());
     match e.line() {
         Some(line) => format!("{detail} (template line {line})"),
@@ -290,6 +302,18 @@ mod tests {
 
     /// SmolLM2-135M-Instruct's template, verbatim from its tokenizer_config.json.
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    #[test]
+    fn a_template_whose_loops_run_too_long_fails_naming_it() {
+        let hang = "{% for i in range(100000) %}{% for j in range(100000) %}{{ i }}{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(hang, "models/evil/tokenizer_config.json", None, None).unwrap();
+        let e = t.render(&[Message::new("user", "Hi")], true).unwrap_err().to_string();
+        assert!(e.starts_with("models/evil/tokenizer_config.json: chat template failed to render: rendering ran past"), "{e}");
+        // A long conversation is far below the limit.
+        let many: Vec<Message> = (0..2000).map(|i| Message::new("user", format!("m{i}"))).collect();
+        let t = ChatTemplate::new(SMOLLM2, "test", None, None).unwrap();
+        assert!(t.render(&many, true).is_ok());
+    }
 
     #[test]
     fn smollm2_adds_its_default_system_prompt() {
