@@ -24,13 +24,28 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let mut session = Session::new(&m.model, &m.tokenizer);
     let mut stdout = std::io::stdout().lock();
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut lines = stdin.lock().split(b'\n');
+    let mut number = 0;
     loop {
         if interactive {
             eprint!("> ");
         }
         let Some(line) = lines.next() else { break };
-        let line = line?;
+        number += 1;
+        // A line that is not UTF-8 (a terminal in another encoding, a pasted binary) is
+        // refused on its own; the conversation goes on.
+        let line = match String::from_utf8(line?) {
+            Ok(l) => l,
+            Err(e) => {
+                let at = e.utf8_error().valid_up_to();
+                eprintln!(
+                    "error: input line {number} is not valid UTF-8 (byte {:#04x} at column {}); it was not sent",
+                    e.as_bytes()[at],
+                    at + 1
+                );
+                continue;
+            }
+        };
         let input = line.trim();
         match input {
             "" => continue,

@@ -119,10 +119,27 @@ fn model_and_data(
     let dtype = whet_model::parse_dtype(&c.dtype)?;
     let quantize = c.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
     let m = crate::model::load_spec_quantized(&c.model, dtype, &device, c.seed, quantize)?;
+    let context = m.model.config().max_position_embeddings;
+    if c.max_seq_len > context {
+        bail!(
+            "--max-seq-len {} is longer than the context of {} ({context} tokens): its positions past {context} were never trained\nhint: pass --max-seq-len {context} or less",
+            c.max_seq_len,
+            c.model
+        );
+    }
     let text = ModelText::from_tokenizer(m.tokenizer.clone(), &c.template_vars)?;
     let data = load_data(c, &text)?;
     if data.train.is_empty() {
         bail!("{}: no training examples", c.data);
+    }
+    // A prepared dataset carries its own length limit.
+    let longest = data.train.iter().chain(&data.valid).map(|e| e.ids.len()).max().unwrap_or(0);
+    if longest > context {
+        bail!(
+            "{}: an example has {longest} tokens, longer than the context of {} ({context} tokens)\nhint: prepare it again with --max-seq-len {context}",
+            c.data,
+            c.model
+        );
     }
     Ok((m, data, device))
 }

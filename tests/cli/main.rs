@@ -34,6 +34,15 @@ pub fn whet(args: &[&str], stdin: &str) -> Output {
 
 /// `whet ARGS` run in `dir` with extra environment variables.
 pub fn whet_in(dir: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Output {
+    whet_in_bytes(dir, args, stdin.as_bytes(), env)
+}
+
+/// `whet ARGS` run from the repository root with `stdin` bytes that need not be UTF-8.
+pub fn whet_bytes(args: &[&str], stdin: &[u8]) -> Output {
+    whet_in_bytes(&root(), args, stdin, &[])
+}
+
+fn whet_in_bytes(dir: &Path, args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
     use std::io::Write;
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_whet"));
     cmd.args(args)
@@ -46,7 +55,7 @@ pub fn whet_in(dir: &Path, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> 
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("whet runs");
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
 }
 

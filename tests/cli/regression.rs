@@ -517,3 +517,88 @@ fn an_adapter_with_nan_tensors_loaded_silently() {
         }
     }
 }
+
+#[test]
+fn a_misspelt_dataset_field_was_silently_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lines: String = (0..12)
+        .map(|i| format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"q{i}\"}},{{\"role\":\"assistant\",\"content\":\"a\",\"trian\":false}}]}}\n"))
+        .collect();
+    std::fs::write(tmp.path().join("train.jsonl"), lines).unwrap();
+    let o = whet(&["data", "check", tmp.path().to_str().unwrap(), "--model", "random:tiny"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("train.jsonl:1: message field `trian` is not one whet reads (it is ignored; 12 record(s) have it); hint: did you mean `train`?"),
+        "{err}"
+    );
+    assert_eq!(err.matches("trian").count(), 1, "one warning per field, not per line: {err}");
+}
+
+#[test]
+fn chat_quit_on_invalid_utf8_input() {
+    let o = whet_bytes(
+        &["chat", "--model", "random:tiny", "--max-tokens", "2", "--temperature", "0"],
+        b"hi\n\xff\xfe oops\nhello\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains(
+            "error: input line 2 is not valid UTF-8 (byte 0xff at column 1); it was not sent"
+        ),
+        "{err}"
+    );
+    // The conversation went on as if the bad line had not been typed.
+    let args = ["chat", "--model", "random:tiny", "--max-tokens", "2", "--temperature", "0"];
+    let clean = whet(&args, "hi\nhello\n");
+    assert!(clean.status.success(), "{}", stderr(&clean));
+    assert_eq!(stdout(&o), stdout(&clean));
+    assert!(!stdout(&o).is_empty());
+}
+
+#[test]
+fn random_tiny_with_context_512_silently_trained_at_2048() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = dataset(tmp.path());
+    let out = tmp.path().join("run");
+    let train = |data: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--model", "random:tiny", "--data", data, "--steps", "1"];
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        whet(&args, "")
+    };
+    let err = assert_one_line_error(&train(&data, &["--max-seq-len", "2048"]));
+    assert!(
+        err.contains("--max-seq-len 2048 is longer than the context of random:tiny (512 tokens)"),
+        "{err}"
+    );
+    assert!(stderr(&train(&data, &["--max-seq-len", "2048"]))
+        .contains("hint: pass --max-seq-len 512 or less"));
+    assert!(!out.exists());
+    // A dataset prepared at 2048 with a longer example is refused as well.
+    let long = tmp.path().join("long");
+    std::fs::create_dir(&long).unwrap();
+    let word = "word ".repeat(120); // some 600 byte-level tokens
+    let lines: String = (0..12)
+        .map(|i| format!("{{\"messages\":[{{\"role\":\"user\",\"content\":\"q{i} {word}\"}},{{\"role\":\"assistant\",\"content\":\"a\"}}]}}\n"))
+        .collect();
+    std::fs::write(long.join("train.jsonl"), lines).unwrap();
+    let prepared = tmp.path().join("prepared");
+    let o = whet(
+        &[
+            "data",
+            "prepare",
+            long.to_str().unwrap(),
+            "--model",
+            "random:tiny",
+            "--out",
+            prepared.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = assert_one_line_error(&train(prepared.to_str().unwrap(), &[]));
+    assert!(err.contains("longer than the context of random:tiny (512 tokens)"), "{err}");
+    assert!(!out.exists());
+}

@@ -221,6 +221,7 @@ pub fn read_jsonl(
     let mut file_format = format;
     let mut first_line = 0;
     let mut records = vec![];
+    let mut unknown: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for (i, raw) in bytes.split(|b| *b == b'\n').enumerate() {
         let line = i + 1;
         // CRLF line endings: the \r belongs to the line ending, not to the JSON.
@@ -284,10 +285,27 @@ pub fn read_jsonl(
             }
             Some(_) => {}
         }
+        for field in unknown_message_fields(found, &obj) {
+            let seen = unknown.entry(field).or_insert((line, 0));
+            seen.1 += 1;
+        }
         match parse(found, &obj) {
             Ok(example) => records.push(Record { line, example }),
             Err((msg, hint)) => errors.push(err(line, msg, hint)),
         }
+    }
+    // A misspelt `"trian": false` must not pass unseen: one warning per field, at its first line.
+    for (field, (line, count)) in &unknown {
+        let known = known_message_fields(file_format.unwrap_or(Format::Chat));
+        let hint = known
+            .iter()
+            .find(|k| edit_distance(k, field) <= 2)
+            .map(|k| format!("; hint: did you mean `{k}`?"))
+            .unwrap_or_default();
+        tracing::warn!(
+            "{}:{line}: message field `{field}` is not one whet reads (it is ignored; {count} record(s) have it){hint}",
+            path.display()
+        );
     }
     if records.is_empty() && errors.is_empty() {
         errors.push(err(
@@ -304,6 +322,51 @@ pub fn read_jsonl(
 }
 
 type ParseError = (String, Option<&'static str>);
+
+/// The keys a message of `format` may have.
+fn known_message_fields(format: Format) -> &'static [&'static str] {
+    match format {
+        Format::ShareGpt => &["from", "value", "train"],
+        _ => &["role", "content", "train"],
+    }
+}
+
+/// Keys of a record's messages that whet does not read (`trian`, `weight`), each once.
+fn unknown_message_fields(format: Format, obj: &Map<String, Value>) -> Vec<String> {
+    let list = match format {
+        Format::Chat => "messages",
+        Format::ShareGpt => "conversations",
+        _ => return vec![],
+    };
+    let known = known_message_fields(format);
+    let mut out: Vec<String> = vec![];
+    if let Some(Value::Array(items)) = obj.get(list) {
+        for m in items.iter().filter_map(Value::as_object) {
+            for key in m.keys() {
+                if !known.contains(&key.as_str()) && !out.contains(key) {
+                    out.push(key.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
 
 fn kind(v: &Value) -> &'static str {
     match v {

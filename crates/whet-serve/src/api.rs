@@ -109,12 +109,15 @@ pub(crate) enum Content {
     Parts(Vec<Part>),
 }
 
+/// One part of a message's content. Only text is served; the other kinds OpenAI defines
+/// (`image_url`, `input_audio`, `file`) are read so that the refusal can name them.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(crate) struct Part {
     #[serde(rename = "type")]
     pub(crate) kind: String,
     pub(crate) text: Option<String>,
+    #[serde(flatten)]
+    pub(crate) other: serde_json::Map<String, Value>,
 }
 
 /// `POST /v1/completions`.
@@ -187,6 +190,14 @@ impl Common {
             self.logprobs.as_ref().is_some_and(|l| !(l.is_null() || l == &Value::Bool(false))),
             "logprobs",
         )?;
+        if let (Some(a), Some(b)) = (self.max_tokens, self.max_completion_tokens) {
+            if a != b {
+                return Err(ApiError::unprocessable(
+                    format!("`max_tokens` {a} and `max_completion_tokens` {b} disagree: give one (`max_tokens` is OpenAI's older name for `max_completion_tokens`)"),
+                    Some("max_completion_tokens"),
+                ));
+            }
+        }
         if self.stream_options.is_some() && !self.stream {
             return Err(ApiError::unprocessable(
                 "`stream_options` is only allowed with `stream: true`".into(),
@@ -247,14 +258,26 @@ impl ChatRequest {
                     Content::Text(t) => t.clone(),
                     Content::Parts(parts) => {
                         let mut text = String::new();
-                        for p in parts {
+                        for (j, p) in parts.iter().enumerate() {
+                            let at = format!("messages[{i}].content[{j}]");
+                            let refuse = |msg: String| {
+                                Err(ApiError::unprocessable(format!("{at}: {msg}"), Some("messages")))
+                            };
                             match (p.kind.as_str(), &p.text) {
-                                ("text", Some(t)) => text.push_str(t),
+                                ("text", Some(t)) if p.other.is_empty() => text.push_str(t),
+                                ("text", Some(_)) => {
+                                    let field = p.other.keys().next().map_or("", String::as_str);
+                                    return refuse(format!("unknown field `{field}` in a text part"));
+                                }
+                                ("text", None) => return refuse("a text part without `text`".into()),
+                                ("image_url" | "image", _) => {
+                                    return refuse("images are not supported: whet serves text-only models".into())
+                                }
+                                ("input_audio" | "audio", _) => {
+                                    return refuse("audio is not supported: whet serves text-only models".into())
+                                }
                                 (kind, _) => {
-                                    return Err(ApiError::unprocessable(
-                                        format!("messages[{i}].content: a `{kind}` part is not supported (text only)"),
-                                        Some("messages"),
-                                    ))
+                                    return refuse(format!("a `{kind}` part is not supported (text only)"))
                                 }
                             }
                         }

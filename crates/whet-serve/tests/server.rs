@@ -258,6 +258,28 @@ async fn bad_requests_get_the_right_status_and_an_openai_error() {
         ),
         (chat(json!({"stop": ["a", "b", "c", "d", "e"]})), 422, "at most 4"),
         (json!({"messages": [{"role": "user", "content": "x"}]}), 422, "missing field `model`"),
+        // Regression: both length fields given, one silently won.
+        (
+            chat(json!({"max_tokens": 3, "max_completion_tokens": 5})),
+            422,
+            "`max_tokens` 3 and `max_completion_tokens` 5 disagree",
+        ),
+        // Regression: an image part got a generic 422.
+        (
+            chat(json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            ]}]})),
+            422,
+            "messages[0].content[1]: images are not supported",
+        ),
+        (
+            chat(json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "x", "cache_control": {}},
+            ]}]})),
+            422,
+            "unknown field `cache_control` in a text part",
+        ),
         (
             chat(json!({"messages": [{"role": "user", "content": "x ".repeat(600)}]})),
             422,
