@@ -258,11 +258,16 @@ impl Metrics {
                 tokens_per_sec,
                 allreduce_secs,
                 peak_mb,
+                metrics,
             } => {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                 "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                 "secs": secs, "tokens_per_sec": tokens_per_sec, "allreduce_secs": allreduce_secs,
-                "peak_rss_mb": peak_mb})
+                "peak_rss_mb": peak_mb});
+                for (name, value) in metrics {
+                    v[name] = (*value).into();
+                }
+                v
             }
             Event::Eval { step, val_loss, .. } => {
                 serde_json::json!({"step": step, "val_loss": val_loss})

@@ -24,6 +24,8 @@ pub enum Event {
         allreduce_secs: f64,
         /// Peak resident memory so far, in MB.
         peak_mb: f64,
+        /// The objective's own metrics for the step, in its order (none for SFT).
+        metrics: Vec<(String, f64)>,
     },
     /// A validation pass finished.
     Eval {

@@ -2,8 +2,9 @@
 //! gradient accumulation and clipping, validation and early stopping, atomic checkpoints with
 //! true resume, and adapters in PEFT's format.
 //!
-//! Modules depend one way: [`trainer`] (the loop) uses [`checkpoint`], `shards`, [`dist`]
-//! (ranks of an MPI job), [`optim`] and [`config`]; all of them report through [`error`] and [`events`], which depend on nothing here.
+//! Modules depend one way: [`trainer`] (the loop) uses `objective` (what the loss is),
+//! [`checkpoint`], `shards`, [`dist`] (ranks of an MPI job), [`optim`] and [`config`]; all of
+//! them report through [`error`] and [`events`], which depend on nothing else here.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod dist;
 pub mod error;
 pub mod events;
+mod objective;
 pub mod optim;
 pub mod plot;
 mod shards;

@@ -1,11 +1,13 @@
-//! The training loop, readable top to bottom in [`train`]: batch -> forward -> masked loss ->
-//! backward -> clip -> AdamW step -> periodic validation and checkpoint (nanoGPT's `train.py`).
+//! The training loop, readable top to bottom in [`train`]: batch -> forward -> the objective's
+//! loss -> backward -> clip -> AdamW step -> periodic validation and checkpoint (nanoGPT's
+//! `train.py`). What the loss is lives in [`crate::objective`].
 
 use crate::checkpoint::{self, TrainState};
 use crate::config::{learning_rate, TrainConfig};
 use crate::dist::World;
 use crate::error::TrainError;
 use crate::events::{Event, Stopped, Summary};
+use crate::objective::{Loss, Objective, Row, Sft};
 use crate::optim::{AdamW, AdamWParams};
 use crate::shards::Shards;
 use candle_core::{Device, Tensor};
@@ -16,7 +18,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use whet_data::Tokenized;
-use whet_model::{GradCollector, Llama, Packing, TrainPass};
+use whet_model::{Llama, TrainPass};
 
 /// Training and validation examples, already tokenized and masked.
 #[derive(Debug, Clone, Default)]
@@ -52,13 +54,6 @@ impl TrainData {
 /// of micro-batches covers.
 pub fn training_rows(data: &TrainData, cfg: &TrainConfig) -> usize {
     rows(&data.train, cfg).len()
-}
-
-/// One row of a batch: an example, or several packed ones with their positions and segments.
-struct Row {
-    ids: Vec<u32>,
-    mask: Vec<u8>,
-    packed: Option<(Vec<u32>, Vec<u32>)>,
 }
 
 fn rows(examples: &[Tokenized], cfg: &TrainConfig) -> Vec<Row> {
@@ -142,71 +137,6 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> candle_core::Result<f64
     Ok(norm)
 }
 
-/// How many tokens of `rows` the loss trains (the first token of a row is never predicted).
-fn trained_tokens(rows: &[&Row]) -> usize {
-    rows.iter().map(|r| r.mask.iter().skip(1).filter(|&&m| m == 1).count()).sum()
-}
-
-/// Loss of a batch of rows, right-padded to the longest (padding is masked out), and the
-/// number of trained tokens and of tokens run. With `pass`, a training forward whose collector
-/// comes back for the backward pass; without, inference (validation).
-fn batch_loss(
-    model: &Llama,
-    rows: &[&Row],
-    pass: Option<&TrainPass>,
-    device: &Device,
-) -> Result<(Tensor, Option<GradCollector>, usize, usize), TrainError> {
-    let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
-    let b = rows.len();
-    let (mut ids, mut mask, mut pos, mut seg) =
-        (vec![0u32; b * t], vec![0u8; b * t], vec![0u32; b * t], vec![u32::MAX; b * t]);
-    for (i, r) in rows.iter().enumerate() {
-        let n = r.ids.len();
-        ids[i * t..i * t + n].copy_from_slice(&r.ids);
-        mask[i * t..i * t + n].copy_from_slice(&r.mask);
-        match &r.packed {
-            Some((p, s)) => {
-                pos[i * t..i * t + n].copy_from_slice(p);
-                seg[i * t..i * t + n].copy_from_slice(s);
-            }
-            None => {
-                pos[i * t..i * t + n].iter_mut().enumerate().for_each(|(k, x)| *x = k as u32);
-                seg[i * t..i * t + n].fill(0);
-            }
-        }
-    }
-    // Only positions whose next token is trained need logits: gather their hidden states.
-    let (mut at, mut targets) = (vec![], vec![]);
-    for i in 0..b {
-        for k in 1..t {
-            if mask[i * t + k] == 1 {
-                at.push((i * t + k - 1) as u32);
-                targets.push(ids[i * t + k]);
-            }
-        }
-    }
-    if at.is_empty() {
-        return Err(TrainError::Run("a batch without trained tokens".into()));
-    }
-    let ids_t = Tensor::from_vec(ids, (b, t), device)?;
-    let packed = rows.iter().any(|r| r.packed.is_some());
-    let pos = Tensor::from_vec(pos, (b, t), device)?;
-    let seg = Tensor::from_vec(seg, (b, t), &Device::Cpu)?;
-    let packing = packed.then_some(Packing { positions: &pos, segments: &seg });
-    let (h, collector) = match (pass, packing) {
-        (Some(pass), packing) => {
-            let (h, collector) = model.hidden_train(&ids_t, packing, pass)?;
-            (h, Some(collector))
-        }
-        (None, Some(packing)) => (model.hidden_packed(&ids_t, packing)?, None),
-        (None, None) => (model.hidden(&ids_t, None)?, None),
-    }; // [B, T, C]
-    let n = at.len();
-    let h = h.reshape((b * t, h.dim(2)?))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?; // [N, C]
-    let loss = model.loss(&h, &Tensor::from_vec(targets, n, device)?)?;
-    Ok((loss, collector, n, rows.iter().map(|r| r.ids.len()).sum()))
-}
-
 /// This rank's part of the loss (mean over the trained tokens of all `rows`) and of the adapter
 /// gradients of `weight * loss` for one micro-batch, and the number of tokens it ran. The rank
 /// takes its consecutive rows of the batch ([`World::rows`]); shards of those run side by side
@@ -215,6 +145,7 @@ fn batch_loss(
 /// same machine, and the ranks' parts sum to the single-process step.
 #[allow(clippy::too_many_arguments)]
 fn forward_backward(
+    objective: &dyn Objective,
     model: &Llama,
     rows: &[&Row],
     dropout_seed: u64,
@@ -224,8 +155,8 @@ fn forward_backward(
     shards: &Shards,
     world: &World,
     device: &Device,
-) -> Result<(f64, usize, Vec<Tensor>), TrainError> {
-    let total = trained_tokens(rows);
+) -> Result<Part, TrainError> {
+    let total = objective.units(rows);
     if total == 0 {
         return Err(TrainError::Run("a batch without trained tokens".into()));
     }
@@ -233,12 +164,13 @@ fn forward_backward(
     let offset = mine.start;
     let parts = shards.run(&rows[mine], |shard, first_row| {
         let first_row = offset + first_row;
-        let share = trained_tokens(shard) as f64 / total as f64;
+        let share = objective.units(shard) as f64 / total as f64;
         if share == 0.0 {
             return Ok(None);
         }
         let pass = TrainPass { dropout_seed, first_row, grad_checkpoint };
-        let (loss, collector, _, tokens) = batch_loss(model, shard, Some(&pass), device)?;
+        let Loss { loss, collector, metrics, tokens } =
+            objective.loss(model, shard, Some(&pass), device)?;
         let collector =
             collector.ok_or_else(|| TrainError::Run("internal error: no gradients".into()))?;
         let store = collector.backward(&(&loss * (weight * share))?)?;
@@ -252,12 +184,15 @@ fn forward_backward(
             })
             .collect::<Result<Vec<_>, _>>()?;
         let loss = host_scalar(&loss)?;
-        Ok(Some((loss * share, tokens, grads)))
+        let metrics: Vec<_> = metrics.into_iter().map(|(k, v)| (k, v * share)).collect();
+        Ok(Some((loss * share, tokens, grads, metrics)))
     })?;
     let (mut loss, mut tokens, mut grads) = (0.0, 0, None::<Vec<Tensor>>);
-    for (l, t, g) in parts.into_iter().flatten() {
+    let mut metrics: Vec<(&'static str, f64)> = vec![];
+    for (l, t, g, m) in parts.into_iter().flatten() {
         loss += l;
         tokens += t;
+        add_metrics(&mut metrics, &m, 1.0);
         grads = Some(match grads {
             Some(sum) => sum.iter().zip(&g).map(|(a, b)| a + b).collect::<Result<_, _>>()?,
             None => g,
@@ -268,7 +203,26 @@ fn forward_backward(
         Some(g) => g,
         None => vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<Result<_, _>>()?,
     };
-    Ok((loss, tokens, grads))
+    Ok(Part { loss, tokens, grads, metrics })
+}
+
+/// A rank's part of one micro-batch: the loss and metrics weighted by the part's share of the
+/// batch, the tokens it ran, and its adapter gradients.
+struct Part {
+    loss: f64,
+    tokens: usize,
+    grads: Vec<Tensor>,
+    metrics: Vec<(&'static str, f64)>,
+}
+
+/// `sum[k] += weight * add[k]`, by name, keeping the objective's order.
+fn add_metrics(sum: &mut Vec<(&'static str, f64)>, add: &[(&'static str, f64)], weight: f64) {
+    for &(name, v) in add {
+        match sum.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, s)) => *s += weight * v,
+            None => sum.push((name, weight * v)),
+        }
+    }
 }
 
 /// What a failed distributed step leaves: the intact checkpoint and how to continue from it.
@@ -409,6 +363,7 @@ fn micro_batch<'a>(
 /// activations kept for a backward pass); batches are split across ranks and into shards like
 /// training's, and the sums reduced.
 fn evaluate(
+    objective: &dyn Objective,
     model: &Llama,
     rows: &[Row],
     batch: usize,
@@ -420,10 +375,11 @@ fn evaluate(
     for chunk in rows.chunks(batch) {
         let refs: Vec<&Row> = chunk[world.rows(chunk.len())].iter().collect();
         let parts = shards.run(&refs, |shard, _| {
-            if trained_tokens(shard) == 0 {
+            let k = objective.units(shard);
+            if k == 0 {
                 return Ok((0.0, 0));
             }
-            let (loss, _, k, _) = batch_loss(model, shard, None, device)?;
+            let loss = objective.loss(model, shard, None, device)?.loss;
             Ok((host_scalar(&loss)? * k as f64, k))
         })?;
         for (s, k) in parts {
@@ -497,6 +453,7 @@ pub fn train(
     let mut last_loss = None;
     let mut stopped = None;
     let mut order = (0, vec![]);
+    let objective: &dyn Objective = &Sft;
 
     world.at_step(state.step, Some(recovery(run)));
     for step in state.step..cfg.steps {
@@ -506,12 +463,14 @@ pub fn train(
         // Forward and backward over grad_accum micro-batches, summing gradients.
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.state.len()];
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
+        let mut metrics_sum: Vec<(&'static str, f64)> = vec![];
         for a in 0..cfg.grad_accum {
             let g = step * cfg.grad_accum + a;
             let seed = cfg.seed.wrapping_mul(31).wrapping_add(g as u64);
             let batch = micro_batch(&train_rows, cfg.batch_size, cfg.seed, g, &mut order);
             let weight = 1.0 / cfg.grad_accum as f64;
-            let (loss, n_tokens, micro_grads) = forward_backward(
+            let part = forward_backward(
+                objective,
                 model,
                 &batch,
                 seed,
@@ -522,9 +481,10 @@ pub fn train(
                 world,
                 &device,
             )?;
-            loss_sum += loss;
-            tokens += n_tokens;
-            for (acc, g) in grads.iter_mut().zip(micro_grads) {
+            loss_sum += part.loss;
+            tokens += part.tokens;
+            add_metrics(&mut metrics_sum, &part.metrics, 1.0 / cfg.grad_accum as f64);
+            for (acc, g) in grads.iter_mut().zip(part.grads) {
                 *acc = Some(match acc.take() {
                     Some(prev) => (prev + g)?,
                     None => g,
@@ -532,14 +492,17 @@ pub fn train(
             }
         }
         let mut grads: Vec<Tensor> = grads.into_iter().flatten().collect();
-        let mut scalars = [loss_sum, tokens as f64];
+        // The ranks' parts of the loss, the token count and each metric add up to the step's.
+        let mut scalars = vec![loss_sum, tokens as f64];
+        scalars.extend(metrics_sum.iter().map(|(_, v)| v));
         let allreduce_secs =
             all_reduce(world, step, &mut grads, &mut scalars).map_err(|e| match e {
                 TrainError::Dist(msg) => TrainError::Dist(format!("{msg}; {}", recovery(run))),
                 e => e,
             })?;
-        let [loss_sum, tokens] = scalars;
-        let tokens = tokens as usize;
+        let (loss_sum, tokens) = (scalars[0], scalars[1] as usize);
+        let step_metrics =
+            metrics_sum.iter().zip(&scalars[2..]).map(|((k, _), v)| (k.to_string(), *v)).collect();
         let loss = loss_sum / cfg.grad_accum as f64;
         if !loss.is_finite() {
             return Err(TrainError::Diverged {
@@ -563,6 +526,7 @@ pub fn train(
             tokens_per_sec: tokens as f64 / secs,
             allreduce_secs,
             peak_mb: peak_rss_mb(),
+            metrics: step_metrics,
         };
         if let Some(m) = &mut metrics {
             m.write(&event)?;
@@ -573,7 +537,8 @@ pub fn train(
         if !valid_rows.is_empty()
             && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last)
         {
-            let val_loss = evaluate(model, &valid_rows, cfg.batch_size, &shards, world, &device)?;
+            let val_loss =
+                evaluate(objective, model, &valid_rows, cfg.batch_size, &shards, world, &device)?;
             let best = state.best_val.is_none_or(|b| val_loss < b);
             if best {
                 state.best_val = Some(val_loss);
