@@ -328,7 +328,9 @@ impl Proj {
                 }
             }
         }
-        let Some(lora) = &self.lora else { return Ok((y, None)) };
+        let Some(lora) = self.lora.as_ref().filter(|_| !ctx.reference) else {
+            return Ok((y, None));
+        };
         let mask = match ctx.train {
             Some(pass) if lora.dropout > 0.0 => {
                 // A different mask per layer and step, all from the step's seed.

@@ -33,10 +33,14 @@ pub struct TrainPass {
 /// What a forward pass is for: inference (`train` none) uses candle's fused kernels; training
 /// keeps what the hand-written backward passes need and applies adapter dropout. A ragged
 /// batch (`rows`) lays several sequences end to end in one row, each with its own adapters.
+/// A reference pass (`reference`) leaves the trained adapter out: the frozen base (with its
+/// named adapters at their weights) is the reference model of DPO, KTO and GRPO, at no cost
+/// in weights.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Ctx<'a> {
     pub(crate) train: Option<TrainPass>,
     pub(crate) rows: Option<&'a [RowSpan]>,
+    pub(crate) reference: bool,
 }
 
 /// One sequence of a ragged batch: its tokens `start..start + len` of the flattened row, and

@@ -115,7 +115,7 @@ impl Block {
                 let tape = match &tape {
                     Some(tape) => tape,
                     None => {
-                        let ctx = Ctx { train, rows: None };
+                        let ctx = Ctx { train, ..Ctx::default() };
                         recomputed = block.forward(&xd, &rope, &pos, mask.as_ref(), None, &ctx)?.1;
                         &recomputed
                     }
@@ -359,6 +359,27 @@ impl Llama {
         self.run(ids, &pos, Some(&mask), None, &Ctx::default(), None)
     }
 
+    /// Final hidden states `[B, T, C]` of the reference model: this one with its trained
+    /// adapter left out (the base, and any named adapters at their weights, such as a frozen
+    /// copy of the adapter training started from). No weight is copied and nothing is kept for
+    /// a backward pass; packed rows with `packing`.
+    pub fn hidden_reference(&self, ids: &Tensor, packing: Option<Packing>) -> Result<Tensor> {
+        let ctx = Ctx { reference: true, ..Ctx::default() };
+        let h = match packing {
+            Some(packing) => {
+                let (pos, mask) = self.packed_layout(ids, packing)?;
+                self.run(ids, &pos, Some(&mask), None, &ctx, None)?
+            }
+            None => {
+                let t = ids.dim(1)?;
+                self.check_length(t)?;
+                let mask = self.causal_mask(t, 0)?;
+                self.run(ids, &Positions::From(0), mask.as_ref(), None, &ctx, None)?
+            }
+        };
+        Ok(h.detach())
+    }
+
     /// Training forward: final hidden states `[B, T, C]` of `ids` `[B, T]` (packed rows with
     /// `packing`) as part of candle's graph, and the collector the blocks' backward passes
     /// fill with the adapters' gradients: take the loss's gradients with
@@ -369,7 +390,7 @@ impl Llama {
         packing: Option<Packing>,
         pass: &TrainPass,
     ) -> Result<(Tensor, GradCollector)> {
-        let ctx = Ctx { train: Some(*pass), rows: None };
+        let ctx = Ctx { train: Some(*pass), ..Ctx::default() };
         let collector = GradCollector::default();
         let h = match packing {
             Some(packing) => {
@@ -722,7 +743,7 @@ impl Llama {
             spans.push(RowSpan { start: ids.len(), len: t, adapters, cos, sin, mask });
             ids.extend_from_slice(row.ids);
         }
-        let ctx = Ctx { train: None, rows: Some(&spans) };
+        let ctx = Ctx { rows: Some(&spans), ..Ctx::default() };
         let n = ids.len();
         let mut x = self.embed_tokens.forward(&Tensor::from_vec(ids, (1, n), self.device())?)?;
         for (i, block) in self.layers.iter().enumerate() {

@@ -311,3 +311,39 @@ fn qlora_equals_training_over_the_dequantized_base() {
         }
     }
 }
+
+/// The reference pass of preference objectives: the model with its trained adapter left out
+/// is the base, exactly, whatever the adapter holds; the adapter itself is untouched (the next
+/// ordinary pass has it again), and named adapters still apply.
+#[test]
+fn the_reference_pass_is_the_base_without_a_copy_of_it() {
+    let base = tiny(DType::F32);
+    let plain = base.model.hidden(&ids(), None).unwrap();
+    let mut m = tiny(DType::F32);
+    m.model.add_lora(&LoraConfig::new(4, 8.0, 0.0, "all-linear", false).unwrap(), 3).unwrap();
+    perturb_b(&m.model, 5);
+    let adapted = m.model.hidden(&ids(), None).unwrap();
+    assert!(max_diff(&adapted, &plain) > 1e-3, "the adapter must change the output");
+    let reference = m.model.hidden_reference(&ids(), None).unwrap();
+    assert_eq!(max_diff(&reference, &plain), 0.0);
+    assert_eq!(max_diff(&m.model.hidden(&ids(), None).unwrap(), &adapted), 0.0);
+    // With a frozen named adapter beside the trained one, the reference is the base with it.
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let mut with =
+        load(&ModelSource::HfDir(dir.join("families/llama3")), DType::F32, &Device::Cpu, 0)
+            .unwrap();
+    let only_named = {
+        whet_model::adapter::load_named_adapter(
+            &mut with.model,
+            "frozen",
+            1.0,
+            &dir.join("adapters/patterns"),
+        )
+        .unwrap();
+        with.model.hidden(&ids(), None).unwrap()
+    };
+    with.model.add_lora(&LoraConfig::new(4, 8.0, 0.0, "q_proj,v_proj", false).unwrap(), 3).unwrap();
+    perturb_b(&with.model, 7);
+    let reference = with.model.hidden_reference(&ids(), None).unwrap();
+    assert!(max_diff(&reference, &only_named) < 1e-6, "{}", max_diff(&reference, &only_named));
+}
