@@ -153,10 +153,7 @@ impl Engine {
         let known = model.adapter_names();
         for (name, _) in &adapters {
             if !known.contains(name) {
-                return Err(Error::Prompt(format!(
-                    "no adapter named `{name}`; loaded: {}",
-                    if known.is_empty() { "none".into() } else { known.join(", ") }
-                )));
+                return Err(Error::UnknownAdapter { name: name.clone(), loaded: known });
             }
         }
         let mut forks = forks.into_iter();

@@ -236,6 +236,14 @@ pub enum Error {
     /// The prompt is empty or too long.
     #[error("{0}")]
     Prompt(String),
+    /// A request names an adapter the model does not have.
+    #[error("no adapter named `{name}`; loaded: {}", if loaded.is_empty() { "none".into() } else { loaded.join(", ") })]
+    UnknownAdapter {
+        /// The name asked for.
+        name: String,
+        /// The adapters the model has.
+        loaded: Vec<String>,
+    },
 }
 
 /// A model, its tokenizer and a KV cache that is reused when a new prompt extends the last one

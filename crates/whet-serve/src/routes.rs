@@ -244,10 +244,11 @@ async fn run(state: Arc<AppState>, slot: Slot, job: Job, kind: Kind) -> Result<R
         .map_err(|_| gone())?;
     match ok.await.map_err(|_| gone())? {
         Ok(()) => {}
-        Err(e) if e.contains("no adapter named") => {
-            return Err(ApiError::not_found("model_not_found", e));
+        // Unloaded between the lookup and the engine taking the request.
+        Err(e @ whet_infer::Error::UnknownAdapter { .. }) => {
+            return Err(ApiError::not_found("model_not_found", e.to_string()));
         }
-        Err(e) => return Err(ApiError::unprocessable(e, None)),
+        Err(e) => return Err(ApiError::unprocessable(e.to_string(), None)),
     }
     let id = match kind {
         Kind::Chat => format!("chatcmpl-{}", state.next_id.fetch_add(1, Ordering::Relaxed)),

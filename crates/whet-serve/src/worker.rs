@@ -17,7 +17,7 @@ pub(crate) enum Command {
     Generate {
         request: Request,
         events: tmpsc::UnboundedSender<Event>,
-        accepted: oneshot::Sender<Result<(), String>>,
+        accepted: oneshot::Sender<Result<(), whet_infer::Error>>,
         slot: Arc<Slot>,
     },
     /// Attach a PEFT adapter, already read from its files, as the named adapter `name`.
@@ -76,7 +76,7 @@ fn handle(cmd: Command, engine: &mut Engine, model: &mut Llama) {
                 let _slot = &slot;
                 events.send(e).is_ok()
             });
-            let _ = accepted.send(engine.submit(model, request, sink).map_err(|e| e.to_string()));
+            let _ = accepted.send(engine.submit(model, request, sink));
         }
         Command::Load { name, files, weight, reply } => {
             let r =
