@@ -414,9 +414,9 @@ async fn load_adapter(
         ));
     }
     let weight = req.weight.unwrap_or(1.0);
-    if !weight.is_finite() {
+    if !(weight as f32).is_finite() {
         return Err(ApiError::unprocessable(
-            format!("`weight` {weight} is not a number"),
+            format!("`weight` {weight} is not a finite f32 number"),
             Some("weight"),
         ));
     }

@@ -439,6 +439,12 @@ async fn adapters_load_and_unload_at_run_time_from_inside_the_adapter_dir_only()
         (load("x", "dora").await, 422, "`use_dora`"),
         (load("l", "layers").await, 422, "already loaded"),
         (load("base", "layers").await, 422, "base model"),
+        // Regression: a weight past f32's range made every output NaN.
+        (
+            s.post("/v1/adapters", json!({"name": "w", "path": "layers", "weight": 1e39})).await,
+            422,
+            "`weight` 1000000000000000000000000000000000000000 is not a finite f32 number",
+        ),
         (s.raw("/v1/adapters", "{\"name\": \"x\"}").await, 422, "missing field `path`"),
     ];
     for ((status, body), want, message) in cases {

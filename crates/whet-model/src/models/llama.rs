@@ -573,6 +573,7 @@ impl Llama {
         if self.named.iter().any(|(n, ..)| n == name) {
             return Err(crate::Error::Lora(format!("two adapters are named `{name}`")));
         }
+        check_weight(name, weight)?;
         let cell = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(weight.to_bits()));
         let id = self.next_id;
         // Read every projection's adapter before attaching any: a failure leaves the model as
@@ -632,8 +633,9 @@ impl Llama {
     /// Set the weight of every named adapter: those in `weights` get theirs, the others 0
     /// (off). An unknown name is an error listing the known ones.
     pub fn set_adapter_weights(&self, weights: &[(&str, f64)]) -> crate::Result<()> {
-        for (name, _) in weights {
+        for (name, w) in weights {
             self.adapter_id(name)?;
+            check_weight(name, *w)?;
         }
         for (n, _, cell) in &self.named {
             let w = weights.iter().find(|(name, _)| name == n).map_or(0.0, |(_, w)| *w);
@@ -817,5 +819,18 @@ mod tests {
         let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 0.02 * scale, "max error {err} vs max logit {scale}");
         assert!(err > 0.0, "quantization changed nothing");
+    }
+}
+
+/// An adapter weight is applied in the model's dtype (f32 at most): one that is not a finite
+/// f32 (`NaN`, `inf`, `1e39`) would turn every output into NaN, so it is refused where it
+/// enters, whichever door it came through (a flag, the API, a chat command).
+fn check_weight(name: &str, weight: f64) -> crate::Result<()> {
+    if (weight as f32).is_finite() {
+        Ok(())
+    } else {
+        Err(crate::Error::Lora(format!(
+            "adapter `{name}`: weight `{weight}` is not a finite f32 number"
+        )))
     }
 }
