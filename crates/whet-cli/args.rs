@@ -347,8 +347,8 @@ pub struct DataArgs {
     #[command(flatten)]
     pub template: TemplateArgs,
     /// Which tokens the loss covers: `all` assistant turns, the `last` one, or `inputs` too.
-    #[arg(long, default_value = "all")]
-    pub train_on: String,
+    #[arg(long, value_enum, default_value_t)]
+    pub train_on: whet_data::TrainOn,
     /// Longest example in tokens.
     #[arg(long, default_value_t = 2048)]
     pub max_seq_len: usize,
@@ -364,18 +364,23 @@ pub struct DataArgs {
 /// and `whet train`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ShapeArgs {
-    /// Record format; detected per file when absent: chat, completion, text, alpaca, sharegpt.
-    #[arg(long)]
-    pub format: Option<String>,
+    /// Record format [default: auto, detected per file from its first record].
+    #[arg(long, value_enum)]
+    pub format: Option<whet_data::FormatChoice>,
     /// Examples over --max-seq-len: `truncate` them or `drop` them [default: truncate].
-    #[arg(long)]
-    pub overlong: Option<String>,
+    #[arg(long, value_enum)]
+    pub overlong: Option<whet_data::Overlong>,
 }
 
 impl ShapeArgs {
+    /// `--format`, or its default.
+    pub fn format(&self) -> whet_data::FormatChoice {
+        self.format.unwrap_or_default()
+    }
+
     /// `--overlong`, or its default.
-    pub fn overlong(&self) -> &str {
-        self.overlong.as_deref().unwrap_or(whet_data::Overlong::DEFAULT.name())
+    pub fn overlong(&self) -> whet_data::Overlong {
+        self.overlong.unwrap_or_default()
     }
 }
 
@@ -730,9 +735,9 @@ pub struct TrainArgs {
     /// Peak learning rate [default: 2e-4].
     #[arg(long)]
     pub learning_rate: Option<f64>,
-    /// constant, linear or cosine [default: cosine].
-    #[arg(long)]
-    pub lr_schedule: Option<String>,
+    /// Learning-rate decay after warmup [default: cosine].
+    #[arg(long, value_enum)]
+    pub lr_schedule: Option<whet_train::config::Schedule>,
     /// Warmup steps [default: 10].
     #[arg(long)]
     pub warmup_steps: Option<usize>,
@@ -769,9 +774,9 @@ pub struct TrainArgs {
     pub shape: ShapeArgs,
     #[command(flatten)]
     pub template: TemplateArgs,
-    /// all, last or inputs [default: all].
-    #[arg(long)]
-    pub train_on: Option<String>,
+    /// Which tokens the loss covers [default: all].
+    #[arg(long, value_enum)]
+    pub train_on: Option<whet_data::TrainOn>,
     /// AdamW weight decay [default: 0].
     #[arg(long)]
     pub weight_decay: Option<f64>,

@@ -65,18 +65,7 @@ pub(crate) struct Settings {
 }
 
 fn settings(a: &DataArgs) -> Result<Settings> {
-    let format = match &a.shape.format {
-        None => None,
-        Some(f) => Some(Format::from_name(f).with_context(|| {
-            format!("unknown --format `{f}`; expected chat, completion, text, alpaca or sharegpt")
-        })?),
-    };
-    let train_on = TrainOn::from_name(&a.train_on).with_context(|| {
-        format!("unknown --train-on `{}`; expected all, last or inputs", a.train_on)
-    })?;
-    let overlong = Overlong::from_name(a.shape.overlong()).with_context(|| {
-        format!("unknown --overlong `{}`; expected truncate or drop", a.shape.overlong())
-    })?;
+    let (format, train_on, overlong) = (a.shape.format().format(), a.train_on, a.shape.overlong());
     anyhow::ensure!(a.max_seq_len > 1, "--max-seq-len must be at least 2, got `{}`", a.max_seq_len);
     anyhow::ensure!(
         (0.0..1.0).contains(&a.valid_fraction),
@@ -301,9 +290,9 @@ fn manifest(
     let settings: BTreeMap<String, String> = [
         ("model", model_spec(&a.data.model)),
         ("format", s.format.map_or("auto".into(), |f| f.name().into())),
-        ("train_on", a.data.train_on.clone()),
+        ("train_on", a.data.train_on.name().to_string()),
         ("max_seq_len", a.data.max_seq_len.to_string()),
-        ("overlong", a.data.shape.overlong().to_string()),
+        ("overlong", a.data.shape.overlong().name().to_string()),
         ("valid_fraction", a.data.valid_fraction.to_string()),
         ("seed", a.data.seed.to_string()),
         ("pack", a.pack.to_string()),
@@ -359,7 +348,7 @@ pub fn bench(a: BenchDataArgs) -> Result<()> {
             model: a.model.clone(),
             shape: Default::default(),
             template: Default::default(),
-            train_on: "all".into(),
+            train_on: whet_data::TrainOn::All,
             max_seq_len: 2048,
             valid_fraction: 0.0,
             seed: 0,

@@ -39,11 +39,11 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
     if a.epochs.is_some() {
         c.epochs = a.epochs;
     }
-    if let Some(f) = &a.shape.format {
-        c.format = f.clone();
+    if let Some(f) = a.shape.format {
+        c.format = f;
     }
-    if let Some(o) = &a.shape.overlong {
-        c.overlong = o.clone();
+    if let Some(o) = a.shape.overlong {
+        c.overlong = o;
     }
     if !a.template.template_var.is_empty() {
         c.template_vars = a.template.template_var.clone();
@@ -83,12 +83,9 @@ pub(crate) fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> 
     let args = DataArgs {
         path: path.to_path_buf(),
         model: Some(c.model.clone()),
-        shape: ShapeArgs {
-            format: (c.format != "auto").then(|| c.format.clone()),
-            overlong: Some(c.overlong.clone()),
-        },
+        shape: ShapeArgs { format: Some(c.format), overlong: Some(c.overlong) },
         template: TemplateArgs { template_var: c.template_vars.clone() },
-        train_on: c.train_on.clone(),
+        train_on: c.train_on,
         max_seq_len: c.max_seq_len,
         valid_fraction: c.valid_fraction,
         seed: c.seed,

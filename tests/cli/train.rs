@@ -382,10 +382,22 @@ fn train_flags_turn_settings_on_and_off() {
     for want in ["format = \"chat\"", "overlong = \"drop\"", "epochs = 2.0", "steps = 6"] {
         assert!(toml.contains(want), "{want} in {toml}");
     }
+    // A value a setting does not have is refused with its possible values, from a flag or a
+    // config file alike.
     let mut args = train_args(&data, &e, "2");
     args.extend(["--overlong", "squash"]);
+    let o = whet(&args, "");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("invalid value 'squash' for '--overlong <OVERLONG>'"), "{err}");
+    assert!(err.contains("[possible values: truncate, drop]"), "{err}");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "overlong = \"squash\"\n").unwrap();
+    let mut args = train_args(&data, &e, "2");
+    args.extend(["--config", file.to_str().unwrap()]);
     let err = assert_one_line_error(&whet(&args, ""));
-    assert!(err.contains("`overlong` = `squash`: expected truncate or drop"), "{err}");
+    assert!(err.contains("bad.toml: unknown variant `squash`, expected `truncate` or `drop`"), "{err}");
+    assert!(!std::path::Path::new(&e).exists());
 }
 
 /// QLoRA: a run over a base kept in q8_0 records it in whet.toml and learns the pattern (the

@@ -20,6 +20,54 @@ pub enum Format {
     ShareGpt,
 }
 
+/// `--format`: detect each file's record layout from its first record, or say it.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum FormatChoice {
+    /// Detected per file.
+    #[default]
+    Auto,
+    /// [`Format::Chat`].
+    Chat,
+    /// [`Format::PromptCompletion`].
+    Completion,
+    /// [`Format::Text`].
+    Text,
+    /// [`Format::Alpaca`].
+    Alpaca,
+    /// [`Format::ShareGpt`].
+    Sharegpt,
+}
+
+impl FormatChoice {
+    /// The format it fixes; `None` for `auto`.
+    pub fn format(self) -> Option<Format> {
+        match self {
+            FormatChoice::Auto => None,
+            FormatChoice::Chat => Some(Format::Chat),
+            FormatChoice::Completion => Some(Format::PromptCompletion),
+            FormatChoice::Text => Some(Format::Text),
+            FormatChoice::Alpaca => Some(Format::Alpaca),
+            FormatChoice::Sharegpt => Some(Format::ShareGpt),
+        }
+    }
+
+    /// The name flags and config files use.
+    pub fn name(self) -> &'static str {
+        self.format().map_or("auto", Format::name)
+    }
+}
+
 impl Format {
     /// The name used on the command line and in messages.
     pub fn name(self) -> &'static str {
@@ -30,13 +78,6 @@ impl Format {
             Format::Alpaca => "alpaca",
             Format::ShareGpt => "sharegpt",
         }
-    }
-
-    /// Parse a `--format` value.
-    pub fn from_name(name: &str) -> Option<Self> {
-        [Format::Chat, Format::PromptCompletion, Format::Text, Format::Alpaca, Format::ShareGpt]
-            .into_iter()
-            .find(|f| f.name() == name)
     }
 
     /// Which layout a record has, from its keys.

@@ -10,6 +10,6 @@ pub mod pack;
 pub mod template;
 pub mod tokenize;
 
-pub use format::{DataErrors, Example, Format, LineError, Record, Role, Turn};
+pub use format::{DataErrors, Example, Format, FormatChoice, LineError, Record, Role, Turn};
 pub use template::{ChatTemplate, Message, TemplateError, CHATML};
 pub use tokenize::{Encoded, Overlong, Renderer, Tokenized, TrainOn};

@@ -11,9 +11,21 @@ use std::ops::Range;
 use tokenizers::Tokenizer;
 
 /// Which tokens the loss covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum TrainOn {
     /// Every assistant turn (not marked `"train": false`).
+    #[default]
     All,
     /// Only the last assistant turn.
     Last,
@@ -22,41 +34,44 @@ pub enum TrainOn {
 }
 
 impl TrainOn {
-    /// Parse `--train-on`.
-    pub fn from_name(name: &str) -> Option<Self> {
-        match name {
-            "all" => Some(TrainOn::All),
-            "last" => Some(TrainOn::Last),
-            "inputs" => Some(TrainOn::Inputs),
-            _ => None,
+    /// The name flags and config files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainOn::All => "all",
+            TrainOn::Last => "last",
+            TrainOn::Inputs => "inputs",
         }
     }
 }
 
 /// What to do with examples longer than `max_seq_len`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Overlong {
     /// Keep the first `max_seq_len` tokens (dropped if no trained token is left).
+    #[default]
     Truncate,
     /// Leave the example out.
     Drop,
 }
 
 impl Overlong {
-    /// What `--overlong` means when it is not given.
-    pub const DEFAULT: Overlong = Overlong::Truncate;
-
     /// The name flags and config files use.
     pub fn name(self) -> &'static str {
         match self {
             Overlong::Truncate => "truncate",
             Overlong::Drop => "drop",
         }
-    }
-
-    /// Parse [`Overlong::name`].
-    pub fn from_name(name: &str) -> Option<Self> {
-        [Overlong::Truncate, Overlong::Drop].into_iter().find(|o| o.name() == name)
     }
 }
 

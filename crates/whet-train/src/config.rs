@@ -35,8 +35,8 @@ pub struct TrainConfig {
     pub use_rslora: bool,
     /// Peak learning rate.
     pub learning_rate: f64,
-    /// `constant`, `linear` or `cosine` decay after warmup.
-    pub lr_schedule: String,
+    /// The decay after warmup.
+    pub lr_schedule: Schedule,
     /// Linear warmup steps.
     pub warmup_steps: usize,
     /// Optimizer steps; 0 with `epochs` set means "as many as `epochs` takes", resolved by
@@ -56,13 +56,12 @@ pub struct TrainConfig {
     pub pack: bool,
     /// Recompute each block in the backward pass instead of keeping its activations.
     pub grad_checkpoint: bool,
-    /// Which tokens are trained: all, last, inputs.
-    pub train_on: String,
-    /// Record format of the data files: `auto` (detected per file), chat, completion, text,
-    /// alpaca, sharegpt.
-    pub format: String,
-    /// Examples over `max_seq_len`: truncate or drop.
-    pub overlong: String,
+    /// Which tokens are trained.
+    pub train_on: whet_data::TrainOn,
+    /// Record format of the data files (`auto`: detected per file).
+    pub format: whet_data::FormatChoice,
+    /// Examples over `max_seq_len`.
+    pub overlong: whet_data::Overlong,
     /// Chat-template variables, `NAME=VALUE` (`--template-var`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub template_vars: Vec<String>,
@@ -102,7 +101,7 @@ impl Default for TrainConfig {
             target_modules: "q_proj,v_proj".into(),
             use_rslora: false,
             learning_rate: 2e-4,
-            lr_schedule: "cosine".into(),
+            lr_schedule: Schedule::Cosine,
             warmup_steps: 10,
             steps: 200,
             epochs: None,
@@ -111,9 +110,9 @@ impl Default for TrainConfig {
             max_seq_len: 512,
             pack: false,
             grad_checkpoint: false,
-            train_on: "all".into(),
-            format: "auto".into(),
-            overlong: whet_data::Overlong::DEFAULT.name().into(),
+            train_on: whet_data::TrainOn::All,
+            format: whet_data::FormatChoice::Auto,
+            overlong: whet_data::Overlong::Truncate,
             template_vars: vec![],
             valid_fraction: 0.1,
             weight_decay: 0.0,
@@ -130,7 +129,8 @@ impl Default for TrainConfig {
 }
 
 /// The learning-rate schedule after warmup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     /// Flat.
     Constant,
@@ -197,14 +197,7 @@ impl TrainConfig {
             self.use_rslora,
         )
         .map_err(|e| ConfigError(e.to_string()))?;
-        let schedule = match self.lr_schedule.as_str() {
-            "constant" => Schedule::Constant,
-            "linear" => Schedule::Linear,
-            "cosine" => Schedule::Cosine,
-            other => {
-                return bad("lr_schedule", other.into(), "expected constant, linear or cosine")
-            }
-        };
+        let schedule = self.lr_schedule;
         if !(self.learning_rate > 0.0 && self.learning_rate < 1.0) {
             return bad("learning_rate", self.learning_rate.to_string(), "must be in (0, 1)");
         }
@@ -240,19 +233,6 @@ impl TrainConfig {
                 format!("{}/{}/{}", self.eps, self.weight_decay, self.max_grad_norm),
                 "eps must be positive, the others non-negative",
             );
-        }
-        if self.format != "auto" && whet_data::Format::from_name(&self.format).is_none() {
-            return bad(
-                "format",
-                self.format.clone(),
-                "expected auto, chat, completion, text, alpaca or sharegpt",
-            );
-        }
-        if whet_data::Overlong::from_name(&self.overlong).is_none() {
-            return bad("overlong", self.overlong.clone(), "expected truncate or drop");
-        }
-        if whet_data::TrainOn::from_name(&self.train_on).is_none() {
-            return bad("train_on", self.train_on.clone(), "expected all, last or inputs");
         }
         Ok((lora, schedule))
     }
@@ -309,10 +289,12 @@ mod tests {
 
     #[test]
     fn validation_names_the_field_and_value() {
-        let c = TrainConfig { data: "d".into(), lr_schedule: "step".into(), ..Default::default() };
-        assert_eq!(
-            c.validate().unwrap_err().to_string(),
-            "`lr_schedule` = `step`: expected constant, linear or cosine"
+        // A value that is not one of a setting's names is refused where the file is read.
+        let e = toml::from_str::<TrainConfig>("data = \"d\"\nlr_schedule = \"step\"").unwrap_err();
+        assert!(
+            e.message()
+                .contains("unknown variant `step`, expected one of `constant`, `linear`, `cosine`"),
+            "{e}"
         );
         let c = TrainConfig {
             data: "d".into(),

@@ -33,7 +33,7 @@ fn cfg(steps: usize) -> TrainConfig {
         lora_alpha: 16.0,
         target_modules: "all-linear".into(),
         learning_rate: 1e-2,
-        lr_schedule: "constant".into(),
+        lr_schedule: whet_train::config::Schedule::Constant,
         warmup_steps: 0,
         steps,
         batch_size: 4,
@@ -118,7 +118,7 @@ fn resumed_run_equals_an_uninterrupted_one_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = cfg(8);
     c.grad_accum = 2;
-    c.lr_schedule = "cosine".into();
+    c.lr_schedule = whet_train::config::Schedule::Cosine;
     c.warmup_steps = 2;
     c.lora_dropout = 0.1;
     c.eval_every = 2;
