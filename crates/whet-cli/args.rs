@@ -384,16 +384,6 @@ impl ShapeArgs {
     }
 }
 
-/// A boolean setting that a config file may have turned on: `--NAME` sets it, `--no-NAME`
-/// clears it, neither keeps the file's value.
-fn on_off(on: bool, off: bool) -> Option<bool> {
-    match (on, off) {
-        (true, _) => Some(true),
-        (_, true) => Some(false),
-        _ => None,
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct PreviewArgs {
     #[command(flatten)]
@@ -680,15 +670,13 @@ pub struct BenchGenerateArgs {
     pub runs: usize,
 }
 
-/// `whet train`. Unset flags keep the config file's value (or the default shown).
+/// `whet train`: every setting of [`whet_train::TrainConfig`] as a flag (defined there once,
+/// with its default), and what only the command line says. Flags a user gives win over the
+/// config file, and the file over the defaults.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Base model [default: models/SmolLM2-135M-Instruct.Q4_1.gguf].
-    #[arg(short, long, env = "WHET_MODEL")]
-    pub model: Option<String>,
-    /// Dataset (file, directory, or `whet data prepare` output).
-    #[arg(long)]
-    pub data: Option<String>,
+    #[command(flatten)]
+    pub settings: whet_train::TrainConfig,
     /// Run directory: whet.toml, metrics.jsonl, loss.svg, checkpoint/, best/, adapter/.
     #[arg(long)]
     pub out: std::path::PathBuf,
@@ -701,115 +689,15 @@ pub struct TrainArgs {
     /// Replace a previous run in --out.
     #[arg(long)]
     pub overwrite: bool,
-    /// Base weight dtype: f32, f16, bf16 [default: f32].
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Device: auto, cpu, cuda, cuda:N, metal [default: auto].
-    #[arg(long)]
-    pub device: Option<String>,
     /// Data-parallel training over MPI even with one rank (a launch of several ranks by
     /// `mpirun` or `srun` is detected without it); needs a whet built with `--features mpi`.
     #[arg(long)]
     pub distributed: bool,
-    /// QLoRA: keep the frozen base block-quantized while training, `q8_0` (a quarter of f32's
-    /// memory, near-lossless) or `q4_0` (an eighth) [default: the base stays in --dtype].
-    #[arg(long)]
-    pub quantize_base: Option<String>,
-    /// LoRA rank [default: 8].
-    #[arg(long)]
-    pub rank: Option<usize>,
-    /// LoRA alpha; the update is scaled by alpha/rank [default: 16].
-    #[arg(long)]
-    pub alpha: Option<f64>,
-    /// LoRA dropout [default: 0].
-    #[arg(long)]
-    pub dropout: Option<f64>,
-    /// Wrapped modules: comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, or all-linear [default: q_proj,v_proj].
-    #[arg(long)]
-    pub targets: Option<String>,
-    /// rsLoRA scaling, alpha/sqrt(rank); --no-rslora turns it off.
-    #[arg(long, overrides_with = "no_rslora")]
-    pub rslora: bool,
-    #[arg(long, hide = true, overrides_with = "rslora")]
+    // The `--no-` halves of the boolean settings a config file may have turned on.
+    #[arg(long, hide = true, overrides_with = "use_rslora")]
     pub no_rslora: bool,
-    /// Peak learning rate [default: 2e-4].
-    #[arg(long)]
-    pub learning_rate: Option<f64>,
-    /// Learning-rate decay after warmup [default: cosine].
-    #[arg(long, value_enum)]
-    pub lr_schedule: Option<whet_train::config::Schedule>,
-    /// Warmup steps [default: 10].
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
-    /// Optimizer steps [default: 200, or as many as --epochs takes].
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Passes over the training data; sets the steps from the data size, batch size and
-    /// accumulation (fractions allowed). --steps wins when both are given.
-    #[arg(long)]
-    pub epochs: Option<f64>,
-    /// Examples per micro-batch [default: 4].
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per step [default: 1].
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Longest example in tokens [default: 512].
-    #[arg(long)]
-    pub max_seq_len: Option<usize>,
-    /// Pack several examples per row (the default when --data was prepared with --pack);
-    /// --no-pack turns it off.
-    #[arg(long, overrides_with = "no_pack")]
-    pub pack: bool,
     #[arg(long, hide = true, overrides_with = "pack")]
     pub no_pack: bool,
-    /// Gradient checkpointing: keep only each layer's input and recompute the layer in the
-    /// backward pass (about a third more compute for most of the activation memory);
-    /// --no-grad-checkpoint turns it off.
-    #[arg(long, overrides_with = "no_grad_checkpoint")]
-    pub grad_checkpoint: bool,
     #[arg(long, hide = true, overrides_with = "grad_checkpoint")]
     pub no_grad_checkpoint: bool,
-    #[command(flatten)]
-    pub shape: ShapeArgs,
-    #[command(flatten)]
-    pub template: TemplateArgs,
-    /// Which tokens the loss covers [default: all].
-    #[arg(long, value_enum)]
-    pub train_on: Option<whet_data::TrainOn>,
-    /// AdamW weight decay [default: 0].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Clip the global gradient norm (0 = off) [default: 1].
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    /// Validate every N steps [default: 50].
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    /// Checkpoint every N steps [default: 100].
-    #[arg(long)]
-    pub save_every: Option<usize>,
-    /// Early-stopping patience in evaluations (0 = off) [default: 0].
-    #[arg(long)]
-    pub patience: Option<usize>,
-    /// Seed [default: 0].
-    #[arg(long)]
-    pub seed: Option<u64>,
-}
-
-impl TrainArgs {
-    /// `--pack` / `--no-pack`.
-    pub fn pack(&self) -> Option<bool> {
-        on_off(self.pack, self.no_pack)
-    }
-
-    /// `--grad-checkpoint` / `--no-grad-checkpoint`.
-    pub fn grad_checkpoint(&self) -> Option<bool> {
-        on_off(self.grad_checkpoint, self.no_grad_checkpoint)
-    }
-
-    /// `--rslora` / `--no-rslora`.
-    pub fn rslora(&self) -> Option<bool> {
-        on_off(self.rslora, self.no_rslora)
-    }
 }

@@ -15,7 +15,7 @@ mod serve;
 mod tokenize;
 mod train;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use std::io::Write;
 
 // Training allocates and frees tensors of tens of megabytes every step; glibc's malloc returns
@@ -76,7 +76,24 @@ fn training_threads() {
 
 fn main() {
     keep_freed_memory();
-    let cli = args::Cli::parse();
+    let matches = args::Cli::command().get_matches();
+    let cli = args::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // The settings a user typed (or set in the environment) win over a config file's.
+    let given: Vec<String> = matches
+        .subcommand_matches("train")
+        .map(|m| {
+            m.ids()
+                .filter(|id| {
+                    matches!(
+                        m.value_source(id.as_str()),
+                        Some(clap::parser::ValueSource::CommandLine)
+                            | Some(clap::parser::ValueSource::EnvVariable)
+                    )
+                })
+                .map(|id| id.as_str().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
     if matches!(
         cli.command,
         args::Command::Train(_) | args::Command::Bench(args::BenchCommand::Train(_))
@@ -108,7 +125,7 @@ fn main() {
         args::Command::Merge(a) => adapter::merge(a),
         args::Command::Adapter(args::AdapterCommand::Convert(a)) => adapter::convert(a),
         args::Command::Adapter(args::AdapterCommand::Check(a)) => adapter::check(a),
-        args::Command::Train(a) => train::run(a),
+        args::Command::Train(a) => train::run(a, &given),
         args::Command::Serve(a) => serve::run(a),
         args::Command::Eval(a) => eval::eval(a),
         args::Command::Compare(a) => eval::compare(a),

@@ -11,9 +11,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use whet_train::{Event, TrainConfig, TrainData, World};
 
-/// The settings: the resumed run's, or --config's, or the defaults; then the flags.
-fn config(a: &TrainArgs) -> Result<TrainConfig> {
-    let (mut c, file_sets_steps) = if a.resume {
+/// The settings: the resumed run's, or --config's, or the defaults; then the flags the user
+/// gave (`given`: their ids, the settings' field names).
+fn config(a: &TrainArgs, given: &[String]) -> Result<TrainConfig> {
+    let (base, file_sets_steps) = if a.resume {
         let saved = a.out.join("whet.toml");
         if !saved.exists() {
             bail!("cannot resume {}: no whet.toml there", a.out.display());
@@ -24,42 +25,19 @@ fn config(a: &TrainArgs) -> Result<TrainConfig> {
     } else {
         (TrainConfig::default(), false)
     };
-    macro_rules! set {
-        ($($flag:ident => $field:ident),* $(,)?) => { $( if let Some(v) = a.$flag.clone() { c.$field = v; } )* };
-    }
-    if a.quantize_base.is_some() {
-        c.quantize_base = a.quantize_base.clone();
-    }
-    set!(model => model, data => data, dtype => dtype, device => device, rank => r, alpha => lora_alpha,
-         dropout => lora_dropout, targets => target_modules, learning_rate => learning_rate,
-         lr_schedule => lr_schedule, warmup_steps => warmup_steps, steps => steps,
-         batch_size => batch_size, grad_accum => grad_accum, max_seq_len => max_seq_len,
-         train_on => train_on, weight_decay => weight_decay, max_grad_norm => max_grad_norm,
-         eval_every => eval_every, save_every => save_every, patience => patience, seed => seed);
-    if a.epochs.is_some() {
-        c.epochs = a.epochs;
-    }
-    if let Some(f) = a.shape.format {
-        c.format = f;
-    }
-    if let Some(o) = a.shape.overlong {
-        c.overlong = o;
-    }
-    if !a.template.template_var.is_empty() {
-        c.template_vars = a.template.template_var.clone();
-    }
-    if let Some(v) = a.rslora() {
-        c.use_rslora = v;
-    }
-    if let Some(v) = a.pack() {
-        c.pack = v;
-    }
-    if let Some(v) = a.grad_checkpoint() {
-        c.grad_checkpoint = v;
+    let mut c = base.with_flags(&a.settings, given)?;
+    for (off, setting) in [
+        (a.no_rslora, &mut c.use_rslora),
+        (a.no_pack, &mut c.pack),
+        (a.no_grad_checkpoint, &mut c.grad_checkpoint),
+    ] {
+        if off {
+            *setting = false;
+        }
     }
     // --epochs sets the steps unless they are given too (then --steps wins); the count needs
     // the data, so it is resolved once the data is loaded.
-    if c.epochs.is_some() && a.steps.is_none() && !file_sets_steps {
+    if c.epochs.is_some() && !given.iter().any(|g| g == "steps") && !file_sets_steps {
         c.steps = 0;
     }
     Ok(c)
@@ -163,8 +141,8 @@ pub fn train_quietly(mut c: TrainConfig, out: &Path) -> Result<std::path::PathBu
     Ok(out.join("adapter"))
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
-    let mut c = config(&a)?;
+pub fn run(a: TrainArgs, given: &[String]) -> Result<()> {
+    let mut c = config(&a, given)?;
     c.validate()?;
     let mut world = World::from_launch(a.distributed)?;
     let root = world.is_root();
@@ -185,7 +163,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let (mut m, data, device) = model_and_data(&c, &world)?;
     world.attach_device(&device)?;
-    if a.pack().is_none() && prepared_with_pack(Path::new(&c.data)) && !c.pack {
+    let pack_given = a.no_pack || given.iter().any(|g| g == "pack");
+    if !pack_given && prepared_with_pack(Path::new(&c.data)) && !c.pack {
         tracing::warn!(
             "packing examples: {} was prepared with --pack (--no-pack turns it off)",
             c.data

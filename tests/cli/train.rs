@@ -396,7 +396,10 @@ fn train_flags_turn_settings_on_and_off() {
     let mut args = train_args(&data, &e, "2");
     args.extend(["--config", file.to_str().unwrap()]);
     let err = assert_one_line_error(&whet(&args, ""));
-    assert!(err.contains("bad.toml: unknown variant `squash`, expected `truncate` or `drop`"), "{err}");
+    assert!(
+        err.contains("bad.toml: unknown variant `squash`, expected `truncate` or `drop`"),
+        "{err}"
+    );
     assert!(!std::path::Path::new(&e).exists());
 }
 

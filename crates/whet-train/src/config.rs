@@ -6,85 +6,134 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use whet_model::lora::LoraConfig;
 
-/// Everything that shapes a run. Written to `RUN_DIR/whet.toml` before the first step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Everything that shapes a run, each setting defined once: its name here is its key in
+/// `train.toml` and `RUN_DIR/whet.toml` (PEFT's names for the adapter), its flag of
+/// `whet train` (the `long` name where it differs), and its default is
+/// [`TrainConfig::default`]'s, which `--help` shows. Written to `RUN_DIR/whet.toml` before the
+/// first step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// Base model (`--model` forms).
+    /// Base model (a GGUF file, a Hugging Face directory, a hub id or `random:NAME`).
+    #[arg(short, long, env = "WHET_MODEL", default_value_t = defaults().model)]
     pub model: String,
-    /// Dataset file or directory, or a `whet data prepare` output directory.
+    /// Dataset (file, directory, or `whet data prepare` output).
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub data: String,
-    /// Base weight dtype.
+    /// Base weight dtype: f32, f16, bf16.
+    #[arg(long, default_value_t = defaults().dtype)]
     pub dtype: String,
-    /// Device.
+    /// Device: auto, cpu, cuda, cuda:N, metal.
+    #[arg(long, default_value_t = defaults().device)]
     pub device: String,
-    /// Keep the frozen base's linear layers block-quantized (`q8_0`, `q4_0`) while training,
-    /// QLoRA-style: the base weighs about a quarter (q8_0) or an eighth (q4_0) of f32, at the
-    /// cost of quantization noise in the frozen weights. None: the base stays in `dtype`.
+    /// QLoRA: keep the frozen base block-quantized while training, `q8_0` (a quarter of f32's
+    /// memory, near-lossless) or `q4_0` (an eighth), at the cost of quantization noise in the
+    /// frozen weights [default: the base stays in --dtype].
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "TYPE")]
     pub quantize_base: Option<String>,
     /// LoRA rank.
+    #[arg(long = "rank", value_name = "RANK", default_value_t = defaults().r)]
     pub r: usize,
-    /// LoRA alpha.
+    /// LoRA alpha; the update is scaled by alpha/rank.
+    #[arg(long = "alpha", value_name = "ALPHA", default_value_t = defaults().lora_alpha)]
     pub lora_alpha: f64,
     /// LoRA dropout.
+    #[arg(long = "dropout", value_name = "P", default_value_t = defaults().lora_dropout)]
     pub lora_dropout: f64,
-    /// Wrapped modules, comma-separated, or `all-linear`.
+    /// Wrapped modules: comma list of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,
+    /// or all-linear.
+    #[arg(long = "targets", value_name = "MODULES", default_value_t = defaults().target_modules)]
     pub target_modules: String,
-    /// rsLoRA scaling.
+    /// rsLoRA scaling, alpha/sqrt(rank); --no-rslora turns it off.
+    #[arg(long = "rslora")]
     pub use_rslora: bool,
     /// Peak learning rate.
+    #[arg(long, default_value_t = defaults().learning_rate)]
     pub learning_rate: f64,
-    /// The decay after warmup.
+    /// Learning-rate decay after warmup.
+    #[arg(long, value_enum, default_value_t = defaults().lr_schedule)]
     pub lr_schedule: Schedule,
     /// Linear warmup steps.
+    #[arg(long, default_value_t = defaults().warmup_steps)]
     pub warmup_steps: usize,
-    /// Optimizer steps; 0 with `epochs` set means "as many as `epochs` takes", resolved by
+    /// Optimizer steps (or as many as --epochs takes, when only that is given); 0 with
+    /// `epochs` set means "as many as `epochs` takes", resolved by
     /// [`TrainConfig::resolve_steps`] before the run starts.
+    #[arg(long, default_value_t = defaults().steps)]
     pub steps: usize,
-    /// Passes over the training data (fractions allowed); sets `steps` when `steps` is not
-    /// given.
+    /// Passes over the training data (fractions allowed): sets the steps from the data size,
+    /// batch size and accumulation. --steps wins when both are given.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long)]
     pub epochs: Option<f64>,
     /// Examples (or packed rows) per micro-batch.
+    #[arg(long, default_value_t = defaults().batch_size)]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = defaults().grad_accum)]
     pub grad_accum: usize,
-    /// Longest sequence in tokens.
+    /// Longest example in tokens.
+    #[arg(long, default_value_t = defaults().max_seq_len)]
     pub max_seq_len: usize,
-    /// Pack several examples per row.
+    /// Pack several examples per row (the default when --data was prepared with --pack);
+    /// --no-pack turns it off.
+    #[arg(long)]
     pub pack: bool,
-    /// Recompute each block in the backward pass instead of keeping its activations.
+    /// Gradient checkpointing: keep only each layer's input and recompute the layer in the
+    /// backward pass (about a third more compute for most of the activation memory);
+    /// --no-grad-checkpoint turns it off.
+    #[arg(long)]
     pub grad_checkpoint: bool,
-    /// Which tokens are trained.
+    /// Which tokens the loss covers.
+    #[arg(long, value_enum, default_value_t = defaults().train_on)]
     pub train_on: whet_data::TrainOn,
-    /// Record format of the data files (`auto`: detected per file).
+    /// Record format of the data files (`auto`: detected per file from its first record).
+    #[arg(long, value_enum, default_value_t = defaults().format)]
     pub format: whet_data::FormatChoice,
-    /// Examples over `max_seq_len`.
+    /// Examples over --max-seq-len: `truncate` them or `drop` them.
+    #[arg(long, value_enum, default_value_t = defaults().overlong)]
     pub overlong: whet_data::Overlong,
-    /// Chat-template variables, `NAME=VALUE` (`--template-var`).
+    /// Set a chat-template variable, as transformers' `apply_chat_template(NAME=VALUE)` does
+    /// (repeatable; the value is JSON when it parses as JSON, else a string).
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[arg(long = "template-var", value_name = "NAME=VALUE")]
     pub template_vars: Vec<String>,
     /// Share of train held out when there is no validation file.
+    #[arg(long, default_value_t = defaults().valid_fraction)]
     pub valid_fraction: f64,
     /// AdamW weight decay (decoupled).
+    #[arg(long, default_value_t = defaults().weight_decay)]
     pub weight_decay: f64,
     /// AdamW beta1.
+    #[arg(long = "adam-beta1", default_value_t = defaults().beta1)]
     pub beta1: f64,
     /// AdamW beta2.
+    #[arg(long = "adam-beta2", default_value_t = defaults().beta2)]
     pub beta2: f64,
     /// AdamW epsilon.
+    #[arg(long = "adam-eps", default_value_t = defaults().eps)]
     pub eps: f64,
     /// Clip the global gradient norm to this (0 = off).
+    #[arg(long, default_value_t = defaults().max_grad_norm)]
     pub max_grad_norm: f64,
     /// Validate every this many steps (0 = only at the end).
+    #[arg(long, default_value_t = defaults().eval_every)]
     pub eval_every: usize,
     /// Checkpoint every this many steps (0 = only at the end).
+    #[arg(long, default_value_t = defaults().save_every)]
     pub save_every: usize,
     /// Stop after this many evaluations without a better validation loss (0 = never).
+    #[arg(long, default_value_t = defaults().patience)]
     pub patience: usize,
     /// Seed of adapter initialisation, data order and dropout.
+    #[arg(long, default_value_t = defaults().seed)]
     pub seed: u64,
+}
+
+/// The one place every default is written.
+fn defaults() -> TrainConfig {
+    TrainConfig::default()
 }
 
 impl Default for TrainConfig {
@@ -237,6 +286,22 @@ impl TrainConfig {
         Ok((lora, schedule))
     }
 
+    /// `self` with the settings named in `given` (field names, as clap's argument ids are)
+    /// taken from `flags`: the flags a user typed win over a config file, and the file over
+    /// the defaults.
+    pub fn with_flags(&self, flags: &TrainConfig, given: &[String]) -> Result<Self, ConfigError> {
+        let bad = |e: String| ConfigError(format!("internal error merging flags: {e}"));
+        let mut merged = toml::Table::try_from(self).map_err(|e| bad(e.to_string()))?;
+        let typed = toml::Table::try_from(flags).map_err(|e| bad(e.to_string()))?;
+        for id in given {
+            match typed.get(id) {
+                Some(v) => drop(merged.insert(id.clone(), v.clone())),
+                None => drop(merged.remove(id)),
+            }
+        }
+        merged.try_into().map_err(|e: toml::de::Error| bad(e.to_string()))
+    }
+
     /// The first field in which `self` and `other` differ, with both values.
     pub fn first_difference(&self, other: &TrainConfig) -> Option<(String, String, String)> {
         let a = toml::Table::try_from(self).ok()?;
@@ -285,6 +350,32 @@ mod tests {
         assert!((lr(Schedule::Linear, 60) - 0.5).abs() < 1e-12);
         assert_eq!(lr(Schedule::Constant, 100), 1.0);
         assert!(lr(Schedule::Cosine, 109) < 0.01);
+    }
+
+    /// Flags given win over the file, the file over the defaults, and a flag left at its
+    /// default does not undo the file.
+    #[test]
+    fn given_flags_win_over_the_file_and_others_keep_it() {
+        use clap::{Args, FromArgMatches};
+        let file: TrainConfig =
+            toml::from_str("data = \"d\"\nr = 4\nlearning_rate = 0.001\npack = true\nepochs = 2.0")
+                .unwrap();
+        let cmd = TrainConfig::augment_args(clap::Command::new("t"));
+        let m = cmd.try_get_matches_from(["t", "--rank", "16", "--lr-schedule", "linear"]).unwrap();
+        let flags = TrainConfig::from_arg_matches(&m).unwrap();
+        let given: Vec<String> = m
+            .ids()
+            .filter(|id| {
+                m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+            })
+            .map(|id| id.to_string())
+            .collect();
+        // clap also names the struct's own group; ids that are no setting change nothing.
+        assert!(given.contains(&"r".to_string()) && given.contains(&"lr_schedule".to_string()));
+        let c = file.with_flags(&flags, &given).unwrap();
+        assert_eq!((c.r, c.lr_schedule), (16, Schedule::Linear));
+        assert_eq!((c.learning_rate, c.pack, c.epochs), (0.001, true, Some(2.0)));
+        assert_eq!(c.batch_size, TrainConfig::default().batch_size);
     }
 
     #[test]
