@@ -121,9 +121,8 @@ pub fn convert(a: AdapterConvertArgs) -> Result<()> {
 
 pub fn check(a: AdapterCheckArgs) -> Result<()> {
     use whet_model::adapter::Finding;
-    let findings = whet_model::adapter::check_for(&a.dir, &a.runtime)?;
-    let source =
-        whet_model::adapter::RUNTIMES.iter().find(|(n, _)| *n == a.runtime).map_or("", |(_, s)| s);
+    let findings = whet_model::adapter::check_for(&a.dir, a.runtime)?;
+    let source = a.runtime.rules();
     let mut out = std::io::stdout().lock();
     if findings.is_empty() {
         writeln!(out, "{}: {} runs it as PEFT does (rules: {source})", a.dir.display(), a.runtime)?;

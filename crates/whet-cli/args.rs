@@ -277,9 +277,9 @@ pub enum AdapterCommand {
 pub struct AdapterCheckArgs {
     /// The adapter directory.
     pub dir: std::path::PathBuf,
-    /// The runtime: whet, peft, vllm or llama.cpp.
-    #[arg(long = "for")]
-    pub runtime: String,
+    /// The runtime.
+    #[arg(long = "for", value_enum)]
+    pub runtime: whet_model::adapter::Runtime,
 }
 
 #[derive(Debug, Args)]
