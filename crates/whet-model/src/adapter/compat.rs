@@ -1,6 +1,6 @@
 //! What other runtimes would refuse, or compute differently from PEFT, for an adapter.
 
-use super::{is_set, read_tensors, read_text, Error, PeftAdapter, Result};
+use super::{is_set, read_tensors, PeftAdapter, Result};
 use std::path::Path;
 
 /// What another runtime does with an adapter, for `whet adapter check`.
@@ -61,9 +61,7 @@ impl std::fmt::Display for Runtime {
 /// What `runtime` will refuse or silently compute differently for the adapter in `dir`; an
 /// empty list when it runs it as PEFT does.
 pub fn check_for(dir: &Path, runtime: Runtime) -> Result<Vec<Finding>> {
-    let path = dir.join("adapter_config.json");
-    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&read_text(&path)?)
-        .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
+    let (_, v) = super::config::read_fields(dir)?;
     let set = |k: &str| v.get(k).is_some_and(|value| is_set(k, value));
     let mut out = vec![];
     // Every runtime reads the tensors: a truncated or non-finite file runs nowhere.

@@ -179,15 +179,23 @@ const UNDERSTOOD: [&str; 26] = [
     "ensure_weight_tying",
 ];
 
+/// `DIR/adapter_config.json`'s path and fields, as every reader of it starts: whet's own
+/// ([`PeftAdapter::read`]) and the checks of what other runtimes would do.
+pub(super) fn read_fields(
+    dir: &Path,
+) -> Result<(std::path::PathBuf, serde_json::Map<String, serde_json::Value>)> {
+    let path = dir.join("adapter_config.json");
+    let fields = serde_json::from_str(&read_text(&path)?)
+        .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
+    Ok((path, fields))
+}
+
 impl PeftAdapter {
     /// Read `DIR/adapter_config.json`. A field that would change the computation and that
     /// whet does not implement is an error naming it; fields whet does not know are listed in
     /// a warning.
     pub fn read(dir: &Path) -> Result<Self> {
-        let path = dir.join("adapter_config.json");
-        let text = read_text(&path)?;
-        let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
+        let (path, v) = read_fields(dir)?;
         let bad = |msg: String| Error::config(&path, msg);
         let null = serde_json::Value::Null;
         let get = |k: &str| v.get(k).unwrap_or(&null);
