@@ -72,6 +72,16 @@ pub enum Command {
     /// adapter by NAME; requests on different adapters decode in the same batch. The
     /// playground page is at http://HOST:PORT/.
     Serve(ServeArgs),
+    /// Label unlabelled inputs with a prompted teacher model, as a chat dataset a small
+    /// student can be trained on (`whet train --data OUT`).
+    ///
+    /// Example: whet distill --teacher models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --inputs reviews.txt --system-prompt-file prompt.txt --labels positive,negative --out data/distilled
+    ///
+    /// The student's data holds the bare inputs and the teacher's answers: the teacher's
+    /// system prompt and shots are not copied into it. Answers are kept beside --out as they
+    /// come, so a stopped run continues where it stopped, and a run with the same teacher
+    /// settings asks the teacher nothing again.
+    Distill(DistillArgs),
     /// Benchmarks (speed goals live here, not in tests).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -700,4 +710,59 @@ pub struct TrainArgs {
     pub no_pack: bool,
     #[arg(long, hide = true, overrides_with = "grad_checkpoint")]
     pub no_grad_checkpoint: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DistillArgs {
+    /// The teacher: any model whet loads (GGUF file, Hugging Face directory, hub id,
+    /// `random:NAME`).
+    #[arg(long)]
+    pub teacher: String,
+    /// Keep the teacher's dense weights block-quantized for decoding: `q8_0` or `q4_0`.
+    #[arg(long, value_name = "TYPE")]
+    pub teacher_quantize: Option<String>,
+    /// The unlabelled inputs: JSONL with `messages` or a text field (text, input, prompt,
+    /// question, instruction; answers in the record are ignored), or a text file with one
+    /// input per line.
+    #[arg(long)]
+    pub inputs: std::path::PathBuf,
+    /// Where to write train.jsonl, valid.jsonl, test.jsonl, answers.jsonl and distill.json.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// The teacher's system prompt (the student never sees it).
+    #[arg(long)]
+    pub system_prompt_file: Option<std::path::PathBuf>,
+    /// Worked examples shown to the teacher before each input, drawn from --shots-from
+    /// (stratified by label with --labels).
+    #[arg(long, default_value_t = 0, requires = "shots_from")]
+    pub shots: usize,
+    /// A chat dataset with answers (the format `whet data` reads) to draw --shots from.
+    #[arg(long)]
+    pub shots_from: Option<std::path::PathBuf>,
+    /// Ask the teacher this many times per input (with --temperature above 0) and keep the
+    /// majority answer; its share is the input's agreement.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Drop inputs whose majority answer has less than this share of the samples.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_agreement: f64,
+    /// The answers allowed, comma-separated: others are dropped (and counted); case, quotes
+    /// and a final full stop do not matter.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Label only the first N inputs.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Train, validation and test shares of the kept inputs.
+    #[arg(long, default_value = "0.8,0.1,0.1")]
+    pub split: String,
+    /// Most sequences the teacher decodes at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// The teacher's decoding (greedy by default; --max-tokens caps an answer).
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Replace a previous `whet distill` output at --out.
+    #[arg(long)]
+    pub overwrite: bool,
 }

@@ -6,6 +6,7 @@ mod batch;
 mod bench;
 mod chat;
 mod data;
+mod distill;
 mod eval;
 mod generate;
 mod info;
@@ -127,6 +128,7 @@ fn main() {
         args::Command::Adapter(args::AdapterCommand::Check(a)) => adapter::check(a),
         args::Command::Train(a) => train::run(a, &given),
         args::Command::Serve(a) => serve::run(a),
+        args::Command::Distill(a) => distill::run(a),
         args::Command::Eval(a) => eval::eval(a),
         args::Command::Compare(a) => eval::compare(a),
         args::Command::Data(args::DataCommand::Check(a)) => data::check(a),

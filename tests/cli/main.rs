@@ -3,6 +3,7 @@
 mod bad_input;
 mod commands;
 mod data;
+mod distill;
 mod eval;
 mod llama_cpp;
 mod mpi;

@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod dataset;
+pub mod distill;
 pub mod format;
 pub mod pack;
 pub mod template;

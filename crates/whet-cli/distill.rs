@@ -1,0 +1,420 @@
+//! `whet distill`: a prompted teacher answers unlabelled inputs; the answers, voted on and
+//! filtered, become a chat dataset for a small student.
+//!
+//! Every check runs before the teacher loads. The teacher's answers are appended, one line
+//! per input, to a cache beside `--out` named after the settings that shape them (teacher,
+//! prompt, shots, sampling), so a stopped run continues where it stopped and a run with the
+//! same settings asks the teacher nothing again; the filters (labels, agreement, split) are
+//! applied afterwards and may change freely.
+
+use crate::args::DistillArgs;
+use crate::output::{Output, Shape};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use whet_data::distill::{self, Dropped, Input};
+use whet_infer::{chat_template, generate_forks, EngineConfig, GenerateConfig, Message};
+
+/// The teacher's raw answers to one input, as the cache keeps them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Answers {
+    id: String,
+    answers: Vec<String>,
+    /// OpenAI's finish reasons: `stop`, or `length` for an answer cut at --max-tokens.
+    finish: Vec<String>,
+}
+
+pub fn run(a: DistillArgs) -> Result<()> {
+    // Everything is checked before the teacher loads.
+    if a.teacher.starts_with("http://") || a.teacher.starts_with("https://") {
+        bail!(
+            "--teacher `{}`: an OpenAI-compatible endpoint as the teacher is not implemented yet\nhint: give a model whet loads (a GGUF file, a Hugging Face directory, a hub id)",
+            a.teacher
+        );
+    }
+    let shares = distill::parse_split(&a.split).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(a.samples > 0, "--samples must be at least 1, got `0`");
+    if a.samples > 1 && a.sampling.temperature == 0.0 {
+        bail!(
+            "--samples {} with greedy decoding asks the same question {} times for one answer\nhint: pass --temperature 0.7 (or so) with --samples",
+            a.samples,
+            a.samples
+        );
+    }
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&a.min_agreement),
+        "--min-agreement must be in [0, 1], got `{}`",
+        a.min_agreement
+    );
+    anyhow::ensure!(a.max_batch > 0, "--max-batch must be positive, got `0`");
+    let labels: Vec<String> = a.labels.iter().map(|l| l.trim().to_string()).collect();
+    if let Some(empty) = labels.iter().position(String::is_empty) {
+        bail!("--labels: label {} is empty", empty + 1);
+    }
+    let base = crate::model::generate_config(&a.sampling)?;
+    let mut inputs = distill::read_inputs(&a.inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(n) = a.limit {
+        inputs.truncate(n);
+    }
+    let system = match &a.system_prompt_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read --system-prompt-file {}", p.display()))?
+                .trim_end()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let shots = match &a.shots_from {
+        Some(p) if a.shots > 0 => draw_shots(p, a.shots, &labels, a.sampling.seed)?,
+        _ => vec![],
+    };
+    let mut given: Vec<(&str, &Path)> = vec![("--inputs", a.inputs.as_path())];
+    given.extend(a.system_prompt_file.as_deref().map(|p| ("--system-prompt-file", p)));
+    given.extend(a.shots_from.as_deref().map(|p| ("--shots-from", p)));
+    let teacher_path = Path::new(&a.teacher);
+    if teacher_path.exists() {
+        given.push(("--teacher", teacher_path));
+    }
+    let out = Output::plan(&a.out, Shape::Dir, "distill", a.overwrite, &given)?;
+
+    // What shapes the teacher's answers, and so keys the cache.
+    let settings = json!({
+        "teacher": a.teacher,
+        "teacher_quantize": a.teacher_quantize,
+        "system_prompt_sha256": system.as_deref().map(|s| whet_data::cache::sha256_hex(s.as_bytes())),
+        "shots": shots.iter().map(|(u, r)| json!([u, r])).collect::<Vec<_>>(),
+        "samples": a.samples,
+        "max_tokens": base.max_tokens,
+        "temperature": base.sampling.temperature,
+        "top_k": base.sampling.top_k,
+        "top_p": base.sampling.top_p,
+        "repetition_penalty": base.sampling.repetition_penalty,
+        "stop": base.stop,
+        "seed": base.sampling.seed,
+    });
+    let key = whet_data::cache::sha256_hex(settings.to_string().as_bytes())[..16].to_string();
+    let cache_path = cache_file(&a.out, &key);
+    let mut cache = read_cache(&cache_path)?;
+    // A finished output with the same settings answers from its own answers.jsonl.
+    let previous = a.out.join("distill.json");
+    if std::fs::read_to_string(&previous)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|v| v["teacher_settings_sha256"] == key.as_str())
+    {
+        for (id, ans) in read_cache(&a.out.join("answers.jsonl"))? {
+            cache.entry(id).or_insert(ans);
+        }
+    }
+    let mut seen = HashSet::new();
+    let missing: Vec<&Input> =
+        inputs.iter().filter(|i| seen.insert(i.id.clone()) && !cache.contains_key(&i.id)).collect();
+    let from_cache = seen.len() - missing.len();
+    if !missing.is_empty() {
+        let asked = ask_teacher(&a, &base, system.as_deref(), &shots, &missing, &cache_path)?;
+        cache.extend(asked.into_iter().map(|x| (x.id.clone(), x)));
+    }
+
+    // Vote and filter, in input order.
+    let mut dropped: BTreeMap<Dropped, usize> = BTreeMap::new();
+    let mut kept: Vec<(&Input, distill::Vote)> = vec![];
+    let mut ids = HashSet::new();
+    for input in &inputs {
+        if !ids.insert(&input.id) {
+            *dropped.entry(Dropped::DuplicateInput).or_default() += 1;
+            continue;
+        }
+        let ans = &cache[&input.id];
+        match judge(ans, &labels, a.min_agreement) {
+            Ok(vote) => kept.push((input, vote)),
+            Err(why) => *dropped.entry(why).or_default() += 1,
+        }
+    }
+    let counts =
+        || dropped.iter().map(|(k, n)| format!("{} {n}", k.name())).collect::<Vec<_>>().join(", ");
+    if kept.is_empty() {
+        bail!(
+            "{}: all {} inputs were dropped ({}); nothing was written\nhint: the teacher's answers are kept in {}; check them, the prompt and --labels",
+            a.inputs.display(),
+            inputs.len(),
+            counts(),
+            cache_path.display()
+        );
+    }
+
+    // Write the dataset: the student's prompt is the bare input.
+    let ids: Vec<String> = kept.iter().map(|(i, _)| i.id.clone()).collect();
+    let splits = distill::assign_splits(&ids, shares, a.sampling.seed);
+    let dir = out.staging()?;
+    let mut files: [Vec<String>; 3] = Default::default();
+    for ((input, vote), &split) in kept.iter().zip(&splits) {
+        let mut messages = input.messages.clone();
+        messages.push(Message::new("assistant", &vote.answer));
+        files[split].push(json!({"id": input.id, "messages": messages}).to_string());
+    }
+    let mut sizes = [0; 3];
+    for (split, lines) in files.iter().enumerate() {
+        sizes[split] = lines.len();
+        if !lines.is_empty() {
+            let path = distill::split_file(dir, split);
+            std::fs::write(&path, lines.join("\n") + "\n")
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+    }
+    let answers: Vec<String> = inputs
+        .iter()
+        .filter(|i| ids.contains(&i.id) || cache.contains_key(&i.id))
+        .map(|i| i.id.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .filter_map(|id| cache.get(&id).map(|x| serde_json::to_string(x).unwrap_or_default()))
+        .collect();
+    let mut answers = answers;
+    answers.sort();
+    std::fs::write(dir.join("answers.jsonl"), answers.join("\n") + "\n")?;
+    let agreement: BTreeMap<&str, f64> =
+        kept.iter().map(|(i, v)| (i.id.as_str(), v.agreement)).collect();
+    let summary = json!({
+        "teacher": a.teacher,
+        "teacher_settings": settings,
+        "teacher_settings_sha256": key,
+        "inputs": inputs.len(),
+        "kept": kept.len(),
+        "dropped": dropped.iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        "labels": labels,
+        "min_agreement": a.min_agreement,
+        "split": {"train": sizes[0], "valid": sizes[1], "test": sizes[2]},
+        "teacher_calls": missing.len() * a.samples,
+        "answers_from_cache": from_cache,
+        "agreement": agreement,
+    });
+    std::fs::write(dir.join("distill.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    let written = out.commit()?;
+    let _ = std::fs::remove_file(&cache_path);
+    let mut o = std::io::stdout().lock();
+    writeln!(
+        o,
+        "inputs:   {} ({} answered from the cache, {} asked)",
+        inputs.len(),
+        from_cache,
+        missing.len()
+    )?;
+    writeln!(
+        o,
+        "kept:     {} (train {}, valid {}, test {})",
+        kept.len(),
+        sizes[0],
+        sizes[1],
+        sizes[2]
+    )?;
+    writeln!(o, "dropped:  {}", if dropped.is_empty() { "none".into() } else { counts() })?;
+    if a.samples > 1 {
+        let mean = kept.iter().map(|(_, v)| v.agreement).sum::<f64>() / kept.len() as f64;
+        writeln!(o, "agreement: {mean:.3} mean over kept inputs ({} samples each)", a.samples)?;
+    }
+    writeln!(o, "wrote {}", written.display())?;
+    Ok(())
+}
+
+/// The vote on one input's answers, or why it is dropped.
+fn judge(ans: &Answers, labels: &[String], min_agreement: f64) -> Result<distill::Vote, Dropped> {
+    // An answer cut at --max-tokens, or an empty one, counts against the majority and cannot
+    // win it.
+    let usable: Vec<String> = ans
+        .answers
+        .iter()
+        .zip(&ans.finish)
+        .map(|(t, f)| if f == "length" { String::new() } else { t.trim().to_string() })
+        .collect();
+    if usable.iter().all(String::is_empty) {
+        return Err(if ans.finish.iter().any(|f| f == "length") {
+            Dropped::Truncated
+        } else {
+            Dropped::Empty
+        });
+    }
+    let vote = if labels.is_empty() {
+        distill::majority(&usable, |t| (!t.is_empty()).then(|| t.to_string()))
+    } else {
+        distill::majority(&usable, |t| distill::as_label(t, labels))
+    };
+    let vote = vote.ok_or(Dropped::NotALabel)?;
+    if vote.agreement < min_agreement {
+        return Err(Dropped::LowAgreement);
+    }
+    Ok(vote)
+}
+
+/// The answer cache beside `out`: `.NAME.whet-distill-KEY.jsonl`.
+fn cache_file(out: &Path, key: &str) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    out.with_file_name(format!(".{name}.whet-distill-{key}.jsonl"))
+}
+
+/// The cached answers by input id. A last line cut short by a kill is left out (and its
+/// input asked again).
+fn read_cache(path: &Path) -> Result<HashMap<String, Answers>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(HashMap::new()) };
+    let mut out = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Answers>(line) {
+            Ok(x) if x.answers.len() == x.finish.len() => drop(out.insert(x.id.clone(), x)),
+            _ if i + 1 == text.lines().count() && !text.ends_with('\n') => {}
+            _ => bail!("{}:{}: not a line whet distill wrote", path.display(), i + 1),
+        }
+    }
+    Ok(out)
+}
+
+/// Ask the teacher for `inputs`, batched through the engine, appending each input's answers
+/// to the cache as they come.
+fn ask_teacher(
+    a: &DistillArgs,
+    base: &GenerateConfig,
+    system: Option<&str>,
+    shots: &[(String, String)],
+    inputs: &[&Input],
+    cache_path: &Path,
+) -> Result<Vec<Answers>> {
+    let device = whet_model::parse_device("auto")?;
+    let quantize = a.teacher_quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let m = crate::model::load_spec_quantized(
+        &a.teacher,
+        candle_core::DType::F32,
+        &device,
+        a.sampling.seed,
+        quantize,
+    )?;
+    let template = chat_template(&m.tokenizer)?;
+    let mut cache = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cache_path)
+        .with_context(|| format!("cannot write {}", cache_path.display()))?;
+    // A line cut short by a kill would run into the next one.
+    if std::fs::metadata(cache_path).is_ok_and(|m| m.len() > 0)
+        && !std::fs::read(cache_path).unwrap_or_default().ends_with(b"\n")
+    {
+        cache.write_all(b"\n")?;
+    }
+    let bar = indicatif::ProgressBar::new(inputs.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} inputs [{elapsed_precise}<{eta_precise}] {per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let engine = EngineConfig { max_batch: a.max_batch, ..EngineConfig::default() };
+    let mut out = vec![];
+    for chunk in inputs.chunks(a.max_batch.max(1) * 2) {
+        let mut jobs = vec![];
+        for input in chunk {
+            let mut messages: Vec<Message> =
+                system.map(|s| Message::new("system", s)).into_iter().collect();
+            for (user, answer) in shots {
+                messages.push(Message::new("user", user));
+                messages.push(Message::new("assistant", answer));
+            }
+            messages.extend(input.messages.iter().cloned());
+            let text = template.render(&messages, true).with_context(|| input.at.clone())?;
+            let prompt = m.tokenizer.encode(&text).with_context(|| input.at.clone())?;
+            let configs = (0..a.samples)
+                .map(|j| {
+                    let mut c = base.clone();
+                    c.sampling.seed = base.sampling.seed.wrapping_add(j as u64);
+                    c
+                })
+                .collect();
+            jobs.push((prompt, vec![], configs));
+        }
+        let results = generate_forks(&m.model, &m.tokenizer, jobs, engine);
+        let mut lines = String::new();
+        for (input, samples) in chunk.iter().zip(results) {
+            let mut ans = Answers { id: input.id.clone(), answers: vec![], finish: vec![] };
+            for g in samples {
+                let g = g.with_context(|| format!("{}: the teacher failed", input.at))?;
+                ans.answers.push(g.text);
+                ans.finish.push(g.stop_reason.finish_reason().to_string());
+            }
+            lines.push_str(&serde_json::to_string(&ans)?);
+            lines.push('\n');
+            out.push(ans);
+        }
+        // One write per chunk of whole lines: a kill loses at most this chunk.
+        cache.write_all(lines.as_bytes())?;
+        cache.flush()?;
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// `k` worked examples (first user turn, last answer) from a chat dataset with answers,
+/// drawn with `seed`; with labels, in turn from each label's examples.
+fn draw_shots(
+    path: &Path,
+    k: usize,
+    labels: &[String],
+    seed: u64,
+) -> Result<Vec<(String, String)>> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let (_, records) =
+        whet_data::format::read_jsonl(path, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut pairs: Vec<(String, String)> = records
+        .into_iter()
+        .filter_map(|r| match r.example {
+            whet_data::Example::Chat(turns) => {
+                let user = turns.iter().find(|t| t.role == whet_data::Role::User)?;
+                let answer = turns.iter().rev().find(|t| t.role == whet_data::Role::Assistant)?;
+                Some((user.content.clone(), answer.content.clone()))
+            }
+            whet_data::Example::Completion { prompt, completion } => Some((prompt, completion)),
+            _ => None,
+        })
+        .collect();
+    anyhow::ensure!(
+        pairs.len() >= k,
+        "--shots {k}: {} has only {} examples with an answer",
+        path.display(),
+        pairs.len()
+    );
+    pairs.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    if labels.is_empty() {
+        pairs.truncate(k);
+        return Ok(pairs);
+    }
+    let mut by_label: Vec<Vec<(String, String)>> = labels.iter().map(|_| vec![]).collect();
+    for p in pairs {
+        if let Some(l) = distill::as_label(&p.1, labels) {
+            let i = labels.iter().position(|x| *x == l).unwrap_or(0);
+            by_label[i].push(p);
+        }
+    }
+    let mut shots = vec![];
+    let mut round = 0;
+    while shots.len() < k {
+        let before = shots.len();
+        for group in &by_label {
+            if shots.len() < k {
+                if let Some(p) = group.get(round) {
+                    shots.push(p.clone());
+                }
+            }
+        }
+        anyhow::ensure!(
+            shots.len() > before,
+            "--shots {k}: {} has only {} examples whose answer is one of --labels",
+            path.display(),
+            shots.len()
+        );
+        round += 1;
+    }
+    Ok(shots)
+}

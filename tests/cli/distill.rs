@@ -1,0 +1,215 @@
+//! `whet distill`: a prompted teacher labels unlabelled inputs; what the student gets, what is
+//! dropped and counted, resuming after a kill, and bad input.
+
+use crate::*;
+use std::path::Path;
+
+const SYSTEM: &str = "Classify the movie review as positive or negative. Answer with one word.";
+
+/// Thirty short reviews, one per line, and the teacher's system prompt.
+fn reviews(dir: &Path) -> (String, String) {
+    let good = ["I loved this film", "A wonderful movie", "Great acting and a great story"];
+    let bad = ["I hated this film", "A boring movie", "Terrible acting, a waste of time"];
+    let lines: String = (0..30)
+        .map(|i| {
+            let text = if i % 2 == 0 { good[i % 3] } else { bad[i % 3] };
+            format!("{text} (review {i})\n")
+        })
+        .collect();
+    std::fs::write(dir.join("reviews.txt"), lines).unwrap();
+    std::fs::write(dir.join("system.txt"), SYSTEM).unwrap();
+    (dir.join("reviews.txt").display().to_string(), dir.join("system.txt").display().to_string())
+}
+
+fn teacher() -> String {
+    root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf").display().to_string()
+}
+
+fn distill_args<'a>(
+    inputs: &'a str,
+    system: &'a str,
+    out: &'a str,
+    teacher: &'a str,
+) -> Vec<&'a str> {
+    vec![
+        "distill",
+        "--teacher",
+        teacher,
+        "--inputs",
+        inputs,
+        "--system-prompt-file",
+        system,
+        "--out",
+        out,
+        "--labels",
+        "positive,negative",
+        "--max-tokens",
+        "8",
+        "--stop",
+        "\n",
+    ]
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn distill_labels_inputs_into_a_dataset_without_the_teachers_prompt() {
+    if !have_default_model() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let out = tmp.path().join("out");
+    let teacher = teacher();
+    let o = whet(&distill_args(&inputs, &system, out.to_str().unwrap(), &teacher), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = json(&out.join("distill.json"));
+    let kept = summary["kept"].as_u64().unwrap();
+    let dropped: u64 =
+        summary["dropped"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(kept + dropped, 30, "{summary}");
+    assert!(kept > 0, "{summary}");
+    let split = &summary["split"];
+    let sizes: u64 = ["train", "valid", "test"].iter().map(|k| split[k].as_u64().unwrap()).sum();
+    assert_eq!(sizes, kept);
+    let mut answers = 0;
+    for file in ["train.jsonl", "valid.jsonl", "test.jsonl"] {
+        let Ok(text) = std::fs::read_to_string(out.join(file)) else { continue };
+        // The student learns the bare input: the teacher's instruction is nowhere in its data.
+        assert!(!text.contains("Classify the movie review"), "{file}: {text}");
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let messages = v["messages"].as_array().unwrap();
+            assert_eq!(messages.len(), 2, "{line}");
+            assert_eq!(messages[0]["role"], "user");
+            let answer = messages[1]["content"].as_str().unwrap();
+            assert!(["positive", "negative"].contains(&answer), "{line}");
+            answers += 1;
+        }
+    }
+    assert_eq!(answers, kept);
+    assert!(stdout(&o).contains("(0 answered from the cache, 30 asked)"), "{}", stdout(&o));
+    // whet's own commands read the result.
+    let check = whet(&["data", "check", out.to_str().unwrap(), "--model", &teacher], "");
+    assert!(check.status.success(), "{}", stderr(&check));
+    // The same teacher settings ask the teacher nothing again, even with other filters.
+    let mut again = distill_args(&inputs, &system, out.to_str().unwrap(), &teacher);
+    again.extend(["--overwrite", "--min-agreement", "1"]);
+    let o = whet(&again, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(30 answered from the cache, 0 asked)"), "{}", stdout(&o));
+    assert_eq!(json(&out.join("distill.json"))["teacher_calls"], 0);
+}
+
+#[test]
+fn a_killed_distill_continues_where_it_stopped_and_gives_the_same_files() {
+    if !have_default_model() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let teacher = teacher();
+    // One sequence at a time: the same arithmetic whichever inputs are left to ask.
+    let run = |out: &Path| {
+        let mut args = distill_args(&inputs, &system, out.to_str().unwrap(), &teacher);
+        args.extend(["--max-batch", "1"]);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let whole = tmp.path().join("whole");
+    let o = whet(&run(&whole).iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let killed = tmp.path().join("killed");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(run(&killed))
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once some answers are in the cache beside --out.
+    let cached = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with(".killed.whet-distill-"))
+            .and_then(|e| std::fs::read_to_string(e.path()).ok())
+            .map_or(0, |t| t.lines().count())
+    };
+    let start = std::time::Instant::now();
+    while cached() < 4 && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = cached();
+    assert!(before >= 4 && !killed.exists(), "the run ended before it could be killed");
+    let o = whet(&run(&killed).iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = format!("({before} answered from the cache, {} asked)", 30 - before);
+    assert!(stdout(&o).contains(&said), "{said} in {}", stdout(&o));
+    for file in ["train.jsonl", "valid.jsonl", "test.jsonl", "answers.jsonl"] {
+        assert_eq!(
+            std::fs::read_to_string(whole.join(file)).ok(),
+            std::fs::read_to_string(killed.join(file)).ok(),
+            "{file}"
+        );
+    }
+    let strip = |mut v: serde_json::Value| {
+        let o = v.as_object_mut().unwrap();
+        o.remove("teacher_calls");
+        o.remove("answers_from_cache");
+        v
+    };
+    assert_eq!(strip(json(&whole.join("distill.json"))), strip(json(&killed.join("distill.json"))));
+}
+
+#[test]
+fn distill_refuses_bad_input_before_asking_the_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let out = tmp.path().join("out");
+    let o_ = out.to_str().unwrap();
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"text\": \"fine\"}\n{\"label\": \"positive\"}\n").unwrap();
+    let b = bad.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            distill_args(b, &system, o_, "random:tiny"),
+            "bad.jsonl:2: no input text: expected `messages` or one of text, input, prompt, question, instruction",
+        ),
+        (
+            [distill_args(&inputs, &system, o_, "random:tiny"), vec!["--split", "0.8,0.1,0.2"]].concat(),
+            "--split `0.8,0.1,0.2`: expected three shares that sum to 1",
+        ),
+        (
+            distill_args(&inputs, &system, o_, "http://127.0.0.1:1/v1"),
+            "an OpenAI-compatible endpoint as the teacher is not implemented yet",
+        ),
+        (
+            [distill_args(&inputs, &system, o_, "random:tiny"), vec!["--samples", "3"]].concat(),
+            "--samples 3 with greedy decoding asks the same question 3 times",
+        ),
+        (
+            [distill_args(&inputs, &system, o_, "random:tiny"), vec!["--min-agreement", "1.5"]].concat(),
+            "--min-agreement must be in [0, 1], got `1.5`",
+        ),
+        (
+            distill_args(&inputs, &system, tmp.path().to_str().unwrap(), "random:tiny"),
+            "holds this command's input (--inputs",
+        ),
+        // A random teacher never ends its answers: every input dropped, counted, nothing
+        // written.
+        (
+            distill_args(&inputs, &system, o_, "random:tiny"),
+            "reviews.txt: all 30 inputs were dropped (truncated 30); nothing was written",
+        ),
+    ];
+    for (args, want) in cases {
+        let err = assert_one_line_error(&whet(&args, ""));
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+}
