@@ -30,6 +30,13 @@ fn tiny_run(dir: &Path) -> std::path::PathBuf {
     run
 }
 
+/// `whet data prepare DATA --out OUT` for `random:tiny`, which must succeed.
+fn prepare_tiny(data: &Path, out: &Path) {
+    let (data, out) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let o = whet(&["data", "prepare", data, "--model", "random:tiny", "--out", out], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// Every file under `dir`, relative, sorted: what a refused command must leave as it was.
 fn files(dir: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
@@ -265,19 +272,7 @@ fn adapter_and_merged_safetensors_were_written_0600() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let prepared = tmp.path().join("prepared");
-    let o = whet(
-        &[
-            "data",
-            "prepare",
-            tmp.path().to_str().unwrap(),
-            "--model",
-            "random:tiny",
-            "--out",
-            prepared.to_str().unwrap(),
-        ],
-        "",
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    prepare_tiny(tmp.path(), &prepared);
     // The tests run with the umask they were given: every file whet writes has the mode a
     // plain new file gets here.
     let probe = tmp.path().join("probe");
@@ -585,19 +580,7 @@ fn random_tiny_with_context_512_silently_trained_at_2048() {
         .collect();
     std::fs::write(long.join("train.jsonl"), lines).unwrap();
     let prepared = tmp.path().join("prepared");
-    let o = whet(
-        &[
-            "data",
-            "prepare",
-            long.to_str().unwrap(),
-            "--model",
-            "random:tiny",
-            "--out",
-            prepared.to_str().unwrap(),
-        ],
-        "",
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    prepare_tiny(&long, &prepared);
     let err = assert_one_line_error(&train(prepared.to_str().unwrap(), &[]));
     assert!(err.contains("longer than the context of random:tiny (512 tokens)"), "{err}");
     assert!(!out.exists());

@@ -24,12 +24,7 @@ pub const TEXT_FIELDS: [&str; 5] = ["text", "input", "prompt", "question", "inst
 /// dropped) or a text field ([`TEXT_FIELDS`]); any other file is one input per non-empty line.
 pub fn read_inputs(path: &Path) -> Result<Vec<Input>, DataErrors> {
     let mut errors = DataErrors::default();
-    let err = |line: usize, msg: String, hint: Option<&str>| LineError {
-        path: path.to_path_buf(),
-        line,
-        msg,
-        hint: hint.map(str::to_string),
-    };
+    let err = |line, msg, hint| LineError::new(path, line, msg, hint);
     let text = match std::fs::read(path) {
         Ok(bytes) => match String::from_utf8(bytes) {
             Ok(t) => t,

@@ -169,6 +169,13 @@ pub struct LineError {
     pub hint: Option<String>,
 }
 
+impl LineError {
+    /// A problem at `path:line` (line 0: the file as a whole), with a hint when the fix is known.
+    pub fn new(path: &Path, line: usize, msg: String, hint: Option<&str>) -> Self {
+        Self { path: path.to_path_buf(), line, msg, hint: hint.map(str::to_string) }
+    }
+}
+
 impl fmt::Display for LineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line == 0 {
@@ -244,12 +251,7 @@ pub fn read_jsonl(
     format: Option<Format>,
 ) -> Result<(Format, Vec<Record>), DataErrors> {
     let mut errors = DataErrors::default();
-    let err = |line: usize, msg: String, hint: Option<&str>| LineError {
-        path: path.to_path_buf(),
-        line,
-        msg,
-        hint: hint.map(str::to_string),
-    };
+    let err = |line, msg, hint| LineError::new(path, line, msg, hint);
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) => {
