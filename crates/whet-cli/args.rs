@@ -715,9 +715,27 @@ pub struct TrainArgs {
 #[derive(Debug, Args)]
 pub struct DistillArgs {
     /// The teacher: any model whet loads (GGUF file, Hugging Face directory, hub id,
-    /// `random:NAME`).
+    /// `random:NAME`), or an OpenAI-compatible API's base URL (`http://127.0.0.1:8080/v1`:
+    /// llama.cpp's llama-server, vLLM, `whet serve`, a hosted API) with --teacher-model.
     #[arg(long)]
     pub teacher: String,
+    /// With an endpoint teacher: the `model` to ask for.
+    #[arg(long)]
+    pub teacher_model: Option<String>,
+    /// With an endpoint teacher: the environment variable holding its API key (sent as
+    /// `Authorization: Bearer`).
+    #[arg(long, value_name = "VAR")]
+    pub api_key_env: Option<String>,
+    /// With an endpoint teacher: requests in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// With an endpoint teacher: seconds one request may take.
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// With an endpoint teacher: retries of a request that got 429, a 5xx or no connection,
+    /// with exponential backoff (and the server's `Retry-After`).
+    #[arg(long, default_value_t = 4)]
+    pub retries: u32,
     /// Keep the teacher's dense weights block-quantized for decoding: `q8_0` or `q4_0`.
     #[arg(long, value_name = "TYPE")]
     pub teacher_quantize: Option<String>,

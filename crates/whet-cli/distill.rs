@@ -28,12 +28,7 @@ struct Answers {
 
 pub fn run(a: DistillArgs) -> Result<()> {
     // Everything is checked before the teacher loads.
-    if a.teacher.starts_with("http://") || a.teacher.starts_with("https://") {
-        bail!(
-            "--teacher `{}`: an OpenAI-compatible endpoint as the teacher is not implemented yet\nhint: give a model whet loads (a GGUF file, a Hugging Face directory, a hub id)",
-            a.teacher
-        );
-    }
+    let endpoint = endpoint(&a)?;
     let shares = distill::parse_split(&a.split).map_err(anyhow::Error::msg)?;
     anyhow::ensure!(a.samples > 0, "--samples must be at least 1, got `0`");
     if a.samples > 1 && a.sampling.temperature == 0.0 {
@@ -114,7 +109,12 @@ pub fn run(a: DistillArgs) -> Result<()> {
         inputs.iter().filter(|i| seen.insert(i.id.clone()) && !cache.contains_key(&i.id)).collect();
     let from_cache = seen.len() - missing.len();
     if !missing.is_empty() {
-        let asked = ask_teacher(&a, &base, system.as_deref(), &shots, &missing, &cache_path)?;
+        let prompts: Vec<Vec<Message>> =
+            missing.iter().map(|i| teacher_messages(system.as_deref(), &shots, i)).collect();
+        let asked = match &endpoint {
+            Some(e) => ask_endpoint(&a, e, &base, &prompts, &missing, &cache_path)?,
+            None => ask_teacher(&a, &base, &prompts, &missing, &cache_path)?,
+        };
         cache.extend(asked.into_iter().map(|x| (x.id.clone(), x)));
     }
 
@@ -277,8 +277,7 @@ fn read_cache(path: &Path) -> Result<HashMap<String, Answers>> {
 fn ask_teacher(
     a: &DistillArgs,
     base: &GenerateConfig,
-    system: Option<&str>,
-    shots: &[(String, String)],
+    prompts: &[Vec<Message>],
     inputs: &[&Input],
     cache_path: &Path,
 ) -> Result<Vec<Answers>> {
@@ -292,37 +291,15 @@ fn ask_teacher(
         quantize,
     )?;
     let template = chat_template(&m.tokenizer)?;
-    let mut cache = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cache_path)
-        .with_context(|| format!("cannot write {}", cache_path.display()))?;
-    // A line cut short by a kill would run into the next one.
-    if std::fs::metadata(cache_path).is_ok_and(|m| m.len() > 0)
-        && !std::fs::read(cache_path).unwrap_or_default().ends_with(b"\n")
-    {
-        cache.write_all(b"\n")?;
-    }
-    let bar = indicatif::ProgressBar::new(inputs.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} inputs [{elapsed_precise}<{eta_precise}] {per_sec}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let mut cache = open_cache(cache_path)?;
+    let bar = progress(inputs.len());
     let engine = EngineConfig { max_batch: a.max_batch, ..EngineConfig::default() };
     let mut out = vec![];
-    for chunk in inputs.chunks(a.max_batch.max(1) * 2) {
+    let chunk_len = a.max_batch.max(1) * 2;
+    for (chunk, prompts) in inputs.chunks(chunk_len).zip(prompts.chunks(chunk_len)) {
         let mut jobs = vec![];
-        for input in chunk {
-            let mut messages: Vec<Message> =
-                system.map(|s| Message::new("system", s)).into_iter().collect();
-            for (user, answer) in shots {
-                messages.push(Message::new("user", user));
-                messages.push(Message::new("assistant", answer));
-            }
-            messages.extend(input.messages.iter().cloned());
-            let text = template.render(&messages, true).with_context(|| input.at.clone())?;
+        for (input, messages) in chunk.iter().zip(prompts) {
+            let text = template.render(messages, true).with_context(|| input.at.clone())?;
             let prompt = m.tokenizer.encode(&text).with_context(|| input.at.clone())?;
             let configs = (0..a.samples)
                 .map(|j| {
@@ -353,6 +330,266 @@ fn ask_teacher(
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// What the teacher sees: its system prompt, the shots, then the input.
+fn teacher_messages(
+    system: Option<&str>,
+    shots: &[(String, String)],
+    input: &Input,
+) -> Vec<Message> {
+    let mut messages: Vec<Message> =
+        system.map(|s| Message::new("system", s)).into_iter().collect();
+    for (user, answer) in shots {
+        messages.push(Message::new("user", user));
+        messages.push(Message::new("assistant", answer));
+    }
+    messages.extend(input.messages.iter().cloned());
+    messages
+}
+
+/// The cache, open for appending whole lines.
+fn open_cache(path: &Path) -> Result<std::fs::File> {
+    let mut cache = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // A line cut short by a kill would run into the next one.
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0)
+        && !std::fs::read(path).unwrap_or_default().ends_with(b"\n")
+    {
+        cache.write_all(b"\n")?;
+    }
+    Ok(cache)
+}
+
+fn progress(n: usize) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(n as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} inputs [{elapsed_precise}<{eta_precise}] {per_sec} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// An OpenAI-compatible teacher.
+struct Endpoint {
+    /// `BASE/chat/completions`.
+    url: String,
+    model: String,
+    key: Option<String>,
+}
+
+/// The endpoint `--teacher` names, if it is a URL, with its flags checked.
+fn endpoint(a: &DistillArgs) -> Result<Option<Endpoint>> {
+    let is_url = a.teacher.starts_with("http://") || a.teacher.starts_with("https://");
+    if !is_url {
+        for (given, flag) in [
+            (a.teacher_model.is_some(), "--teacher-model"),
+            (a.api_key_env.is_some(), "--api-key-env"),
+        ] {
+            anyhow::ensure!(
+                !given,
+                "{flag} is for an endpoint teacher, and --teacher `{}` is a model",
+                a.teacher
+            );
+        }
+        return Ok(None);
+    }
+    anyhow::ensure!(
+        a.teacher_quantize.is_none(),
+        "--teacher-quantize is for a local teacher; the server at {} decodes its own way",
+        a.teacher
+    );
+    let Some(model) = a.teacher_model.clone() else {
+        bail!(
+            "--teacher {} is an endpoint: say which model to ask for\nhint: pass --teacher-model NAME (GET {}/models lists them)",
+            a.teacher,
+            a.teacher.trim_end_matches('/')
+        );
+    };
+    let key = match &a.api_key_env {
+        Some(var) => Some(std::env::var(var).map_err(|_| {
+            anyhow::anyhow!("--api-key-env {var}: the environment variable {var} is not set")
+        })?),
+        None => None,
+    };
+    anyhow::ensure!(a.concurrency > 0, "--concurrency must be at least 1, got `0`");
+    anyhow::ensure!(
+        a.timeout.is_finite() && a.timeout > 0.0,
+        "--timeout must be a positive number of seconds, got `{}`",
+        a.timeout
+    );
+    let url = format!("{}/chat/completions", a.teacher.trim_end_matches('/'));
+    Ok(Some(Endpoint { url, model, key }))
+}
+
+/// Ask an OpenAI-compatible endpoint, `--concurrency` requests at a time, retrying 429, 5xx
+/// and lost connections with backoff; an input's answers go to the cache once all its samples
+/// are in.
+fn ask_endpoint(
+    a: &DistillArgs,
+    e: &Endpoint,
+    base: &GenerateConfig,
+    prompts: &[Vec<Message>],
+    inputs: &[&Input],
+    cache_path: &Path,
+) -> Result<Vec<Answers>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let mut cache = open_cache(cache_path)?;
+    let bar = progress(inputs.len());
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs_f64(a.timeout))
+        .build()
+        .context("cannot make an HTTP client")?;
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(a.concurrency));
+    let mut slots: Vec<Vec<Option<(String, String)>>> =
+        inputs.iter().map(|_| vec![None; a.samples]).collect();
+    let mut out = vec![];
+    bar.set_message(format!("({} requests in flight at most)", a.concurrency));
+    runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, messages) in prompts.iter().enumerate() {
+            for j in 0..a.samples {
+                let mut body = json!({
+                    "model": e.model,
+                    "messages": messages,
+                    "max_tokens": base.max_tokens,
+                    "temperature": base.sampling.temperature,
+                    "top_p": base.sampling.top_p,
+                    "seed": base.sampling.seed.wrapping_add(j as u64),
+                });
+                if !base.stop.is_empty() {
+                    body["stop"] = json!(base.stop);
+                }
+                let (client, limit) = (client.clone(), limit.clone());
+                let (url, key, retries) = (e.url.clone(), e.key.clone(), a.retries);
+                tasks.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    (i, j, post(&client, &url, key.as_deref(), &body, retries).await)
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            let (i, j, r) = done.context("a request task failed")?;
+            let answer = r.map_err(|msg| anyhow::anyhow!("{}: {msg}", inputs[i].at))?;
+            slots[i][j] = Some(answer);
+            if slots[i].iter().all(Option::is_some) {
+                let (answers, finish) = slots[i].iter().flatten().cloned().unzip();
+                let ans = Answers { id: inputs[i].id.clone(), answers, finish };
+                cache.write_all((serde_json::to_string(&ans)? + "\n").as_bytes())?;
+                cache.flush()?;
+                out.push(ans);
+                bar.inc(1);
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// Why one request failed: whether it is worth retrying, what happened, and the server's
+/// `Retry-After` in seconds.
+type Failure = (bool, String, Option<f64>);
+
+/// One chat completion: its text and finish reason, or why it failed for good.
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: &Value,
+    retries: u32,
+) -> std::result::Result<(String, String), String> {
+    let mut attempt = 0;
+    loop {
+        match post_once(client, url, key, body).await {
+            Ok(answer) => return Ok(answer),
+            Err((true, msg, after)) if attempt < retries => {
+                let backoff = after.unwrap_or(0.5 * 2f64.powi(attempt as i32)).clamp(0.0, 30.0);
+                tracing::info!("{msg}; retrying in {backoff:.1} s");
+                tokio::time::sleep(std::time::Duration::from_secs_f64(backoff)).await;
+                attempt += 1;
+            }
+            Err((retryable, msg, _)) => {
+                let tries =
+                    if retryable { format!(" ({} tries)", attempt + 1) } else { String::new() };
+                return Err(format!("{msg}{tries}"));
+            }
+        }
+    }
+}
+
+async fn post_once(
+    client: &reqwest::Client,
+    url: &str,
+    key: Option<&str>,
+    body: &Value,
+) -> std::result::Result<(String, String), Failure> {
+    let mut req = client.post(url).json(body);
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let resp = req.send().await.map_err(|e| (true, format!("cannot reach {url}: {e}"), None))?;
+    let status = resp.status();
+    let after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    let text = resp
+        .text()
+        .await
+        .map_err(|e| (true, format!("{url} dropped the connection: {e}"), None))?;
+    let parsed = serde_json::from_str::<Value>(&text);
+    if !status.is_success() {
+        let why = parsed
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| clip(&text));
+        let again = status.as_u16() == 429 || status.is_server_error();
+        return Err((again, format!("{url} answered {status}: {why}"), after));
+    }
+    let v = parsed.map_err(|_| {
+        (
+            false,
+            format!("{url} answered {status} with something that is not JSON: {}", clip(&text)),
+            None,
+        )
+    })?;
+    let choice = &v["choices"][0];
+    let content = match &choice["message"]["content"] {
+        Value::String(t) => Some(t.clone()),
+        Value::Null if choice.is_object() => Some(String::new()),
+        _ => None,
+    };
+    match (content, choice["finish_reason"].as_str()) {
+        (Some(t), Some(f)) => Ok((t, f.to_string())),
+        _ => Err((
+            false,
+            format!(
+                "{url} answered without `choices[0].message.content` and `finish_reason`: {}",
+                clip(&text)
+            ),
+            None,
+        )),
+    }
+}
+
+fn clip(text: &str) -> String {
+    let t: String = text.chars().take(120).collect();
+    if t.len() < text.len() {
+        format!("{t}…")
+    } else {
+        t
+    }
 }
 
 /// `k` worked examples (first user turn, last answer) from a chat dataset with answers,

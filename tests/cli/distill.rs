@@ -185,10 +185,6 @@ fn distill_refuses_bad_input_before_asking_the_teacher() {
             "--split `0.8,0.1,0.2`: expected three shares that sum to 1",
         ),
         (
-            distill_args(&inputs, &system, o_, "http://127.0.0.1:1/v1"),
-            "an OpenAI-compatible endpoint as the teacher is not implemented yet",
-        ),
-        (
             [distill_args(&inputs, &system, o_, "random:tiny"), vec!["--samples", "3"]].concat(),
             "--samples 3 with greedy decoding asks the same question 3 times",
         ),
@@ -211,5 +207,179 @@ fn distill_refuses_bad_input_before_asking_the_teacher() {
         let err = assert_one_line_error(&whet(&args, ""));
         assert!(err.contains(want), "{args:?}: {err}");
         assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+}
+
+/// A stand-in for an OpenAI-compatible server on loopback: each request gets the next of
+/// `script`'s answers (status, body), then `answer(request body)` with 200 for ever after.
+/// Returns its base URL and the request bodies it saw.
+fn fake_server(
+    script: Vec<(u16, String)>,
+    answer: fn(&str) -> String,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        let mut script = script.into_iter();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_err() {
+                continue;
+            }
+            let body = String::from_utf8_lossy(&body).into_owned();
+            let (status, reply) = script.next().unwrap_or_else(|| (200, answer(&body)));
+            log.lock().unwrap().push(body);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    (url, seen)
+}
+
+fn review_label(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let input = v["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap();
+    let label = if input.contains("loved") || input.contains("wonderful") || input.contains("Great")
+    {
+        "Positive."
+    } else {
+        "negative"
+    };
+    serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": label}, "finish_reason": "stop"}]}).to_string()
+}
+
+#[test]
+fn distill_asks_an_openai_compatible_endpoint_and_retries_429_and_5xx() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let busy = r#"{"error": {"message": "slow down"}}"#.to_string();
+    let (url, seen) =
+        fake_server(vec![(429, busy.clone()), (500, "oops".into()), (503, busy)], review_label);
+    let out = tmp.path().join("out");
+    let mut args = distill_args(&inputs, &system, out.to_str().unwrap(), &url);
+    args.extend(["--teacher-model", "big", "--concurrency", "3"]);
+    let o = whet(&args, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 33, "30 answers and 3 retried failures");
+    // The teacher got the system prompt, the model asked for and the settings.
+    let first: serde_json::Value = serde_json::from_str(&seen[0]).unwrap();
+    assert_eq!(first["model"], "big");
+    assert_eq!(first["messages"][0]["content"], SYSTEM);
+    assert_eq!((first["max_tokens"].as_u64(), first["stop"][0].as_str()), (Some(8), Some("\n")));
+    let summary = json(&out.join("distill.json"));
+    assert_eq!(summary["kept"], 30, "{summary}");
+    for file in ["train.jsonl", "valid.jsonl", "test.jsonl"] {
+        for line in std::fs::read_to_string(out.join(file)).unwrap_or_default().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let (input, answer) = (
+                v["messages"][0]["content"].as_str().unwrap(),
+                v["messages"][1]["content"].as_str().unwrap(),
+            );
+            let want = if input.contains("loved")
+                || input.contains("wonderful")
+                || input.contains("Great")
+            {
+                "positive"
+            } else {
+                "negative"
+            };
+            assert_eq!(answer, want, "{line}");
+        }
+    }
+}
+
+#[test]
+fn an_endpoint_that_is_down_or_answers_nonsense_is_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let out = tmp.path().join("out");
+    let o_ = out.to_str().unwrap();
+    // Nothing listens on a port just freed.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let down = format!("http://{free}/v1");
+    let (nonsense, _) = fake_server(vec![], |_| "<html>hello</html>".into());
+    let (refuses, _) =
+        fake_server(vec![(401, r#"{"error": {"message": "bad key"}}"#.into())], review_label);
+    let cases: Vec<(Vec<&str>, String)> = vec![
+        (
+            [
+                distill_args(&inputs, &system, o_, &down),
+                vec!["--teacher-model", "m", "--retries", "1"],
+            ]
+            .concat(),
+            format!("cannot reach {down}/chat/completions"),
+        ),
+        (
+            [distill_args(&inputs, &system, o_, &nonsense), vec!["--teacher-model", "m"]].concat(),
+            "answered 200 OK with something that is not JSON: <html>hello</html>".into(),
+        ),
+        (
+            [distill_args(&inputs, &system, o_, &refuses), vec!["--teacher-model", "m"]].concat(),
+            "answered 401 Unauthorized: bad key".into(),
+        ),
+        (
+            distill_args(&inputs, &system, o_, &down),
+            "is an endpoint: say which model to ask for".into(),
+        ),
+        (
+            [distill_args(&inputs, &system, o_, "random:tiny"), vec!["--teacher-model", "m"]]
+                .concat(),
+            "--teacher-model is for an endpoint teacher".into(),
+        ),
+    ];
+    for (args, want) in cases {
+        let err = assert_one_line_error(&whet(&args, ""));
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert!(!out.exists());
+    }
+}
+
+/// The endpoint client against whet's own server gives what the same model gives in process.
+#[test]
+fn distill_through_whet_serve_equals_the_local_teacher() {
+    if !have_default_model() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let teacher = teacher();
+    let local = tmp.path().join("local");
+    let mut args = distill_args(&inputs, &system, local.to_str().unwrap(), &teacher);
+    args.extend(["--max-batch", "1"]);
+    let o = whet(&args, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (mut server, url) = crate::serve::serve(&["--model", &teacher, "--max-batch", "1"]);
+    let remote = tmp.path().join("remote");
+    let base = format!("{url}/v1");
+    let mut args = distill_args(&inputs, &system, remote.to_str().unwrap(), &base);
+    args.extend(["--teacher-model", "SmolLM2-135M-Instruct.Q4_1", "--concurrency", "1"]);
+    let o = whet(&args, "");
+    let _ = server.kill();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for file in ["train.jsonl", "valid.jsonl", "test.jsonl"] {
+        assert_eq!(
+            std::fs::read_to_string(local.join(file)).ok(),
+            std::fs::read_to_string(remote.join(file)).ok(),
+            "{file}"
+        );
     }
 }
