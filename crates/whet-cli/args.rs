@@ -768,6 +768,10 @@ pub struct DistillArgs {
     /// and a final full stop do not matter.
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
+    /// A rules.toml (as `whet eval` reads it): answers that break any rule are dropped and
+    /// counted.
+    #[arg(long)]
+    pub rules: Option<std::path::PathBuf>,
     /// Label only the first N inputs.
     #[arg(long)]
     pub limit: Option<usize>,

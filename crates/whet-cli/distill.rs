@@ -62,6 +62,10 @@ pub fn run(a: DistillArgs) -> Result<()> {
         ),
         None => None,
     };
+    let rules = match &a.rules {
+        Some(p) => Some(whet_eval::rules::Rules::read(p)?),
+        None => None,
+    };
     let shots = match &a.shots_from {
         Some(p) if a.shots > 0 => draw_shots(p, a.shots, &labels, a.sampling.seed)?,
         _ => vec![],
@@ -69,6 +73,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     let mut given: Vec<(&str, &Path)> = vec![("--inputs", a.inputs.as_path())];
     given.extend(a.system_prompt_file.as_deref().map(|p| ("--system-prompt-file", p)));
     given.extend(a.shots_from.as_deref().map(|p| ("--shots-from", p)));
+    given.extend(a.rules.as_deref().map(|p| ("--rules", p)));
     let teacher_path = Path::new(&a.teacher);
     if teacher_path.exists() {
         given.push(("--teacher", teacher_path));
@@ -128,7 +133,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
             continue;
         }
         let ans = &cache[&input.id];
-        match judge(ans, &labels, a.min_agreement) {
+        match judge(ans, &labels, rules.as_ref(), a.min_agreement) {
             Ok(vote) => kept.push((input, vote)),
             Err(why) => *dropped.entry(why).or_default() += 1,
         }
@@ -185,6 +190,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         "kept": kept.len(),
         "dropped": dropped.iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "labels": labels,
+        "rules": a.rules.as_ref().map(|p| p.display().to_string()),
         "min_agreement": a.min_agreement,
         "split": {"train": sizes[0], "valid": sizes[1], "test": sizes[2]},
         "teacher_calls": missing.len() * a.samples,
@@ -220,10 +226,15 @@ pub fn run(a: DistillArgs) -> Result<()> {
 }
 
 /// The vote on one input's answers, or why it is dropped.
-fn judge(ans: &Answers, labels: &[String], min_agreement: f64) -> Result<distill::Vote, Dropped> {
+fn judge(
+    ans: &Answers,
+    labels: &[String],
+    rules: Option<&whet_eval::rules::Rules>,
+    min_agreement: f64,
+) -> Result<distill::Vote, Dropped> {
     // An answer cut at --max-tokens, or an empty one, counts against the majority and cannot
     // win it.
-    let usable: Vec<String> = ans
+    let mut usable: Vec<String> = ans
         .answers
         .iter()
         .zip(&ans.finish)
@@ -235,6 +246,17 @@ fn judge(ans: &Answers, labels: &[String], min_agreement: f64) -> Result<distill
         } else {
             Dropped::Empty
         });
+    }
+    // So does one that breaks a rule.
+    if let Some(rules) = rules {
+        for u in usable.iter_mut() {
+            if !rules.rules.iter().all(|r| r.check(u)) {
+                u.clear();
+            }
+        }
+        if usable.iter().all(String::is_empty) {
+            return Err(Dropped::BreaksRules);
+        }
     }
     let vote = if labels.is_empty() {
         distill::majority(&usable, |t| (!t.is_empty()).then(|| t.to_string()))

@@ -383,3 +383,60 @@ fn distill_through_whet_serve_equals_the_local_teacher() {
         );
     }
 }
+
+#[test]
+fn answers_that_break_the_rules_are_dropped_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let rules = tmp.path().join("rules.toml");
+    std::fs::write(&rules, "[[rule]]\nname = \"bare\"\nmust_match = \"^(positive|negative)$\"\n")
+        .unwrap();
+    let (url, _) = fake_server(vec![], review_label);
+    let out = tmp.path().join("out");
+    let o = whet(
+        &[
+            "distill",
+            "--teacher",
+            &url,
+            "--teacher-model",
+            "m",
+            "--inputs",
+            &inputs,
+            "--system-prompt-file",
+            &system,
+            "--rules",
+            rules.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The stand-in answers "Positive." to the fifteen good reviews: it breaks the rule.
+    let summary = json(&out.join("distill.json"));
+    assert_eq!(
+        (summary["kept"].as_u64(), summary["dropped"]["breaks_rules"].as_u64()),
+        (Some(15), Some(15)),
+        "{summary}"
+    );
+    assert!(stdout(&o).contains("dropped:  breaks_rules 15"), "{}", stdout(&o));
+    std::fs::write(&rules, "[[rule]]\nname = \"x\"\n").unwrap();
+    let o = whet(
+        &[
+            "distill",
+            "--teacher",
+            &url,
+            "--teacher-model",
+            "m",
+            "--inputs",
+            &inputs,
+            "--rules",
+            rules.to_str().unwrap(),
+            "--out",
+            tmp.path().join("o2").to_str().unwrap(),
+        ],
+        "",
+    );
+    let err = assert_one_line_error(&o);
+    assert!(err.contains("rules.toml"), "{err}");
+}

@@ -196,6 +196,8 @@ pub enum Dropped {
     Truncated,
     /// No answer was one of `--labels`.
     NotALabel,
+    /// Every answer broke a rule of `--rules`.
+    BreaksRules,
     /// The majority held less than `--min-agreement` of the samples.
     LowAgreement,
 }
@@ -208,6 +210,7 @@ impl Dropped {
             Dropped::Empty => "empty",
             Dropped::Truncated => "truncated",
             Dropped::NotALabel => "not_a_label",
+            Dropped::BreaksRules => "breaks_rules",
             Dropped::LowAgreement => "low_agreement",
         }
     }
