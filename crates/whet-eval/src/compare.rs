@@ -119,7 +119,10 @@ impl Report {
     }
 }
 
-/// Few-shot examples: `k` single-question training examples drawn by `seed`.
+/// Few-shot examples: `k` single-question training examples drawn by `seed`. For a label task
+/// the draw is stratified, as few-shot classification practice does: one example of each
+/// label in turn (labels in the order the shuffle meets them), so that three shots cannot all
+/// say `positive` and teach the model to answer nothing else.
 pub fn draw_shots(train: &[Example], k: usize, seed: u64) -> Result<Vec<(String, String)>, Error> {
     let pool: Vec<(String, String)> = train
         .iter()
@@ -135,7 +138,30 @@ pub fn draw_shots(train: &[Example], k: usize, seed: u64) -> Result<Vec<(String,
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut idx: Vec<usize> = (0..pool.len()).collect();
     idx.shuffle(&mut rng);
-    Ok(idx[..k].iter().map(|&i| pool[i].clone()).collect())
+    let references: Vec<String> = pool.iter().map(|(_, r)| r.clone()).collect();
+    if crate::Task::detect(&references) != crate::Task::Labels {
+        return Ok(idx[..k].iter().map(|&i| pool[i].clone()).collect());
+    }
+    let mut groups: Vec<(String, Vec<usize>)> = vec![];
+    for &i in &idx {
+        let label = crate::metrics::normalize(&pool[i].1);
+        match groups.iter_mut().find(|(l, _)| *l == label) {
+            Some((_, g)) => g.push(i),
+            None => groups.push((label, vec![i])),
+        }
+    }
+    let mut shots = vec![];
+    for round in 0.. {
+        for (_, g) in &groups {
+            if shots.len() == k {
+                return Ok(shots);
+            }
+            if let Some(&i) = g.get(round) {
+                shots.push(pool[i].clone());
+            }
+        }
+    }
+    unreachable!("k is at most the pool's size")
 }
 
 /// Read `RUN/metrics.jsonl` beside an adapter in `RUN/adapter` (or `RUN/best`).
@@ -578,5 +604,43 @@ mod tests {
         assert_eq!(a.len(), 3);
         let e = draw_shots(&train, 11, 1).unwrap_err().to_string();
         assert!(e.contains("--shots 11 is more than the 10"), "{e}");
+    }
+
+    /// A label set mostly of one label still gets shots of every label, in turn.
+    #[test]
+    fn label_shots_are_stratified() {
+        let ex = |i: usize, label: &str| Example {
+            messages: vec![whet_infer::Message::new("user", format!("q{i}"))],
+            reference: label.into(),
+            group: None,
+            at: String::new(),
+        };
+        let train: Vec<Example> = (0..20)
+            .map(|i| {
+                ex(
+                    i,
+                    if i < 16 {
+                        "positive"
+                    } else if i < 19 {
+                        "negative"
+                    } else {
+                        "neutral"
+                    },
+                )
+            })
+            .collect();
+        for seed in 0..20 {
+            let shots = draw_shots(&train, 3, seed).unwrap();
+            let mut labels: Vec<&str> = shots.iter().map(|(_, r)| r.as_str()).collect();
+            labels.sort();
+            assert_eq!(labels, ["negative", "neutral", "positive"], "seed {seed}");
+            let five = draw_shots(&train, 5, seed).unwrap();
+            assert_eq!(
+                five.iter().filter(|(_, r)| r == "neutral").count(),
+                1,
+                "one neutral exists"
+            );
+            assert_eq!(five.len(), 5);
+        }
     }
 }
