@@ -169,15 +169,12 @@ pub fn run(a: DistillArgs) -> Result<()> {
                 .with_context(|| format!("cannot write {}", path.display()))?;
         }
     }
-    let answers: Vec<String> = inputs
+    // The raw answers of every distinct input, in a stable order.
+    let mut answers: Vec<String> = seen
         .iter()
-        .filter(|i| ids.contains(&i.id) || cache.contains_key(&i.id))
-        .map(|i| i.id.clone())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .filter_map(|id| cache.get(&id).map(|x| serde_json::to_string(x).unwrap_or_default()))
-        .collect();
-    let mut answers = answers;
+        .filter_map(|id| cache.get(id))
+        .map(serde_json::to_string)
+        .collect::<Result<_, _>>()?;
     answers.sort();
     std::fs::write(dir.join("answers.jsonl"), answers.join("\n") + "\n")?;
     let agreement: BTreeMap<&str, f64> =

@@ -150,18 +150,18 @@ pub fn draw_shots(train: &[Example], k: usize, seed: u64) -> Result<Vec<(String,
             None => groups.push((label, vec![i])),
         }
     }
+    // Round by round, one of each label that has one left; k is at most the pool's size.
     let mut shots = vec![];
-    for round in 0.. {
+    let mut round = 0;
+    while shots.len() < k {
         for (_, g) in &groups {
-            if shots.len() == k {
-                return Ok(shots);
-            }
-            if let Some(&i) = g.get(round) {
+            if let Some(&i) = g.get(round).filter(|_| shots.len() < k) {
                 shots.push(pool[i].clone());
             }
         }
+        round += 1;
     }
-    unreachable!("k is at most the pool's size")
+    Ok(shots)
 }
 
 /// Read `RUN/metrics.jsonl` beside an adapter in `RUN/adapter` (or `RUN/best`).
