@@ -245,16 +245,24 @@ async fn serve_soak_then_ctrl_c() {
     let start = Instant::now();
     let warm = run(0..200).await;
     let rss_warm = rss_kib(child.id());
-    let rest = run(200..600).await;
+    let mid = run(200..400).await;
+    let rss_mid = rss_kib(child.id());
+    let rest = run(400..600).await;
     let rss_end = rss_kib(child.id());
-    let all: Vec<&str> = warm.into_iter().chain(rest).collect();
+    let all: Vec<&str> = warm.into_iter().chain(mid).chain(rest).collect();
     let count = |k| all.iter().filter(|&&x| x == k).count();
     eprintln!(
-        "soak: {} good, {} malformed, {} cancelled in {:.1} s; RSS {rss_warm} KiB after warm-up, {rss_end} KiB at the end",
+        "soak: {} good, {} malformed, {} cancelled in {:.1} s; RSS {rss_warm} KiB after warm-up, {rss_mid} KiB after 400, {rss_end} KiB at the end",
         count("good"), count("bad"), count("cancelled"), start.elapsed().as_secs_f64()
     );
     assert_eq!(count("good"), 480);
-    assert!(rss_end as f64 <= rss_warm as f64 * 1.10, "RSS grew from {rss_warm} to {rss_end} KiB");
+    // A leak grows with every request; allocator arenas that more threads warm up grow once.
+    // Over the last 200 requests (15 KiB a request would show), RSS stays within 5% of the
+    // warmed-up size.
+    assert!(
+        (rss_end as f64 - rss_mid as f64) <= rss_warm as f64 * 0.05,
+        "RSS grew from {rss_mid} to {rss_end} KiB over the last 200 requests (after warm-up: {rss_warm})"
+    );
     let r = http.get(format!("{url}/health")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let status = interrupt(&mut child);
