@@ -39,13 +39,13 @@ step "cargo test --workspace"
 cargo test --workspace --locked
 # Again through the path CUDA and Metal take — candle's composed ops instead of whet's CPU
 # kernels — forced on the CPU: the PyTorch + PEFT step, every family against transformers,
-# the merged-equals-unmerged and PEFT-adapter checks, QLoRA over the dequantized base, the
-# quantized matmul and embedding, a bf16 run whose loss falls, and that the decoding and prefill kernels
+# the merged-equals-unmerged and PEFT-adapter checks, the preference objectives against TRL,
+# QLoRA over the dequantized base, the quantized matmul and embedding, a bf16 run whose loss falls, and that the decoding and prefill kernels
 # and the fused head-and-loss step aside (candle's products run instead).
 step "cargo test with WHET_KERNELS=portable"
 WHET_KERNELS=portable cargo test --workspace --locked -- \
   lora:: families:: adapters:: bf16_base_trains_f32_adapters quantized_matmul quantized_embedding \
-  quantized_matvec dense_matvec dense_matmul linear_cross_entropy
+  quantized_matvec dense_matvec dense_matmul linear_cross_entropy preference_objectives_match_trl
 # Data-parallel training under mpirun: a whet built with MPI (the default build's run above
 # checked the refusal of a whet without it).
 if command -v mpirun >/dev/null; then

@@ -172,14 +172,14 @@ pub struct CompareArgs {
     /// against the number of examples beside the best prompted arm.
     #[arg(long, value_delimiter = ',', requires = "out")]
     pub learning_curve: Vec<String>,
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, default_value_t = whet_model::DeviceSpec::Auto)]
+    pub device: whet_model::DeviceSpec,
+    #[arg(long, value_enum, default_value_t = whet_model::WeightDType::F32)]
+    pub dtype: whet_model::WeightDType,
     /// Quantize the base's linear layers and embedding for every arm alike (`q8_0` or
     /// `q4_0`): the adapter stays f32 beside them, and CPU decoding runs 2-3x faster.
-    #[arg(long)]
-    pub quantize: Option<String>,
+    #[arg(long, value_enum)]
+    pub quantize: Option<whet_model::Quantization>,
 }
 
 #[derive(Debug, Args)]
@@ -493,11 +493,11 @@ pub struct BenchTrainArgs {
     #[arg(short, long, default_value = "random:smollm2-135m")]
     pub model: String,
     /// Base weight dtype.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = whet_model::WeightDType::F32)]
+    pub dtype: whet_model::WeightDType,
     /// Device.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value_t = whet_model::DeviceSpec::Auto)]
+    pub device: whet_model::DeviceSpec,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
@@ -517,8 +517,8 @@ pub struct BenchTrainArgs {
     #[arg(long)]
     pub grad_checkpoint: bool,
     /// QLoRA, as `whet train --quantize-base`: `q8_0` or `q4_0`.
-    #[arg(long)]
-    pub quantize_base: Option<String>,
+    #[arg(long, value_enum)]
+    pub quantize_base: Option<whet_model::Quantization>,
     /// Train on a dataset (as `whet train --data`: its train split, tokenized with the model's
     /// template, the loss on what the model should learn) instead of random full rows; rows
     /// are cut at --seq-len.
@@ -553,16 +553,16 @@ pub struct ModelArgs {
     #[arg(short, long, env = "WHET_MODEL")]
     pub model: Option<String>,
     /// `auto` (CUDA or Metal when built in and present, else CPU), `cpu`, `cuda`, `cuda:N`, `metal`.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value_t = whet_model::DeviceSpec::Auto)]
+    pub device: whet_model::DeviceSpec,
     /// Weight precision after loading: `f32`, `f16` or `bf16`.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = whet_model::WeightDType::F32)]
+    pub dtype: whet_model::WeightDType,
     /// Quantize the linear layers and the embedding table for inference: `q8_0`
     /// (near-lossless) or `q4_0`. Decoding reads every weight per token, so this is what makes
     /// CPU decoding fast.
-    #[arg(long)]
-    pub quantize: Option<String>,
+    #[arg(long, value_enum)]
+    pub quantize: Option<whet_model::Quantization>,
     /// A LoRA adapter directory (PEFT format, e.g. RUN_DIR/adapter) to apply: `DIR` alone is
     /// merged into the weights (base-model speed); `NAME=DIR[:WEIGHT]`, repeatable, applies
     /// several unmerged beside the base, each scaled by WEIGHT (default 1); `whet chat`
@@ -646,8 +646,8 @@ pub struct InfoArgs {
     /// The model to describe (same forms as --model); default: the default model.
     pub model: Option<String>,
     /// Weight precision after loading.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = whet_model::WeightDType::F32)]
+    pub dtype: whet_model::WeightDType,
     /// Print the whole chat template instead of its first line.
     #[arg(long)]
     pub template: bool,
@@ -737,8 +737,8 @@ pub struct DistillArgs {
     #[arg(long, default_value_t = 4)]
     pub retries: u32,
     /// Keep the teacher's dense weights block-quantized for decoding: `q8_0` or `q4_0`.
-    #[arg(long, value_name = "TYPE")]
-    pub teacher_quantize: Option<String>,
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub teacher_quantize: Option<whet_model::Quantization>,
     /// The unlabelled inputs: JSONL with `messages` or a text field (text, input, prompt,
     /// question, instruction; answers in the record are ignored), or a text file with one
     /// input per line.

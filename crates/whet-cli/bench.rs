@@ -51,10 +51,10 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
     let load_before = load_average();
     // Under mpirun: the same global batch, split across the ranks.
     let mut world = whet_train::World::from_launch(false)?;
-    let device = world.rank_device(whet_model::parse_device(&args.device)?, &args.device)?;
+    let device = world.rank_device(args.device.open()?, args.device)?;
     world.attach_device(&device)?;
-    let dtype = whet_model::parse_dtype(&args.dtype)?;
-    let quantize = args.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let dtype = args.dtype.dtype();
+    let quantize = args.quantize_base.map(whet_model::Quantization::ggml);
     let mut m = model::load_spec_quantized(&args.model, dtype, &device, 0, quantize)?;
     let mut cfg = whet_train::TrainConfig {
         model: args.model.clone(),
@@ -90,6 +90,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
                 .map(|_| whet_data::Tokenized {
                     ids: (0..args.seq_len).map(|_| rng.random_range(3..vocab)).collect(),
                     mask: vec![1; args.seq_len],
+                    rejected: None,
                 })
                 .collect();
             whet_train::TrainData { train, ..Default::default() }

@@ -124,6 +124,20 @@ pub fn check(a: DataArgs) -> Result<()> {
             "  over --max-seq-len {}: {} truncated, {} dropped",
             a.max_seq_len, split.truncated, split.dropped
         )?;
+        if split.format == Format::Preference {
+            let rejected: usize = split
+                .examples
+                .iter()
+                .filter_map(|e| e.rejected.as_ref())
+                .map(|r| r.trained())
+                .sum();
+            writeln!(
+                out,
+                "  pairs: {} (rejected answers: {rejected} trained tokens); chosen = rejected: {}",
+                split.examples.len(),
+                split.identical
+            )?;
+        }
         let mut seen: HashMap<&[u32], usize> = HashMap::new();
         let mut duplicates = vec![];
         for (e, line) in split.examples.iter().zip(&split.lines) {
@@ -195,47 +209,70 @@ pub fn preview(a: PreviewArgs) -> Result<()> {
         writeln!(out, "(trained text is shown between « and »)")?;
     }
     for record in split.records.iter().take(a.count) {
-        let enc = renderer
-            .encode(&record.example)
-            .map_err(|e| anyhow::anyhow!("{}:{}: {e}", split.path.display(), record.line))?;
-        let t = &enc.tokens;
-        writeln!(
-            out,
-            "── {}:{} — {} tokens, {} trained ──",
-            split.path.display(),
-            record.line,
-            t.ids.len(),
-            t.trained()
-        )?;
-        let mut shown = 0; // bytes of text already printed
-        let mut in_trained = false;
-        for (i, &(_, end)) in enc.offsets.iter().enumerate() {
-            // Tokens of one multi-byte character share its offsets; print it once. Offsets leave
-            // out a token's leading space, so each piece runs from the end of the last one.
-            if end <= shown {
-                continue;
-            }
-            let piece = &enc.text[shown..end];
-            shown = end;
-            let trained = t.mask[i] == 1;
-            let piece = if a.tokens { format!("⟨{piece}⟩") } else { piece.to_string() };
-            if color {
-                // Trained: bold green; masked: dim.
-                let style = if trained { "\x1b[1;32m" } else { "\x1b[2m" };
-                write!(out, "{style}{piece}\x1b[0m")?;
-            } else {
-                if trained != in_trained {
-                    write!(out, "{}", if trained { "«" } else { "»" })?;
-                    in_trained = trained;
-                }
-                write!(out, "{piece}")?;
-            }
+        let at = |e: String| anyhow::anyhow!("{}:{}: {e}", split.path.display(), record.line);
+        // A preference pair shows both answers, each after the prompt, with its mask.
+        let sides = match &record.example {
+            whet_data::Example::Preference { prompt, chosen, rejected } => vec![
+                (" (chosen)", record.example.clone()),
+                (
+                    " (rejected)",
+                    whet_data::Example::Preference {
+                        prompt: prompt.clone(),
+                        chosen: rejected.clone(),
+                        rejected: chosen.clone(),
+                    },
+                ),
+            ],
+            e => vec![("", e.clone())],
+        };
+        for (side, example) in sides {
+            let enc = renderer.encode(&example).map_err(at)?;
+            let t = &enc.tokens;
+            writeln!(
+                out,
+                "── {}:{}{side} — {} tokens, {} trained ──",
+                split.path.display(),
+                record.line,
+                t.ids.len(),
+                t.trained()
+            )?;
+            show(&mut out, &enc, color, a.tokens)?;
         }
-        if in_trained {
-            write!(out, "»")?;
-        }
-        writeln!(out)?;
     }
+    Ok(())
+}
+
+/// One encoded example's text, its trained tokens marked (colour, or « and »).
+fn show(out: &mut impl Write, enc: &whet_data::Encoded, color: bool, tokens: bool) -> Result<()> {
+    let t = &enc.tokens;
+    let mut shown = 0; // bytes of text already printed
+    let mut in_trained = false;
+    for (i, &(_, end)) in enc.offsets.iter().enumerate() {
+        // Tokens of one multi-byte character share its offsets; print it once. Offsets leave
+        // out a token's leading space, so each piece runs from the end of the last one.
+        if end <= shown {
+            continue;
+        }
+        let piece = &enc.text[shown..end];
+        shown = end;
+        let trained = t.mask[i] == 1;
+        let piece = if tokens { format!("⟨{piece}⟩") } else { piece.to_string() };
+        if color {
+            // Trained: bold green; masked: dim.
+            let style = if trained { "\x1b[1;32m" } else { "\x1b[2m" };
+            write!(out, "{style}{piece}\x1b[0m")?;
+        } else {
+            if trained != in_trained {
+                write!(out, "{}", if trained { "«" } else { "»" })?;
+                in_trained = trained;
+            }
+            write!(out, "{piece}")?;
+        }
+    }
+    if in_trained {
+        write!(out, "»")?;
+    }
+    writeln!(out)?;
     Ok(())
 }
 

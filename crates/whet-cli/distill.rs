@@ -300,8 +300,8 @@ fn ask_teacher(
     inputs: &[&Input],
     cache_path: &Path,
 ) -> Result<Vec<Answers>> {
-    let device = whet_model::parse_device("auto")?;
-    let quantize = a.teacher_quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let device = whet_model::DeviceSpec::Auto.open()?;
+    let quantize = a.teacher_quantize.map(whet_model::Quantization::ggml);
     let m = crate::model::load_spec_quantized(
         &a.teacher,
         candle_core::DType::F32,

@@ -194,10 +194,10 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         "--data {}: whet compare needs a directory with train.jsonl, valid.jsonl and test.jsonl",
         args.shared.data.display()
     );
-    let device = whet_model::parse_device(&args.device)?;
-    let dtype = whet_model::parse_dtype(&args.dtype)?;
+    let device = args.device.open()?;
+    let dtype = args.dtype.dtype();
     let spec = model::model_spec(&args.model);
-    let quantize = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let quantize = args.quantize.map(whet_model::Quantization::ggml);
     let quantized = |mut m: whet_model::LoadedModel| -> Result<whet_model::LoadedModel> {
         if let Some(q) = quantize {
             m.model.quantize(q).context("cannot quantize the model")?;
@@ -298,13 +298,13 @@ fn learning_curve(
         c.dtype = args.dtype.clone();
         eprintln!("learning curve: training on {n} examples ({} steps) ...", c.steps);
         let adapter = crate::train::train_quietly(c, &dir.join("run"))?;
-        let device = whet_model::parse_device(&args.device)?;
-        let dtype = whet_model::parse_dtype(&args.dtype)?;
+        let device = args.device.open()?;
+        let dtype = args.dtype.dtype();
         let mut m = model::load_spec(spec, dtype, &device, 0)?;
         whet_model::adapter::load_named_adapter(&mut m.model, "finetuned", 1.0, &adapter)?;
         m.model.set_adapter_weights(&[])?;
         // Scored as the other arms are: on the same quantized base.
-        if let Some(q) = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()? {
+        if let Some(q) = args.quantize.map(whet_model::Quantization::ggml) {
             m.model.quantize(q).context("cannot quantize the model")?;
         }
         let e = compare::score_finetuned(&into_model(m)?, cfg)?;

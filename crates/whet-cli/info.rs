@@ -9,7 +9,7 @@ use whet_infer::chat_template;
 
 pub fn run(args: InfoArgs) -> Result<()> {
     let spec = model::model_spec(&args.model);
-    let dtype = whet_model::parse_dtype(&args.dtype)?;
+    let dtype = args.dtype.dtype();
     let m = model::load_spec(&spec, dtype, &Device::Cpu, 0)?;
     let c = &m.config;
     let mut out = std::io::stdout().lock();

@@ -19,9 +19,9 @@ pub fn load(args: &ModelArgs, seed: u64) -> Result<(LoadedModel, Device)> {
 /// As [`load`]; with `merge_one` false, even a single `--adapter DIR` stays unmerged, named
 /// after its directory (the server selects adapters per request).
 pub fn load_with(args: &ModelArgs, seed: u64, merge_one: bool) -> Result<(LoadedModel, Device)> {
-    let device = whet_model::parse_device(&args.device)?;
-    let dtype = whet_model::parse_dtype(&args.dtype)?;
-    let quantize = args.quantize.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let device = args.device.open()?;
+    let dtype = args.dtype.dtype();
+    let quantize = args.quantize.map(whet_model::Quantization::ggml);
     let spec = model_spec(&args.model);
     let mut model = load_spec(&spec, dtype, &device, seed)?;
     let specs = args.adapter.iter().map(|s| AdapterSpec::parse(s)).collect::<Result<Vec<_>>>()?;

@@ -69,6 +69,26 @@ pub(crate) fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> 
         seed: c.seed,
     };
     let (_, splits) = run_pipeline(&args, text)?;
+    // Pairs for a preference objective, answers for SFT: the first record of the wrong kind
+    // is named.
+    for split in &splits {
+        let pairs = split.format == whet_data::Format::Preference;
+        let line = split.lines.first().copied().unwrap_or(1);
+        if c.objective.is_preference() && !pairs {
+            bail!(
+                "{}:{line}: a `{}` record, but --objective {} trains on preference pairs\nhint: give records with `prompt`, `chosen` and `rejected`, or train with --objective sft",
+                split.path.display(),
+                split.format.name(),
+                c.objective.name()
+            );
+        }
+        if !c.objective.is_preference() && pairs {
+            bail!(
+                "{}:{line}: a preference record (`chosen`, `rejected`), but --objective sft trains on answers\nhint: --objective dpo (or ipo, simpo, orpo) trains on pairs",
+                split.path.display()
+            );
+        }
+    }
     let take = |name: &str| {
         splits.iter().find(|s| s.name == name).map(|s| s.examples.clone()).unwrap_or_default()
     };
@@ -90,9 +110,9 @@ fn model_and_data(
     c: &TrainConfig,
     world: &World,
 ) -> Result<(whet_model::LoadedModel, TrainData, candle_core::Device)> {
-    let device = world.rank_device(whet_model::parse_device(&c.device)?, &c.device)?;
-    let dtype = whet_model::parse_dtype(&c.dtype)?;
-    let quantize = c.quantize_base.as_deref().map(whet_model::parse_quantization).transpose()?;
+    let device = world.rank_device(c.device.open()?, c.device)?;
+    let dtype = c.dtype.dtype();
+    let quantize = c.quantize_base.map(whet_model::Quantization::ggml);
     let m = crate::model::load_spec_quantized(&c.model, dtype, &device, c.seed, quantize)?;
     let context = m.model.config().max_position_embeddings;
     if c.max_seq_len > context {
@@ -117,6 +137,15 @@ fn model_and_data(
         );
     }
     Ok((m, data, device))
+}
+
+/// A preference objective's reward margin and accuracy, for a progress line (empty for SFT).
+fn preference_summary(metrics: &[(String, f64)]) -> String {
+    let get = |name: &str| metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
+    match (get("rewards/margins"), get("rewards/accuracies")) {
+        (Some(m), Some(a)) => format!(" | margin {m:.3} | accuracy {a:.2}"),
+        _ => String::new(),
+    }
 }
 
 /// Train with `c` into the run directory `out` (replaced), without a progress display (steps
@@ -227,9 +256,10 @@ pub fn run(a: TrainArgs, given: &[String]) -> Result<()> {
         }
     };
     let mut on_event = |e: &Event| match e {
-        Event::Step { step, loss, lr, tokens_per_sec, peak_mb, .. } => {
+        Event::Step { step, loss, lr, tokens_per_sec, peak_mb, metrics, .. } => {
             let msg = format!(
-                "loss {loss:.4} | lr {lr:.2e} | {tokens_per_sec:.0} tok/s | {peak_mb:.0} MB"
+                "loss {loss:.4}{} | lr {lr:.2e} | {tokens_per_sec:.0} tok/s | {peak_mb:.0} MB",
+                preference_summary(metrics)
             );
             bar.set_position(*step as u64);
             if !tty && (step % 10 == 0 || *step == c.steps) {
@@ -237,9 +267,10 @@ pub fn run(a: TrainArgs, given: &[String]) -> Result<()> {
             }
             bar.set_message(msg);
         }
-        Event::Eval { step, val_loss, best } => {
+        Event::Eval { step, val_loss, best, metrics } => {
             say(format!(
-                "step {step}: validation loss {val_loss:.4}{}",
+                "step {step}: validation loss {val_loss:.4}{}{}",
+                preference_summary(metrics),
                 if *best { " (best)" } else { "" }
             ));
         }

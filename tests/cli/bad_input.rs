@@ -79,10 +79,21 @@ fn template_that_does_not_compile() {
 
 #[test]
 fn unknown_device_and_dtype() {
+    // Typed flags: refused while the command line is parsed, as a usage error (exit 2).
     let o = whet(&["generate", "--model", "random:tiny", "--device", "tpu", "--prompt", "hi"], "");
-    assert!(assert_one_line_error(&o).contains("unknown device `tpu`"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("invalid value 'tpu' for '--device <DEVICE>': unknown device `tpu`"),
+        "{err}"
+    );
     let o = whet(&["generate", "--model", "random:tiny", "--dtype", "f8", "--prompt", "hi"], "");
-    assert!(assert_one_line_error(&o).contains("unknown dtype `f8`"));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("invalid value 'f8' for '--dtype <DTYPE>'"), "{err}");
+    assert!(err.contains("[possible values: f32, f16, bf16]"), "{err}");
+    let o = whet(&["generate", "--model", "random:tiny", "--quantize", "q5", "--prompt", "hi"], "");
+    assert!(stderr(&o).contains("[possible values: q8_0, q4_0]"), "{}", stderr(&o));
 }
 
 #[cfg(not(feature = "cuda"))]

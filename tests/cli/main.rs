@@ -8,6 +8,7 @@ mod eval;
 mod llama_cpp;
 mod mpi;
 mod pages;
+mod preference;
 mod regression;
 mod serve;
 mod train;

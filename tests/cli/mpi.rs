@@ -279,3 +279,40 @@ fn a_whet_without_mpi_under_mpirun_says_how_to_build_one() {
     );
     assert!(!out.exists());
 }
+
+/// DPO over two ranks: each takes its pairs of every batch, and the adapter is one process's.
+#[test]
+fn two_ranks_train_dpo_as_one_process() {
+    if !have_mpirun() || !built_with_mpi() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lines: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"prompt\":\"q{i}\",\"chosen\":\"answer {}\",\"rejected\":\"no {i}\"}}\n",
+                i % 3
+            )
+        })
+        .collect();
+    std::fs::write(dir.path().join("train.jsonl"), lines).unwrap();
+    let data = dir.path().to_str().unwrap();
+    let run = |out: &Path| {
+        let mut a = train_args(data, out.to_str().unwrap());
+        let at = a.iter().position(|x| *x == "200").unwrap();
+        a[at] = "30";
+        a.extend(["--objective", "dpo"]);
+        a.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let single = dir.path().join("single");
+    let args = run(&single);
+    let o = whet(&args.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let two = dir.path().join("two");
+    let args = run(&two);
+    let o = mpirun(2, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_adapter(&single, &two);
+    let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"rewards/margins\""), "{metrics}");
+}

@@ -413,8 +413,11 @@ fn qlora_run_over_a_quantized_base_learns() {
     let out = dir.path().join("run");
     let mut args = train_args(&data, out.to_str().unwrap(), "30");
     args.extend(["--quantize-base", "q5_1"]);
-    let err = assert_one_line_error(&whet(&args, ""));
-    assert!(err.contains("`quantize_base` = `q5_1`: expected q8_0 or q4_0"), "{err}");
+    let o = whet(&args, "");
+    assert_eq!(o.status.code(), Some(2), "a usage error: {}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("invalid value 'q5_1' for '--quantize-base <TYPE>'"), "{err}");
+    assert!(err.contains("[possible values: q8_0, q4_0]"), "{err}");
     assert!(!out.exists(), "nothing created for a refused run");
     let at = args.len() - 1;
     args[at] = "q8_0";

@@ -88,19 +88,29 @@ pub fn save(
 ) -> Result<(), CacheError> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     for (name, examples) in splits {
-        let ids: Vec<u32> = examples.iter().flat_map(|e| e.ids.iter().copied()).collect();
-        let mask: Vec<u8> = examples.iter().flat_map(|e| e.mask.iter().copied()).collect();
-        let mut offsets = vec![0i64];
-        for e in examples {
-            offsets.push(offsets[offsets.len() - 1] + e.ids.len() as i64);
+        // Preference pairs: the rejected sides as a second set of tensors, `rejected_*`.
+        let rejected: Vec<&Tokenized> =
+            examples.iter().filter_map(|e| e.rejected.as_deref()).collect();
+        if !rejected.is_empty() && rejected.len() != examples.len() {
+            return Err(io(
+                dir,
+                format!("split {name} mixes preference pairs and single examples"),
+            ));
         }
-        let ids_bytes: Vec<u8> = ids.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let off_bytes: Vec<u8> = offsets.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let tensors = vec![
-            ("ids".to_string(), view(Dtype::U32, ids.len(), &ids_bytes, dir)?),
-            ("mask".to_string(), view(Dtype::U8, mask.len(), &mask, dir)?),
-            ("offsets".to_string(), view(Dtype::I64, offsets.len(), &off_bytes, dir)?),
-        ];
+        let chosen: Vec<&Tokenized> = examples.iter().collect();
+        let mut buffers = vec![("", flatten(&chosen))];
+        if !rejected.is_empty() {
+            buffers.push(("rejected_", flatten(&rejected)));
+        }
+        let mut tensors = vec![];
+        for (prefix, (ids, mask, offsets)) in &buffers {
+            tensors.push((format!("{prefix}ids"), view(Dtype::U32, ids.len() / 4, ids, dir)?));
+            tensors.push((format!("{prefix}mask"), view(Dtype::U8, mask.len(), mask, dir)?));
+            tensors.push((
+                format!("{prefix}offsets"),
+                view(Dtype::I64, offsets.len() / 8, offsets, dir)?,
+            ));
+        }
         let path = dir.join(format!("{name}.safetensors"));
         // Written plainly, so the file takes the user's umask (safetensors' writer makes 0600).
         let bytes = safetensors::serialize(tensors, None).map_err(|e| io(&path, e))?;
@@ -109,6 +119,17 @@ pub fn save(
     let path = dir.join("manifest.json");
     let text = serde_json::to_string_pretty(manifest).map_err(|e| io(&path, e))?;
     std::fs::write(&path, text).map_err(|e| io(&path, e))
+}
+
+/// The ids (u32 LE), masks and offsets (i64 LE, one more than examples) of `examples`.
+fn flatten(examples: &[&Tokenized]) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+    let ids = examples.iter().flat_map(|e| e.ids.iter().flat_map(|v| v.to_le_bytes())).collect();
+    let mask = examples.iter().flat_map(|e| e.mask.iter().copied()).collect();
+    let mut offsets = vec![0i64];
+    for e in examples {
+        offsets.push(offsets[offsets.len() - 1] + e.ids.len() as i64);
+    }
+    (ids, mask, offsets.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
 fn view<'a>(
@@ -145,28 +166,44 @@ pub fn load(
         let path = dir.join(format!("{}.safetensors", info.name));
         let bytes = std::fs::read(&path).map_err(|e| io(&path, e))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(&path, e))?;
-        let get = |name: &str| st.tensor(name).map_err(|e| io(&path, e));
-        let ids: Vec<u32> = get("ids")?
-            .data()
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let mask: Vec<u8> = get("mask")?.data().to_vec();
-        let offsets: Vec<usize> = get("offsets")?
-            .data()
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as usize)
-            .collect();
-        if mask.len() != ids.len()
-            || offsets.last() != Some(&ids.len())
-            || offsets.windows(2).any(|w| w[0] > w[1])
-        {
-            return Err(io(&path, "inconsistent ids, mask and offsets"));
+        let read = |prefix: &str| -> Result<Vec<Tokenized>, CacheError> {
+            let get = |name: &str| st.tensor(&format!("{prefix}{name}")).map_err(|e| io(&path, e));
+            let ids: Vec<u32> = get("ids")?
+                .data()
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let mask: Vec<u8> = get("mask")?.data().to_vec();
+            let offsets: Vec<usize> = get("offsets")?
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as usize)
+                .collect();
+            if mask.len() != ids.len()
+                || offsets.last() != Some(&ids.len())
+                || offsets.windows(2).any(|w| w[0] > w[1])
+            {
+                return Err(io(&path, format!("inconsistent {prefix}ids, mask and offsets")));
+            }
+            Ok(offsets
+                .windows(2)
+                .map(|w| Tokenized {
+                    ids: ids[w[0]..w[1]].to_vec(),
+                    mask: mask[w[0]..w[1]].to_vec(),
+                    rejected: None,
+                })
+                .collect())
+        };
+        let mut examples = read("")?;
+        if st.names().iter().any(|n| n.starts_with("rejected_")) {
+            let rejected = read("rejected_")?;
+            if rejected.len() != examples.len() {
+                return Err(io(&path, "a different number of chosen and rejected sides"));
+            }
+            for (e, r) in examples.iter_mut().zip(rejected) {
+                e.rejected = Some(Box::new(r));
+            }
         }
-        let examples = offsets
-            .windows(2)
-            .map(|w| Tokenized { ids: ids[w[0]..w[1]].to_vec(), mask: mask[w[0]..w[1]].to_vec() })
-            .collect();
         splits.push((info.name.clone(), examples));
     }
     Ok((manifest, splits))

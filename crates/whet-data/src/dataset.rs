@@ -107,6 +107,9 @@ pub struct PreparedSplit {
     pub truncated: usize,
     /// Examples left out (too long under `Overlong::Drop`, or nothing left to train).
     pub dropped: usize,
+    /// Preference pairs whose chosen and rejected answers are the same (kept, and warned of:
+    /// they teach nothing but move the reward statistics).
+    pub identical: usize,
 }
 
 impl PreparedSplit {
@@ -142,6 +145,7 @@ pub fn prepare(
             examples: vec![],
             truncated: 0,
             dropped: 0,
+            identical: 0,
         };
         for (record, result) in split.records.iter().zip(renderer.tokenize_batch(&examples)) {
             let t = match result {
@@ -165,7 +169,18 @@ pub fn prepare(
                 });
                 continue;
             }
-            let long = t.ids.len() > max_seq_len;
+            if let crate::format::Example::Preference { chosen, rejected, .. } = &record.example {
+                if chosen == rejected {
+                    prepared.identical += 1;
+                    tracing::warn!(
+                        "{}:{}: `chosen` and `rejected` are the same answer; the pair teaches nothing",
+                        split.path.display(),
+                        record.line
+                    );
+                }
+            }
+            let long = t.ids.len() > max_seq_len
+                || t.rejected.as_ref().is_some_and(|r| r.ids.len() > max_seq_len);
             match fit(t, max_seq_len, overlong) {
                 Some(t) => {
                     prepared.truncated += usize::from(long);

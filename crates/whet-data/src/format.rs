@@ -18,6 +18,13 @@ pub enum Format {
     Alpaca,
     /// `{"conversations": [{"from": "human", "value": "..."}, ...]}`
     ShareGpt,
+    /// `{"prompt": ..., "chosen": ..., "rejected": ...}` (TRL's preference format; strings or
+    /// message lists, an optional `system`): the data of DPO and its relatives.
+    Preference,
+    /// `{"prompt": ..., "completion": ..., "label": true|false}` (TRL's unpaired preference
+    /// format, KTO's): recognised so that it is refused by name, not read as prompt/completion
+    /// with its labels ignored.
+    Unpaired,
 }
 
 /// `--format`: detect each file's record layout from its first record, or say it.
@@ -47,6 +54,8 @@ pub enum FormatChoice {
     Alpaca,
     /// [`Format::ShareGpt`].
     Sharegpt,
+    /// [`Format::Preference`].
+    Preference,
 }
 
 impl FormatChoice {
@@ -59,6 +68,7 @@ impl FormatChoice {
             FormatChoice::Text => Some(Format::Text),
             FormatChoice::Alpaca => Some(Format::Alpaca),
             FormatChoice::Sharegpt => Some(Format::ShareGpt),
+            FormatChoice::Preference => Some(Format::Preference),
         }
     }
 
@@ -77,6 +87,8 @@ impl Format {
             Format::Text => "text",
             Format::Alpaca => "alpaca",
             Format::ShareGpt => "sharegpt",
+            Format::Preference => "preference",
+            Format::Unpaired => "unpaired",
         }
     }
 
@@ -86,6 +98,10 @@ impl Format {
             Some(Format::Chat)
         } else if obj.contains_key("conversations") {
             Some(Format::ShareGpt)
+        } else if obj.contains_key("chosen") || obj.contains_key("rejected") {
+            Some(Format::Preference)
+        } else if obj.contains_key("completion") && obj.contains_key("label") {
+            Some(Format::Unpaired)
         } else if obj.contains_key("prompt") && obj.contains_key("completion") {
             Some(Format::PromptCompletion)
         } else if obj.contains_key("instruction") && obj.contains_key("output") {
@@ -145,6 +161,23 @@ pub enum Example {
     },
     /// Plain text, trained throughout.
     Text(String),
+    /// A preference pair: one prompt (ending with a user turn), a better and a worse answer
+    /// (assistant turns).
+    Preference {
+        /// The conversation so far, its last turn the user's.
+        prompt: Vec<Turn>,
+        /// The preferred answer.
+        chosen: Vec<Turn>,
+        /// The answer that should become less likely.
+        rejected: Vec<Turn>,
+    },
+}
+
+impl Example {
+    /// Whether this is a preference pair (the data of DPO and its relatives).
+    pub fn is_preference(&self) -> bool {
+        matches!(self, Example::Preference { .. })
+    }
 }
 
 /// An example and the line it came from.
@@ -304,7 +337,7 @@ pub fn read_jsonl(
             errors.push(err(
                 line,
                 format!("unrecognised record with keys {}", if keys.is_empty() { "(none)".into() } else { keys.join(", ") }),
-                Some("use `messages`, `conversations`, `prompt`+`completion`, `instruction`+`output` or `text`"),
+                Some("use `messages`, `conversations`, `prompt`+`completion`, `instruction`+`output`, `text`, or `prompt`+`chosen`+`rejected` for preference pairs"),
             ));
             continue;
         };
@@ -469,6 +502,11 @@ fn parse(format: Format, obj: &Map<String, Value>) -> Result<Example, ParseError
             ]))
         }
         Format::Text => Ok(Example::Text(required(obj, "text", "")?)),
+        Format::Preference => preference(obj),
+        Format::Unpaired => Err((
+            "an unpaired preference record (`prompt`, `completion`, `label`: KTO's format); whet does not train KTO yet".into(),
+            Some("pair a desirable and an undesirable answer to one prompt as `prompt`, `chosen`, `rejected` for --objective dpo"),
+        )),
     }
 }
 
@@ -483,6 +521,123 @@ fn turns(
         Some(v) => return Err((format!("field `{list}` must be a list, got {}", kind(v)), None)),
         None => return Err((format!("missing field `{list}`"), None)),
     };
+    let turns = message_list(items, list, role_key, content_key)?;
+    if !turns.iter().any(|t| t.role == Role::Assistant) {
+        return Err((
+            "conversation has no assistant turn, so there is nothing to learn".into(),
+            Some("add the reply the model should give"),
+        ));
+    }
+    Ok(Example::Chat(turns))
+}
+
+/// A preference record, as TRL reads one: `prompt` a string (one user turn) or a message list
+/// ending with a user turn, `chosen`/`rejected` a string (one assistant turn) or a list of
+/// assistant turns; without `prompt`, `chosen` and `rejected` are whole conversations whose
+/// turns up to the last user turn are the prompt, and must agree. An optional `system` string
+/// opens the prompt.
+fn preference(obj: &Map<String, Value>) -> Result<Example, ParseError> {
+    let side = |key: &str| -> Result<Vec<Turn>, ParseError> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Err((
+                format!("missing field `{key}`"),
+                Some("a preference record has `prompt`, `chosen` and `rejected`"),
+            )),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                Err((format!("field `{key}` is empty"), None))
+            }
+            Some(Value::String(s)) => {
+                Ok(vec![Turn { role: Role::Assistant, content: s.clone(), train: None }])
+            }
+            Some(Value::Array(items)) if items.is_empty() => {
+                Err((format!("field `{key}` is an empty list"), None))
+            }
+            Some(Value::Array(items)) => message_list(items, key, "role", "content"),
+            Some(v) => Err((
+                format!("field `{key}` must be a string or a list of messages, got {}", kind(v)),
+                None,
+            )),
+        }
+    };
+    let (mut chosen, mut rejected) = (side("chosen")?, side("rejected")?);
+    let mut prompt = match obj.get("prompt") {
+        None | Some(Value::Null) => {
+            // The implicit prompt: each side's turns up to its last user turn.
+            let split = |turns: &mut Vec<Turn>, key: &str| -> Result<Vec<Turn>, ParseError> {
+                let at = turns.iter().rposition(|t| t.role == Role::User).ok_or_else(|| {
+                    (
+                        format!("missing field `prompt`, and `{key}` has no user turn to take it from"),
+                        Some("give `prompt` (a string or messages), or whole conversations in `chosen` and `rejected`"),
+                    )
+                })?;
+                let rest = turns.split_off(at + 1);
+                Ok(std::mem::replace(turns, rest))
+            };
+            let (pc, pr) = (split(&mut chosen, "chosen")?, split(&mut rejected, "rejected")?);
+            if pc != pr {
+                let at =
+                    pc.iter().zip(&pr).position(|(a, b)| a != b).unwrap_or(pc.len().min(pr.len()));
+                return Err((
+                    format!("the prompts of `chosen` and `rejected` differ at message {at} (`chosen[{at}]` against `rejected[{at}]`)"),
+                    Some("both sides of a pair answer the same conversation; give it once as `prompt`"),
+                ));
+            }
+            pc
+        }
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err(("field `prompt` is empty".into(), None))
+        }
+        Some(Value::String(s)) => vec![Turn { role: Role::User, content: s.clone(), train: None }],
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(("field `prompt` is an empty list".into(), None))
+        }
+        Some(Value::Array(items)) => message_list(items, "prompt", "role", "content")?,
+        Some(v) => {
+            return Err((
+                format!("field `prompt` must be a string or a list of messages, got {}", kind(v)),
+                None,
+            ))
+        }
+    };
+    if prompt.last().map(|t| t.role) != Some(Role::User) {
+        return Err((
+            "the prompt's last message must be the user's".into(),
+            Some("the pair's answers reply to it"),
+        ));
+    }
+    for (key, turns) in [("chosen", &chosen), ("rejected", &rejected)] {
+        if turns.is_empty() {
+            return Err((format!("field `{key}` holds no answer after the prompt"), None));
+        }
+        if let Some(i) = turns.iter().position(|t| t.role != Role::Assistant) {
+            return Err((
+                format!(
+                    "`{key}[{i}]` is a `{}` message; an answer holds assistant messages only",
+                    turns[i].role.as_str()
+                ),
+                Some("put the conversation before the answer in `prompt`"),
+            ));
+        }
+    }
+    if let Some(system) = string(obj, "system", "", false)? {
+        if prompt.first().map(|t| t.role) == Some(Role::System) {
+            return Err((
+                "both `system` and a system message in `prompt`".into(),
+                Some("keep one of them"),
+            ));
+        }
+        prompt.insert(0, Turn { role: Role::System, content: system, train: None });
+    }
+    Ok(Example::Preference { prompt, chosen, rejected })
+}
+
+/// The messages of a list field, each a role and a non-empty content.
+fn message_list(
+    items: &[Value],
+    list: &str,
+    role_key: &str,
+    content_key: &str,
+) -> Result<Vec<Turn>, ParseError> {
     if items.is_empty() {
         return Err((format!("field `{list}` is an empty list"), None));
     }
@@ -521,13 +676,7 @@ fn turns(
         };
         turns.push(Turn { role, content, train });
     }
-    if !turns.iter().any(|t| t.role == Role::Assistant) {
-        return Err((
-            "conversation has no assistant turn, so there is nothing to learn".into(),
-            Some("add the reply the model should give"),
-        ));
-    }
-    Ok(Example::Chat(turns))
+    Ok(turns)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! found by rendering the conversation up to each turn, so any template works, including ones
 //! that put text after the assistant's content.
 
-use crate::format::{Example, Role};
+use crate::format::{Example, Role, Turn};
 use crate::template::{ChatTemplate, Message};
 use std::ops::Range;
 use tokenizers::Tokenizer;
@@ -76,12 +76,14 @@ impl Overlong {
 }
 
 /// A tokenized example.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Tokenized {
-    /// Token ids.
+    /// Token ids (of a preference pair: the prompt and the chosen answer).
     pub ids: Vec<u32>,
     /// 1 where the loss applies (the token is predicted from the ones before it).
     pub mask: Vec<u8>,
+    /// Of a preference pair, the prompt and the rejected answer, masked the same way.
+    pub rejected: Option<Box<Tokenized>>,
 }
 
 impl Tokenized {
@@ -126,9 +128,25 @@ impl<'a> Renderer<'a> {
         Self { tokenizer, template, train_on, end_of_turn, eos }
     }
 
-    /// The text the model sees and the byte ranges of it that are trained.
+    /// The text the model sees and the byte ranges of it that are trained (of a preference
+    /// pair, the chosen side's).
     pub fn render(&self, example: &Example) -> Result<(String, Vec<Range<usize>>), String> {
         match example {
+            Example::Preference { prompt, chosen, .. } => {
+                let messages: Vec<Message> = prompt
+                    .iter()
+                    .chain(chosen)
+                    .map(|t| Message::new(t.role.as_str(), &t.content))
+                    .collect();
+                let before = self
+                    .template
+                    .render(&messages[..prompt.len()], true)
+                    .map_err(|e| e.to_string())?;
+                let full = self.template.render(&messages, false).map_err(|e| e.to_string())?;
+                let at = common_prefix(before.as_bytes(), full.as_bytes());
+                let len = full.len();
+                Ok((full, vec![at..len]))
+            }
             Example::Text(text) => {
                 let full = format!("{text}{}", self.eos.as_deref().unwrap_or(""));
                 let len = full.len();
@@ -207,12 +225,66 @@ impl<'a> Renderer<'a> {
 
     /// Render and tokenize; a token is trained when it starts inside a trained range.
     pub fn tokenize(&self, example: &Example) -> Result<Tokenized, String> {
+        if let Example::Preference { prompt, chosen, rejected } = example {
+            return self.tokenize_pair(prompt, chosen, rejected);
+        }
         Ok(self.encode(example)?.tokens)
+    }
+
+    /// A preference pair as TRL's `DPOTrainer` tokenizes one: the prompt rendered with the
+    /// generation prompt, prompt + chosen and prompt + rejected rendered whole, each tokenized
+    /// without added special tokens; the answer is every token after the longest prefix the
+    /// prompt's tokens share with both (so the template's text after the answer, its
+    /// end-of-turn and newline, is trained, as in TRL).
+    fn tokenize_pair(
+        &self,
+        prompt: &[Turn],
+        chosen: &[Turn],
+        rejected: &[Turn],
+    ) -> Result<Tokenized, String> {
+        let render = |answer: Option<&[Turn]>| -> Result<Vec<u32>, String> {
+            let messages: Vec<Message> = prompt
+                .iter()
+                .chain(answer.unwrap_or_default())
+                .map(|t| Message::new(t.role.as_str(), &t.content))
+                .collect();
+            let text =
+                self.template.render(&messages, answer.is_none()).map_err(|e| e.to_string())?;
+            let enc = self
+                .tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|e| format!("cannot tokenize: {e}"))?;
+            Ok(enc.get_ids().to_vec())
+        };
+        let (p, c, r) = (render(None)?, render(Some(chosen))?, render(Some(rejected))?);
+        let at = common_prefix(&p, &c).min(common_prefix(&p, &r));
+        let side = |ids: Vec<u32>| {
+            let mask = (0..ids.len()).map(|k| u8::from(k >= at)).collect();
+            Tokenized { ids, mask, rejected: None }
+        };
+        let mut out = side(c);
+        let rejected = side(r);
+        for (name, t) in [("chosen", &out), ("rejected", &rejected)] {
+            if t.trained() == 0 {
+                return Err(format!("the `{name}` answer renders to no token after the prompt"));
+            }
+        }
+        out.rejected = Some(Box::new(rejected));
+        Ok(out)
     }
 
     /// Render and tokenize, keeping the text and each token's byte range in it (for previews).
     pub fn encode(&self, example: &Example) -> Result<Encoded, String> {
         let (text, ranges) = self.render(example)?;
+        if example.is_preference() {
+            // The chosen side, masked as training masks it (by tokens, not bytes).
+            let tokens = self.tokenize(example)?;
+            let enc = self
+                .tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|e| format!("cannot tokenize: {e}"))?;
+            return Ok(Encoded { offsets: enc.get_offsets().to_vec(), text, tokens });
+        }
         let enc = self
             .tokenizer
             .encode(text.as_str(), false)
@@ -223,6 +295,9 @@ impl<'a> Renderer<'a> {
 
     /// Tokenize many examples at once (tokenizers encodes the batch in parallel).
     pub fn tokenize_batch(&self, examples: &[&Example]) -> Vec<Result<Tokenized, String>> {
+        if examples.iter().any(|e| e.is_preference()) {
+            return examples.iter().map(|e| self.tokenize(e)).collect();
+        }
         let rendered: Vec<Result<(String, Vec<Range<usize>>), String>> =
             examples.iter().map(|e| self.render(e)).collect();
         let texts: Vec<String> =
@@ -247,12 +322,24 @@ impl<'a> Renderer<'a> {
     fn mask(&self, ids: &[u32], offsets: &[(usize, usize)], ranges: &[Range<usize>]) -> Tokenized {
         let mask =
             offsets.iter().map(|(s, _)| u8::from(ranges.iter().any(|r| r.contains(s)))).collect();
-        Tokenized { ids: ids.to_vec(), mask }
+        Tokenized { ids: ids.to_vec(), mask, rejected: None }
     }
+}
+
+/// How many leading items `a` and `b` share.
+fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// Apply the length policy; `None` when the example is dropped.
 pub fn fit(mut t: Tokenized, max_seq_len: usize, policy: Overlong) -> Option<Tokenized> {
+    if let Some(rejected) = t.rejected.take() {
+        // A pair is kept or dropped whole; truncated, each side keeps its start (TRL's
+        // `keep_start`), and a pair whose prompt alone fills the limit is dropped.
+        let chosen = fit(t, max_seq_len, policy)?;
+        let rejected = fit(*rejected, max_seq_len, policy)?;
+        return Some(Tokenized { rejected: Some(Box::new(rejected)), ..chosen });
+    }
     if t.ids.len() <= max_seq_len {
         return Some(t);
     }

@@ -19,7 +19,7 @@ pub mod models;
 pub mod ops;
 
 pub use config::{Arch, Config, ConfigFile};
-pub use device::{device_name, parse_device, parse_dtype, parse_quantization};
+pub use device::{device_name, parse_device, parse_dtype, DeviceSpec, Quantization, WeightDType};
 pub use error::{Error, Result};
 pub use io::tokenizer::ModelTokenizer;
 pub use io::{

@@ -269,8 +269,12 @@ impl Metrics {
                 }
                 v
             }
-            Event::Eval { step, val_loss, .. } => {
-                serde_json::json!({"step": step, "val_loss": val_loss})
+            Event::Eval { step, val_loss, metrics, .. } => {
+                let mut v = serde_json::json!({"step": step, "val_loss": val_loss});
+                for (name, value) in metrics {
+                    v[name] = (*value).into();
+                }
+                v
             }
             Event::Checkpoint { .. } => return Ok(()),
         };

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use whet_model::lora::LoraConfig;
+use whet_model::{DeviceSpec, Quantization, WeightDType};
 
 /// Everything that shapes a run, each setting defined once: its name here is its key in
 /// `train.toml` and `RUN_DIR/whet.toml` (PEFT's names for the adapter), its flag of
@@ -20,18 +21,18 @@ pub struct TrainConfig {
     /// Dataset (file, directory, or `whet data prepare` output).
     #[arg(long, default_value = "", hide_default_value = true)]
     pub data: String,
-    /// Base weight dtype: f32, f16, bf16.
-    #[arg(long, default_value_t = defaults().dtype)]
-    pub dtype: String,
+    /// Base weight dtype.
+    #[arg(long, value_enum, default_value_t = defaults().dtype)]
+    pub dtype: WeightDType,
     /// Device: auto, cpu, cuda, cuda:N, metal.
     #[arg(long, default_value_t = defaults().device)]
-    pub device: String,
+    pub device: DeviceSpec,
     /// QLoRA: keep the frozen base block-quantized while training, `q8_0` (a quarter of f32's
     /// memory, near-lossless) or `q4_0` (an eighth), at the cost of quantization noise in the
     /// frozen weights [default: the base stays in --dtype].
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[arg(long, value_name = "TYPE")]
-    pub quantize_base: Option<String>,
+    #[arg(long, value_enum, value_name = "TYPE")]
+    pub quantize_base: Option<Quantization>,
     /// LoRA rank.
     #[arg(long = "rank", value_name = "RANK", default_value_t = defaults().r)]
     pub r: usize,
@@ -129,6 +130,62 @@ pub struct TrainConfig {
     /// Seed of adapter initialisation, data order and dropout.
     #[arg(long, default_value_t = defaults().seed)]
     pub seed: u64,
+    /// What the loss is: `sft` learns the answers of the data; `dpo`, `ipo`, `simpo` and
+    /// `orpo` learn from pairs of a chosen and a rejected answer (`prompt`, `chosen`,
+    /// `rejected` records), each as TRL defines it.
+    #[arg(long, value_enum, default_value_t = defaults().objective)]
+    pub objective: ObjectiveKind,
+    /// Preference objectives: TRL's beta — for DPO and IPO how far the adapter may move from
+    /// the reference (IPO's tau), for SimPO the reward scale, for ORPO the weight (lambda) of
+    /// the odds-ratio term.
+    #[arg(long, default_value_t = defaults().beta)]
+    pub beta: f64,
+    /// DPO: Robust DPO's probability that a pair's preference is flipped, in [0, 0.5) (TRL's
+    /// `loss_type="robust"`); SimPO: its label smoothing.
+    #[arg(long, default_value_t = defaults().label_smoothing)]
+    pub label_smoothing: f64,
+    /// SimPO: the target reward margin gamma (TRL's `simpo_gamma`).
+    #[arg(long = "gamma", default_value_t = defaults().simpo_gamma)]
+    pub simpo_gamma: f64,
+    /// DPO and IPO: compute the reference model's log-probabilities of every pair once before
+    /// training (a forward over the data) instead of a reference forward in every step.
+    #[arg(long)]
+    pub precompute_ref: bool,
+}
+
+/// `--objective`: what the training loss is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ObjectiveKind {
+    /// Supervised fine-tuning: the cross-entropy of the data's answers.
+    #[default]
+    Sft,
+    /// Direct preference optimisation (Robust DPO with --label-smoothing).
+    Dpo,
+    /// Identity preference optimisation.
+    Ipo,
+    /// Simple preference optimisation (no reference model).
+    Simpo,
+    /// Odds-ratio preference optimisation (no reference model).
+    Orpo,
+}
+
+impl ObjectiveKind {
+    /// The name flags and files use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sft => "sft",
+            Self::Dpo => "dpo",
+            Self::Ipo => "ipo",
+            Self::Simpo => "simpo",
+            Self::Orpo => "orpo",
+        }
+    }
+
+    /// Whether it trains on preference pairs.
+    pub fn is_preference(self) -> bool {
+        self != Self::Sft
+    }
 }
 
 /// The one place every default is written.
@@ -141,8 +198,8 @@ impl Default for TrainConfig {
         Self {
             model: whet_model::DEFAULT_MODEL.into(),
             data: String::new(),
-            dtype: "f32".into(),
-            device: "auto".into(),
+            dtype: WeightDType::F32,
+            device: DeviceSpec::Auto,
             quantize_base: None,
             r: 8,
             lora_alpha: 16.0,
@@ -173,6 +230,11 @@ impl Default for TrainConfig {
             save_every: 100,
             patience: 0,
             seed: 0,
+            objective: ObjectiveKind::Sft,
+            beta: 0.1,
+            label_smoothing: 0.0,
+            simpo_gamma: 0.5,
+            precompute_ref: false,
         }
     }
 }
@@ -263,9 +325,53 @@ impl TrainConfig {
                 return bad(field, "0".into(), "must be at least 1");
             }
         }
-        if let Some(q) = &self.quantize_base {
-            if whet_model::parse_quantization(q).is_err() {
-                return bad("quantize_base", q.clone(), "expected q8_0 or q4_0");
+        let o = self.objective;
+        if o.is_preference() {
+            if !(self.beta > 0.0 && self.beta.is_finite()) {
+                return bad("beta", self.beta.to_string(), "must be positive");
+            }
+            if !(0.0..0.5).contains(&self.label_smoothing) {
+                return bad(
+                    "label_smoothing",
+                    self.label_smoothing.to_string(),
+                    "must be in [0, 0.5)",
+                );
+            }
+            if self.pack {
+                return bad(
+                    "pack",
+                    "true".into(),
+                    &format!(
+                        "--objective {} trains on pairs, which are not packed; pass --no-pack",
+                        o.name()
+                    ),
+                );
+            }
+        }
+        // A setting of another objective is refused, not silently ignored.
+        for (field, value, set, applies) in [
+            ("beta", self.beta.to_string(), self.beta != defaults().beta, o.is_preference()),
+            (
+                "label_smoothing",
+                self.label_smoothing.to_string(),
+                self.label_smoothing != 0.0,
+                matches!(o, ObjectiveKind::Dpo | ObjectiveKind::Simpo),
+            ),
+            (
+                "simpo_gamma",
+                self.simpo_gamma.to_string(),
+                self.simpo_gamma != defaults().simpo_gamma,
+                o == ObjectiveKind::Simpo,
+            ),
+            (
+                "precompute_ref",
+                "true".to_string(),
+                self.precompute_ref,
+                matches!(o, ObjectiveKind::Dpo | ObjectiveKind::Ipo),
+            ),
+        ] {
+            if set && !applies {
+                return bad(field, value, &format!("has no meaning for --objective {}", o.name()));
             }
         }
         if self.max_seq_len < 2 {

@@ -209,8 +209,15 @@ impl World {
 
     /// The device this rank trains on: in a job of several ranks, a CUDA device given without
     /// an ordinal (`cuda`, `auto`) becomes the GPU of this rank's local rank.
-    pub fn rank_device(&self, device: Device, spec: &str) -> Result<Device, TrainError> {
-        if self.size > 1 && device.is_cuda() && !spec.contains(':') {
+    pub fn rank_device(
+        &self,
+        device: Device,
+        spec: whet_model::DeviceSpec,
+    ) -> Result<Device, TrainError> {
+        if self.size > 1
+            && device.is_cuda()
+            && !matches!(spec, whet_model::DeviceSpec::Cuda(Some(_)))
+        {
             return Ok(Device::new_cuda(self.local_rank)?);
         }
         Ok(device)

@@ -35,6 +35,8 @@ pub enum Event {
         val_loss: f64,
         /// Whether it is the best so far (the best adapter was saved).
         best: bool,
+        /// The objective's own metrics over the validation set (none for SFT).
+        metrics: Vec<(String, f64)>,
     },
     /// A checkpoint was written.
     Checkpoint {

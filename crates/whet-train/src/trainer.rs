@@ -3,11 +3,11 @@
 //! `train.py`). What the loss is lives in [`crate::objective`].
 
 use crate::checkpoint::{self, TrainState};
-use crate::config::{learning_rate, TrainConfig};
+use crate::config::{learning_rate, ObjectiveKind, TrainConfig};
 use crate::dist::World;
 use crate::error::TrainError;
 use crate::events::{Event, Stopped, Summary};
-use crate::objective::{Loss, Objective, Row, Sft};
+use crate::objective::{Loss, Objective, Preference, PreferenceLoss, Row, Sft};
 use crate::optim::{AdamW, AdamWParams};
 use crate::shards::Shards;
 use candle_core::{Device, Tensor};
@@ -40,9 +40,11 @@ impl TrainData {
             .map(|(name, examples)| {
                 let mut bytes = vec![];
                 for e in examples {
-                    bytes.extend((e.ids.len() as u64).to_le_bytes());
-                    bytes.extend(e.ids.iter().flat_map(|i| i.to_le_bytes()));
-                    bytes.extend(&e.mask);
+                    for e in std::iter::once(e).chain(e.rejected.as_deref()) {
+                        bytes.extend((e.ids.len() as u64).to_le_bytes());
+                        bytes.extend(e.ids.iter().flat_map(|i| i.to_le_bytes()));
+                        bytes.extend(&e.mask);
+                    }
                 }
                 (name.to_string(), whet_data::cache::sha256_hex(&bytes))
             })
@@ -60,14 +62,30 @@ fn rows(examples: &[Tokenized], cfg: &TrainConfig) -> Vec<Row> {
     if cfg.pack {
         whet_data::pack::pack(examples, cfg.max_seq_len)
             .into_iter()
-            .map(|r| Row { ids: r.ids, mask: r.mask, packed: Some((r.positions, r.segments)) })
+            .map(|r| Row {
+                ids: r.ids,
+                mask: r.mask,
+                packed: Some((r.positions, r.segments)),
+                rejected: None,
+                reference: None,
+            })
             .collect()
     } else {
         examples
             .iter()
             .map(|e| {
                 let n = e.ids.len().min(cfg.max_seq_len);
-                Row { ids: e.ids[..n].to_vec(), mask: e.mask[..n].to_vec(), packed: None }
+                let rejected = e.rejected.as_ref().map(|r| {
+                    let n = r.ids.len().min(cfg.max_seq_len);
+                    (r.ids[..n].to_vec(), r.mask[..n].to_vec())
+                });
+                Row {
+                    ids: e.ids[..n].to_vec(),
+                    mask: e.mask[..n].to_vec(),
+                    packed: None,
+                    rejected,
+                    reference: None,
+                }
             })
             .collect()
     }
@@ -137,12 +155,12 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max: f64) -> candle_core::Result<f64
     Ok(norm)
 }
 
-/// This rank's part of the loss (mean over the trained tokens of all `rows`) and of the adapter
-/// gradients of `weight * loss` for one micro-batch, and the number of tokens it ran. The rank
-/// takes its consecutive rows of the batch ([`World::rows`]); shards of those run side by side
-/// (see [`Shards`]), each shard's loss weighted by its share of the whole batch's trained
-/// tokens and the gradients summed in shard order, so that a run repeats bit for bit on the
-/// same machine, and the ranks' parts sum to the single-process step.
+/// This rank's part of the loss (the objective's mean over the units of all `rows`) and of the
+/// adapter gradients of `weight * loss` for one micro-batch, and the number of tokens it ran.
+/// The rank takes its consecutive rows of the batch ([`World::rows`]); shards of those run
+/// side by side (see [`Shards`]), each shard's loss its share of the whole batch's and the
+/// gradients summed in shard order, so that a run repeats bit for bit on the same machine, and
+/// the ranks' parts sum to the single-process step.
 #[allow(clippy::too_many_arguments)]
 fn forward_backward(
     objective: &dyn Objective,
@@ -164,16 +182,15 @@ fn forward_backward(
     let offset = mine.start;
     let parts = shards.run(&rows[mine], |shard, first_row| {
         let first_row = offset + first_row;
-        let share = objective.units(shard) as f64 / total as f64;
-        if share == 0.0 {
+        if objective.units(shard) == 0 {
             return Ok(None);
         }
         let pass = TrainPass { dropout_seed, first_row, grad_checkpoint };
         let Loss { loss, collector, metrics, tokens } =
-            objective.loss(model, shard, Some(&pass), device)?;
+            objective.loss(model, shard, rows, Some(&pass), device)?;
         let collector =
             collector.ok_or_else(|| TrainError::Run("internal error: no gradients".into()))?;
-        let store = collector.backward(&(&loss * (weight * share))?)?;
+        let store = collector.backward(&(&loss * weight)?)?;
         let grads = vars
             .iter()
             .map(|var| {
@@ -183,9 +200,7 @@ fn forward_backward(
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let loss = host_scalar(&loss)?;
-        let metrics: Vec<_> = metrics.into_iter().map(|(k, v)| (k, v * share)).collect();
-        Ok(Some((loss * share, tokens, grads, metrics)))
+        Ok(Some((host_scalar(&loss)?, tokens, grads, metrics)))
     })?;
     let (mut loss, mut tokens, mut grads) = (0.0, 0, None::<Vec<Tensor>>);
     let mut metrics: Vec<(&'static str, f64)> = vec![];
@@ -359,9 +374,10 @@ fn micro_batch<'a>(
     order.1[i * batch..((i + 1) * batch).min(rows.len())].iter().map(|&k| &rows[k]).collect()
 }
 
-/// Mean validation loss over all validation rows, in inference mode (no adapter dropout, no
-/// activations kept for a backward pass); batches are split across ranks and into shards like
-/// training's, and the sums reduced.
+/// Mean validation loss (and the objective's metrics) over all validation rows, in inference
+/// mode (no adapter dropout, no activations kept for a backward pass); batches are split
+/// across ranks and into shards like training's, each batch weighted by its units, and the
+/// sums reduced.
 fn evaluate(
     objective: &dyn Objective,
     model: &Llama,
@@ -370,27 +386,40 @@ fn evaluate(
     shards: &Shards,
     world: &World,
     device: &Device,
-) -> Result<f64, TrainError> {
-    let (mut sum, mut n) = (0.0, 0usize);
+) -> Result<(f64, Vec<(&'static str, f64)>), TrainError> {
+    let names = objective.metric_names();
+    let (mut sums, mut n) = (vec![0.0; 1 + names.len()], 0usize);
     for chunk in rows.chunks(batch) {
+        let whole: Vec<&Row> = chunk.iter().collect();
+        let k = objective.units(&whole);
+        if k == 0 {
+            continue;
+        }
+        n += k;
         let refs: Vec<&Row> = chunk[world.rows(chunk.len())].iter().collect();
         let parts = shards.run(&refs, |shard, _| {
-            let k = objective.units(shard);
-            if k == 0 {
-                return Ok((0.0, 0));
+            if objective.units(shard) == 0 {
+                return Ok(None);
             }
-            let loss = objective.loss(model, shard, None, device)?.loss;
-            Ok((host_scalar(&loss)? * k as f64, k))
+            let l = objective.loss(model, shard, &whole, None, device)?;
+            Ok(Some((host_scalar(&l.loss)?, l.metrics)))
         })?;
-        for (s, k) in parts {
-            sum += s;
-            n += k;
+        for (loss, metrics) in parts.into_iter().flatten() {
+            sums[0] += loss * k as f64;
+            for (name, v) in metrics {
+                if let Some(at) = names.iter().position(|x| *x == name) {
+                    sums[at + 1] += v * k as f64;
+                }
+            }
         }
     }
-    let mut total = [sum, n as f64];
-    world.sum_f64(&mut total)?;
-    let (sum, n) = (total[0], total[1]);
-    Ok(if n == 0.0 { f64::NAN } else { sum / n })
+    // Every rank reduces the objective's metric names in the same order.
+    world.sum_f64(&mut sums)?;
+    if n == 0 {
+        return Ok((f64::NAN, vec![]));
+    }
+    let mean = |s: f64| s / n as f64;
+    Ok((mean(sums[0]), names.into_iter().zip(sums[1..].iter().map(|&s| mean(s))).collect()))
 }
 
 /// Train LoRA adapters on `model` into `run`; with `resume`, continue from `run`'s checkpoint.
@@ -411,8 +440,8 @@ pub fn train(
     if data.train.is_empty() {
         return Err(TrainError::Run("the training set is empty".into()));
     }
-    let train_rows = rows(&data.train, cfg);
-    let valid_rows = rows(&data.valid, cfg);
+    let mut train_rows = rows(&data.train, cfg);
+    let mut valid_rows = rows(&data.valid, cfg);
     let mut resolved = cfg.clone();
     resolved.resolve_steps(train_rows.len());
     let cfg = &resolved;
@@ -453,7 +482,36 @@ pub fn train(
     let mut last_loss = None;
     let mut stopped = None;
     let mut order = (0, vec![]);
-    let objective: &dyn Objective = &Sft;
+    let preference = |loss| Preference {
+        loss,
+        beta: cfg.beta,
+        label_smoothing: cfg.label_smoothing,
+        gamma: cfg.simpo_gamma,
+        precompute_ref: cfg.precompute_ref,
+    };
+    let objective: Box<dyn Objective> = match cfg.objective {
+        ObjectiveKind::Sft => Box::new(Sft),
+        ObjectiveKind::Dpo => Box::new(preference(PreferenceLoss::Dpo)),
+        ObjectiveKind::Ipo => Box::new(preference(PreferenceLoss::Ipo)),
+        ObjectiveKind::Simpo => Box::new(preference(PreferenceLoss::Simpo)),
+        ObjectiveKind::Orpo => Box::new(preference(PreferenceLoss::Orpo)),
+    };
+    let objective = objective.as_ref();
+    let pairs = train_rows.iter().chain(&valid_rows).filter(|r| r.rejected.is_some()).count();
+    if cfg.objective.is_preference() && pairs < train_rows.len() + valid_rows.len() {
+        return Err(TrainError::Run(format!(
+            "--objective {} trains on preference pairs, but the data holds examples without a rejected answer; hint: records with `prompt`, `chosen` and `rejected`",
+            cfg.objective.name()
+        )));
+    }
+    if !cfg.objective.is_preference() && pairs > 0 {
+        return Err(TrainError::Run(
+            "the data holds preference pairs (`chosen`/`rejected`), which --objective sft does not train on; hint: --objective dpo (or ipo, simpo, orpo)".into(),
+        ));
+    }
+    // The reference pass leaves the trained adapter out, so it may run once it is attached.
+    objective.prepare(model, &mut train_rows, cfg.batch_size, &device)?;
+    objective.prepare(model, &mut valid_rows, cfg.batch_size, &device)?;
 
     world.at_step(state.step, Some(recovery(run)));
     for step in state.step..cfg.steps {
@@ -463,7 +521,8 @@ pub fn train(
         // Forward and backward over grad_accum micro-batches, summing gradients.
         let mut grads: Vec<Option<Tensor>> = vec![None; opt.state.len()];
         let (mut loss_sum, mut tokens) = (0.0, 0usize);
-        let mut metrics_sum: Vec<(&'static str, f64)> = vec![];
+        let mut metrics_sum: Vec<(&'static str, f64)> =
+            objective.metric_names().into_iter().map(|name| (name, 0.0)).collect();
         for a in 0..cfg.grad_accum {
             let g = step * cfg.grad_accum + a;
             let seed = cfg.seed.wrapping_mul(31).wrapping_add(g as u64);
@@ -537,7 +596,7 @@ pub fn train(
         if !valid_rows.is_empty()
             && ((cfg.eval_every > 0 && state.step % cfg.eval_every == 0) || last)
         {
-            let val_loss =
+            let (val_loss, val_metrics) =
                 evaluate(objective, model, &valid_rows, cfg.batch_size, &shards, world, &device)?;
             let best = state.best_val.is_none_or(|b| val_loss < b);
             if best {
@@ -549,7 +608,8 @@ pub fn train(
             } else {
                 state.bad_evals += 1;
             }
-            let event = Event::Eval { step: state.step, val_loss, best };
+            let metrics_out = val_metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+            let event = Event::Eval { step: state.step, val_loss, best, metrics: metrics_out };
             if let Some(m) = &mut metrics {
                 m.write(&event)?;
                 m.plot();

@@ -4,13 +4,16 @@
 //! early stopping, checkpoints and exact resume. A new objective is a file here plus its tests.
 //!
 //! - [`sft`]: supervised fine-tuning, the masked next-token cross-entropy.
+//! - [`preference`]: DPO, IPO, SimPO and ORPO on pairs of a chosen and a rejected answer.
 
+pub mod preference;
 pub mod sft;
 
 use crate::error::TrainError;
 use candle_core::{Device, Tensor};
 use whet_model::{GradCollector, Llama, TrainPass};
 
+pub use preference::{Preference, PreferenceLoss};
 pub use sft::Sft;
 
 /// One row of a batch: an example, or several packed ones with their positions and segments.
@@ -21,15 +24,23 @@ pub(crate) struct Row {
     pub(crate) mask: Vec<u8>,
     /// Packed rows: each token's position within its example, and its example's index.
     pub(crate) packed: Option<(Vec<u32>, Vec<u32>)>,
+    /// A preference pair's rejected side (ids and mask); `ids`/`mask` are the chosen side.
+    pub(crate) rejected: Option<(Vec<u32>, Vec<u8>)>,
+    /// The reference model's log-probabilities of the chosen and rejected answers, when
+    /// computed before training.
+    pub(crate) reference: Option<[f64; 2]>,
 }
 
-/// What an objective computed over some rows of a batch.
+/// What an objective computed over a part of a batch: the part's share of the batch's loss, so
+/// that the parts (shards, ranks) add up to the loss of the whole batch.
 pub(crate) struct Loss {
-    /// The loss: a mean over the rows' units (see [`Objective::units`]).
+    /// This part's share of the batch's loss (the batch's loss is a mean over its units, see
+    /// [`Objective::units`]).
     pub(crate) loss: Tensor,
     /// With a training pass, the collector whose backward gives the adapter gradients.
     pub(crate) collector: Option<GradCollector>,
-    /// The objective's own metrics, each a mean over the same units (`rewards/margins`, ...).
+    /// The objective's own metrics (`rewards/margins`, ...), each this part's share of the
+    /// batch's value.
     pub(crate) metrics: Vec<(&'static str, f64)>,
     /// Tokens run through the model (padding not counted).
     pub(crate) tokens: usize,
@@ -38,17 +49,39 @@ pub(crate) struct Loss {
 /// A training objective.
 pub(crate) trait Objective: Sync {
     /// What the loss is a mean over in `rows`: trained tokens for SFT, pairs for preference
-    /// objectives. A part of a batch (a shard, a rank's rows) is weighted by its share of the
-    /// batch's units, so that the parts add up to the loss of the whole batch.
+    /// objectives.
     fn units(&self, rows: &[&Row]) -> usize;
 
-    /// The loss of `rows`. With `pass`, a training forward whose collector comes back for the
-    /// backward; without, inference (validation). `rows` hold at least one unit.
+    /// The names of the metrics [`Objective::loss`] returns, in its order: every rank reduces
+    /// the same list, whatever rows it had.
+    fn metric_names(&self) -> Vec<&'static str> {
+        vec![]
+    }
+
+    /// Work on every row once before the first step (the reference model's log-probabilities
+    /// for `--precompute-ref`), in batches of `batch` rows; by default nothing.
+    fn prepare(
+        &self,
+        _model: &Llama,
+        _rows: &mut [Row],
+        _batch: usize,
+        _device: &Device,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
+
+    /// The share of the loss of the batch `whole` that its rows `part` make (a shard, a rank's
+    /// rows, or all of them). With `pass`, a training forward whose collector comes back for
+    /// the backward; without, inference (validation). `part` holds at least one unit.
     fn loss(
         &self,
         model: &Llama,
-        rows: &[&Row],
+        part: &[&Row],
+        whole: &[&Row],
         pass: Option<&TrainPass>,
         device: &Device,
     ) -> Result<Loss, TrainError>;
 }
+
+#[cfg(test)]
+mod tests;

@@ -23,9 +23,13 @@ impl Objective for Sft {
         &self,
         model: &Llama,
         rows: &[&Row],
+        whole: &[&Row],
         pass: Option<&TrainPass>,
         device: &Device,
     ) -> Result<Loss, TrainError> {
+        if rows.iter().any(|r| r.rejected.is_some()) {
+            return Err(TrainError::Run("supervised fine-tuning got a preference pair".into()));
+        }
         let t = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
         let b = rows.len();
         let (mut ids, mut mask, mut pos, mut seg) =
@@ -73,7 +77,9 @@ impl Objective for Sft {
         let n = at.len();
         let h =
             h.reshape((b * t, h.dim(2)?))?.index_select(&Tensor::from_vec(at, n, device)?, 0)?; // [N, C]
-        let loss = model.loss(&h, &Tensor::from_vec(targets, n, device)?)?;
+                                                                                                // The mean over this part's tokens, weighted by their share of the batch's.
+        let share = n as f64 / self.units(whole) as f64;
+        let loss = (model.loss(&h, &Tensor::from_vec(targets, n, device)?)? * share)?;
         Ok(Loss {
             loss,
             collector,

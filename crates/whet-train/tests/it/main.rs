@@ -16,7 +16,7 @@ fn tiny() -> Llama {
 fn data() -> TrainData {
     let ex = |k: u32| {
         let ids: Vec<u32> = (0..12).map(|i| (k * 37 + i * (k + 3)) % 250 + 3).collect();
-        Tokenized { mask: (0..12).map(|i| u8::from(i >= 6)).collect(), ids }
+        Tokenized { mask: (0..12).map(|i| u8::from(i >= 6)).collect(), ids, rejected: None }
     };
     TrainData {
         train: (0..8).map(ex).collect(),
@@ -99,7 +99,7 @@ fn bf16_base_trains_f32_adapters() {
     let dir = tempfile::tempdir().unwrap();
     let mut m =
         load(&ModelSource::Random("tiny".into()), DType::BF16, &Device::Cpu, 3).unwrap().model;
-    let cfg = TrainConfig { dtype: "bf16".into(), ..cfg(60) };
+    let cfg = TrainConfig { dtype: whet_model::WeightDType::Bf16, ..cfg(60) };
     let (summary, events) = run(&mut m, &cfg, &dir.path().join("run"), false).unwrap();
     let first = match &events[0] {
         Event::Step { loss, .. } => *loss,
@@ -434,7 +434,7 @@ fn patience_stops_early_and_best_keeps_the_best_adapter() {
     let evals: Vec<(usize, f64, bool)> = events
         .iter()
         .filter_map(|e| match e {
-            Event::Eval { step, val_loss, best } => Some((*step, *val_loss, *best)),
+            Event::Eval { step, val_loss, best, .. } => Some((*step, *val_loss, *best)),
             _ => None,
         })
         .collect();

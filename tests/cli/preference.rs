@@ -1,0 +1,269 @@
+//! Preference data (`prompt`, `chosen`, `rejected`) and the preference objectives end to end on
+//! the tiny random model: training logs TRL's reward metrics, every objective runs, a killed
+//! run resumes to the same adapter, and bad pairs or mismatched data are refused by file:line.
+//! The numbers themselves are checked against TRL in whet-train's golden test.
+
+use crate::*;
+use std::path::Path;
+
+/// Ten pairs in `dir/train.jsonl` and two in `dir/valid.jsonl`, strings and messages mixed.
+fn pairs(dir: &Path) -> String {
+    let line = |i: usize| {
+        if i % 2 == 0 {
+            format!(r#"{{"prompt":"q{i}","chosen":"good answer {}","rejected":"bad {i}"}}"#, i % 3)
+        } else {
+            format!(
+                r#"{{"system":"Be kind.","prompt":[{{"role":"user","content":"q{i}"}}],"chosen":[{{"role":"assistant","content":"good answer {}"}}],"rejected":[{{"role":"assistant","content":"no"}}]}}"#,
+                i % 3
+            )
+        }
+    };
+    let text = |r: std::ops::Range<usize>| r.map(|i| line(i) + "\n").collect::<String>();
+    std::fs::write(dir.join("train.jsonl"), text(0..10)).unwrap();
+    std::fs::write(dir.join("valid.jsonl"), text(10..12)).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+fn args<'a>(data: &'a str, out: &'a str, objective: &'a str, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        "random:tiny",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--objective",
+        objective,
+        "--steps",
+        steps,
+        "--batch-size",
+        "4",
+        "--targets",
+        "all-linear",
+        "--learning-rate",
+        "1e-2",
+        "--eval-every",
+        "0",
+    ]
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn every_preference_objective_trains_and_logs_its_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pairs(dir.path());
+    for (objective, extra) in [
+        ("dpo", vec![]),
+        ("dpo", vec!["--label-smoothing", "0.1"]),
+        ("dpo", vec!["--precompute-ref"]),
+        ("ipo", vec![]),
+        ("simpo", vec!["--beta", "2", "--gamma", "0.3"]),
+        ("orpo", vec![]),
+    ] {
+        let run = dir.path().join(format!("{objective}{}", extra.len()));
+        let mut a = args(&data, run.to_str().unwrap(), objective, "12");
+        a.extend(extra.iter().copied());
+        let o = whet(&a, "");
+        assert!(o.status.success(), "{objective} {extra:?}: {}", stderr(&o));
+        let m = metrics(&run);
+        let steps: Vec<_> = m.iter().filter(|v| v.get("loss").is_some()).collect();
+        assert_eq!(steps.len(), 12, "{objective}");
+        for key in [
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/accuracies",
+            "rewards/margins",
+            "logps/chosen",
+            "logps/rejected",
+        ] {
+            assert!(steps.iter().all(|v| v[key].is_f64()), "{objective}: {key} in every step");
+        }
+        if objective == "orpo" {
+            assert!(steps[0]["nll_loss"].is_f64() && steps[0]["log_odds_ratio"].is_f64());
+        }
+        // The loss falls; and but for ORPO (whose cross-entropy on the chosen answers lifts
+        // both answers' log-probabilities) the reward margin grows.
+        let get = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+        assert!(get(steps[11], "loss") < get(steps[0], "loss"), "{objective} {extra:?}: loss");
+        if objective != "orpo" {
+            let (a, b) = (get(steps[0], "rewards/margins"), get(steps[11], "rewards/margins"));
+            assert!(b > a, "{objective} {extra:?}: margins {a} -> {b}");
+        }
+        // Validation on the held-out pairs reports the same metrics.
+        let eval = m.iter().find(|v| v.get("val_loss").is_some()).unwrap();
+        assert!(eval["rewards/accuracies"].is_f64(), "{eval}");
+        assert!(stderr(&o).contains("margin"), "{}", stderr(&o));
+    }
+    // DPO starts at ln 2: the adapter's B is zero, so policy and reference agree.
+    let first = &metrics(&dir.path().join("dpo0"))[0];
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4, "{first}");
+}
+
+#[test]
+fn sigkill_and_resume_of_dpo_equals_an_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pairs(dir.path());
+    let straight = dir.path().join("straight");
+    let mut a = args(&data, straight.to_str().unwrap(), "dpo", "60");
+    a.push("--precompute-ref");
+    assert!(whet(&a, "").status.success());
+    let killed = dir.path().join("killed");
+    let mut a = args(&data, killed.to_str().unwrap(), "dpo", "60");
+    a.extend(["--precompute-ref", "--save-every", "1"]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(&a)
+        .current_dir(root())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = killed.join("checkpoint/state.json");
+    let step = || {
+        std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !step().is_some_and(|s| s >= 5) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at = step().unwrap();
+    assert!(at < 60, "killed before the end (at step {at})");
+    let o = whet(&["train", "--out", killed.to_str().unwrap(), "--resume"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = std::fs::read(straight.join("adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed DPO adapter differs from the uninterrupted one (killed at step {at})");
+}
+
+#[test]
+fn bad_pairs_and_mismatched_data_are_refused_by_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let cases = [
+        (r#"{"prompt":"a","chosen":"b"}"#, "train.jsonl:2: missing field `rejected`"),
+        (r#"{"prompt":"a","chosen":"","rejected":"c"}"#, "train.jsonl:2: field `chosen` is empty"),
+        (r#"{"prompt":"a","chosen":7,"rejected":"c"}"#, "train.jsonl:2: field `chosen` must be a string or a list of messages, got a number"),
+        (
+            r#"{"chosen":[{"role":"user","content":"x"},{"role":"assistant","content":"y"}],"rejected":[{"role":"user","content":"z"},{"role":"assistant","content":"w"}]}"#,
+            "train.jsonl:2: the prompts of `chosen` and `rejected` differ at message 0",
+        ),
+        (
+            r#"{"prompt":"a","chosen":[{"role":"user","content":"b"}],"rejected":"c"}"#,
+            "train.jsonl:2: `chosen[0]` is a `user` message; an answer holds assistant messages only",
+        ),
+        (
+            r#"{"prompt":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}],"chosen":"c","rejected":"d"}"#,
+            "train.jsonl:2: the prompt's last message must be the user's",
+        ),
+        // KTO's unpaired records alone in their file: refused by name, not read as prompt and
+        // completion with the label ignored.
+        (r#"{"prompt":"a","completion":"b","label":true}"#, "train.jsonl:1: an unpaired preference record"),
+    ];
+    for (bad, want) in cases {
+        let good = r#"{"prompt":"q","chosen":"yes","rejected":"no"}"#;
+        let text =
+            if bad.contains("label") { format!("{bad}\n") } else { format!("{good}\n{bad}\n") };
+        std::fs::write(dir.path().join("train.jsonl"), text).unwrap();
+        let d = dir.path().to_str().unwrap();
+        let o = whet(&args(d, out_s, "dpo", "2"), "");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{bad}: {err}");
+        assert!(err.contains(want), "{bad}: want `{want}` in {err}");
+        assert!(!err.contains("panicked") && !out.exists(), "{err}");
+        let o = whet(&["data", "check", "--model", "random:tiny", d], "");
+        assert!(stderr(&o).contains(want), "data check: {}", stderr(&o));
+    }
+
+    // Answers for a preference objective, pairs for SFT, and settings of another objective.
+    let sft = tempfile::tempdir().unwrap();
+    let sft_data = dataset(sft.path());
+    let err = assert_one_line_error(&whet(&args(&sft_data, out_s, "dpo", "2"), ""));
+    assert!(
+        err.contains(
+            "train.jsonl:1: a `chat` record, but --objective dpo trains on preference pairs"
+        ),
+        "{err}"
+    );
+    let p = pairs(dir.path());
+    let err = assert_one_line_error(&whet(&args(&p, out_s, "sft", "2"), ""));
+    assert!(
+        err.contains(
+            "train.jsonl:1: a preference record (`chosen`, `rejected`), but --objective sft"
+        ),
+        "{err}"
+    );
+    let mut a = args(&p, out_s, "dpo", "2");
+    a.push("--pack");
+    assert!(assert_one_line_error(&whet(&a, "")).contains("pass --no-pack"));
+    let mut a = args(&p, out_s, "dpo", "2");
+    a.extend(["--gamma", "1"]);
+    let err = assert_one_line_error(&whet(&a, ""));
+    assert!(err.contains("`simpo_gamma` = `1`: has no meaning for --objective dpo"), "{err}");
+    let mut a = args(&p, out_s, "orpo", "2");
+    a.push("--precompute-ref");
+    assert!(assert_one_line_error(&whet(&a, ""))
+        .contains("`precompute_ref` = `true`: has no meaning for --objective orpo"));
+    assert!(!out.exists(), "nothing written by a refused run");
+}
+
+#[test]
+fn check_preview_and_prepare_understand_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pairs(dir.path());
+    std::fs::write(
+        dir.path().join("train.jsonl"),
+        std::fs::read_to_string(dir.path().join("train.jsonl")).unwrap()
+            + r#"{"prompt":"same","chosen":"x","rejected":"x"}"#
+            + "\n",
+    )
+    .unwrap();
+    let o = whet(&["data", "check", "--model", "random:tiny", &data], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("train (") && stdout(&o).contains("preference): 11 examples"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(stdout(&o).contains("chosen = rejected: 1"), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("train.jsonl:11: `chosen` and `rejected` are the same answer"),
+        "{}",
+        stderr(&o)
+    );
+    let o = whet(&["data", "preview", "--model", "random:tiny", &data, "--count", "1"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("train.jsonl:1 (chosen)") && text.contains("train.jsonl:1 (rejected)"),
+        "{text}"
+    );
+    assert!(text.contains("«good answer 0") && text.contains("«bad 0"), "{text}");
+    // Prepared once, the pairs train as from the files.
+    let prepared = dir.path().join("prepared");
+    let o = whet(
+        &["data", "prepare", "--model", "random:tiny", &data, "--out", prepared.to_str().unwrap()],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    assert!(whet(&args(&data, a.to_str().unwrap(), "dpo", "3"), "").status.success());
+    let o = whet(&args(prepared.to_str().unwrap(), b.to_str().unwrap(), "dpo", "3"), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(a.join("adapter/adapter_model.safetensors")).unwrap(),
+        std::fs::read(b.join("adapter/adapter_model.safetensors")).unwrap()
+    );
+}
