@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TRL reference for whet's preference objectives (DPO, Robust DPO, IPO, SimPO, ORPO).
+"""TRL reference for whet's preference objectives (DPO, Robust DPO, IPO, SimPO, ORPO, KTO).
 
 On the tiny random Llama and Qwen2 checkpoints of tests/fixtures/families/ (made by
 scripts/reference_families.py) with PEFT LoRA r=2, alpha=4 on every linear layer (lora_A filled
@@ -11,7 +11,10 @@ into tests/fixtures/preference/golden.json.
 
 The losses are TRL's own code: `DPOTrainer.compute_loss` (loss_type sigmoid, robust, ipo) and,
 on the same collated batch, `CPOTrainer.cpo_loss` (loss_type simpo, cpo_alpha 0) and
-`ORPOTrainer.odds_ratio_loss` with ORPO's chosen cross-entropy. whet reads a string prompt as
+`ORPOTrainer.odds_ratio_loss` with ORPO's chosen cross-entropy; KTO is `KTOTrainer.compute_loss`
+on the unpaired answers of tests/fixtures/preference/unpaired.jsonl, one batch of all of them
+(so TRL's rotation of answers within a batch for the KL estimate is whet's), with the mismatched
+sequences it collates recorded too. whet reads a string prompt as
 one user turn and a string answer as one assistant turn (rendered through the chat template,
 as its prompt/completion format is); TRL is handed those records as messages.
 
@@ -31,7 +34,7 @@ import trl
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import DPOConfig, DPOTrainer
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from trl.experimental.cpo import CPOTrainer
 from trl.experimental.orpo import ORPOTrainer
 
@@ -51,6 +54,22 @@ PAIRS = [
      "rejected": [{"role": "assistant", "content": "It is a city in Europe called Lyon."}]},
     {"chosen": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hi there!"}],
      "rejected": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Go away."}]},
+]
+
+# KTO's unpaired answers: strings and messages, a system turn, both labels.
+UNPAIRED = [
+    {"prompt": "Is the sky blue?", "completion": "Yes, on a clear day.", "label": True},
+    {"prompt": "Is the sky blue?", "completion": "no", "label": False},
+    {"system": "Answer in one word.", "prompt": [{"role": "user", "content": "Capital of France?"}],
+     "completion": [{"role": "assistant", "content": "Paris"}], "label": True},
+    {"prompt": [{"role": "user", "content": "Say hi"}],
+     "completion": [{"role": "assistant", "content": "Go away, I am busy."}], "label": False},
+]
+
+KTO = [
+    ("kto", {"objective": "kto", "beta": 0.1}, {"beta": 0.1}),
+    ("kto_weighted", {"objective": "kto", "beta": 0.3, "desirable_weight": 1.5, "undesirable_weight": 0.7},
+     {"beta": 0.3, "desirable_weight": 1.5, "undesirable_weight": 0.7}),
 ]
 
 # (name, whet's settings, how TRL computes it)
@@ -81,6 +100,15 @@ def as_messages(rec):
     if "system" in rec:
         prompt = [{"role": "system", "content": rec["system"]}] + prompt
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def kto_messages(rec):
+    """A whet unpaired record as TRL's conversational form."""
+    msg = lambda role, x: [{"role": role, "content": x}] if isinstance(x, str) else x
+    prompt = msg("user", rec["prompt"])
+    if "system" in rec:
+        prompt = [{"role": "system", "content": rec["system"]}] + prompt
+    return {"prompt": prompt, "completion": msg("assistant", rec["completion"]), "label": rec["label"]}
 
 
 def reset(params):
@@ -177,12 +205,52 @@ def run_family(name):
                 opt.step()
         out["objectives"][obj_name] = record
         print(name, obj_name, record["step0"]["loss"], record[f"step{STEPS}"]["loss"])
+
+    kto_data = Dataset.from_list([kto_messages(r) for r in UNPAIRED])
+    out["kto"] = {}
+    for obj_name, whet_settings, trl_settings in KTO:
+        reset(params)
+        args = KTOConfig(output_dir="/tmp/whet-trl-reference", report_to="none",
+                         per_device_train_batch_size=len(UNPAIRED), max_length=None,
+                         use_cpu=True, **trl_settings)
+        if "ref" in model.peft_config:
+            model.delete_adapter("ref")
+        trainer = KTOTrainer(model=model, args=args, processing_class=tok, train_dataset=kto_data)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(UNPAIRED))])
+        if "kto_batch" not in out:
+            rows = lambda key, mask: [row[: int(a.sum())].tolist() for row, a in zip(batch[key], batch[mask])]
+            out["kto_batch"] = {
+                "ids": rows("input_ids", "attention_mask"),
+                "mask": rows("completion_mask", "attention_mask"),
+                "kl_ids": rows("KL_input_ids", "KL_attention_mask"),
+                "kl_mask": rows("KL_completion_mask", "KL_attention_mask"),
+                "label": batch["label"].tolist(),
+            }
+        record = {"settings": whet_settings, "trl": {"kind": "kto", **trl_settings}}
+        opt = torch.optim.AdamW(list(params.values()), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        for step in range(STEPS + 1):
+            for p in params.values():
+                p.grad = None
+            model.train()
+            trainer._metrics["train"].clear()
+            loss = trainer.compute_loss(model, batch)
+            metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()
+                       if k.startswith(("rewards/", "logps/")) or k == "kl"}
+            loss.backward()
+            if step in (0, STEPS):
+                record[f"step{step}"] = {"loss": loss.item(), "metrics": metrics, "grads": summary(params)}
+            if step < STEPS:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), CLIP)
+                opt.step()
+        out["kto"][obj_name] = record
+        print(name, obj_name, record["step0"]["loss"], record[f"step{STEPS}"]["loss"])
     return out
 
 
 def main():
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    (OUT / "unpaired.jsonl").write_text("".join(json.dumps(r) + "\n" for r in UNPAIRED))
     golden = {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
               "peft": peft.__version__, "lr": LR, "steps": STEPS, "max_grad_norm": CLIP, "families": {}}
     for name in ["llama2", "qwen2"]:

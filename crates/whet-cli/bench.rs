@@ -90,7 +90,7 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
                 .map(|_| whet_data::Tokenized {
                     ids: (0..args.seq_len).map(|_| rng.random_range(3..vocab)).collect(),
                     mask: vec![1; args.seq_len],
-                    rejected: None,
+                    ..Default::default()
                 })
                 .collect();
             whet_train::TrainData { train, ..Default::default() }

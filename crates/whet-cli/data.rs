@@ -223,6 +223,10 @@ pub fn preview(a: PreviewArgs) -> Result<()> {
                     },
                 ),
             ],
+            whet_data::Example::Unpaired { desirable, .. } => vec![(
+                if *desirable { " (desirable)" } else { " (undesirable)" },
+                record.example.clone(),
+            )],
             e => vec![("", e.clone())],
         };
         for (side, example) in sides {

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use whet_train::{Event, TrainConfig, TrainData, World};
+use whet_train::{Event, ObjectiveKind, TrainConfig, TrainData, World};
 
 /// The settings: the resumed run's, or --config's, or the defaults; then the flags the user
 /// gave (`given`: their ids, the settings' field names).
@@ -69,24 +69,36 @@ pub(crate) fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> 
         seed: c.seed,
     };
     let (_, splits) = run_pipeline(&args, text)?;
-    // Pairs for a preference objective, answers for SFT: the first record of the wrong kind
-    // is named.
+    // Pairs for a pair objective, labelled answers for KTO, answers for SFT: the first record
+    // of the wrong kind is named.
     for split in &splits {
-        let pairs = split.format == whet_data::Format::Preference;
         let line = split.lines.first().copied().unwrap_or(1);
-        if c.objective.is_preference() && !pairs {
-            bail!(
-                "{}:{line}: a `{}` record, but --objective {} trains on preference pairs\nhint: give records with `prompt`, `chosen` and `rejected`, or train with --objective sft",
-                split.path.display(),
-                split.format.name(),
-                c.objective.name()
-            );
-        }
-        if !c.objective.is_preference() && pairs {
-            bail!(
-                "{}:{line}: a preference record (`chosen`, `rejected`), but --objective sft trains on answers\nhint: --objective dpo (or ipo, simpo, orpo) trains on pairs",
-                split.path.display()
-            );
+        let at = format!("{}:{line}", split.path.display());
+        let o = c.objective.name();
+        let want = match c.objective {
+            ObjectiveKind::Sft => None,
+            ObjectiveKind::Kto => Some(whet_data::Format::Unpaired),
+            _ => Some(whet_data::Format::Preference),
+        };
+        match (want, split.format) {
+            (Some(w), f) if w == f => {}
+            (None, f @ (whet_data::Format::Preference | whet_data::Format::Unpaired)) => bail!(
+                "{at}: a `{}` record, but --objective sft trains on answers\nhint: --objective {} trains on {}",
+                f.name(),
+                if f == whet_data::Format::Unpaired { "kto" } else { "dpo (or ipo, simpo, orpo)" },
+                if f == whet_data::Format::Unpaired { "answers marked desirable or not" } else { "pairs" },
+            ),
+            (None, _) => {}
+            (Some(whet_data::Format::Unpaired), f) => bail!(
+                "{at}: a `{}` record, but --objective kto trains on answers marked desirable or not\nhint: give records with `prompt`, `completion` and `label` (true or false){}",
+                f.name(),
+                if f == whet_data::Format::Preference { ", or train pairs with --objective dpo" } else { "" },
+            ),
+            (Some(_), f) => bail!(
+                "{at}: a `{}` record, but --objective {o} trains on preference pairs\nhint: give records with `prompt`, `chosen` and `rejected`, or train with --objective {}",
+                f.name(),
+                if f == whet_data::Format::Unpaired { "kto" } else { "sft" },
+            ),
         }
     }
     let take = |name: &str| {
@@ -142,9 +154,16 @@ fn model_and_data(
 /// A preference objective's reward margin and accuracy, for a progress line (empty for SFT).
 fn preference_summary(metrics: &[(String, f64)]) -> String {
     let get = |name: &str| metrics.iter().find(|(k, _)| k == name).map(|(_, v)| *v);
-    match (get("rewards/margins"), get("rewards/accuracies")) {
-        (Some(m), Some(a)) => format!(" | margin {m:.3} | accuracy {a:.2}"),
-        _ => String::new(),
+    // KTO has no pairs to be accurate on; a batch without one of its sides has no margin.
+    let margin = match get("rewards/margins") {
+        Some(m) if m.is_finite() => format!(" | margin {m:.3}"),
+        Some(_) => " | margin -".to_string(),
+        None => return String::new(),
+    };
+    match (get("rewards/accuracies"), get("kl")) {
+        (Some(a), _) => format!("{margin} | accuracy {a:.2}"),
+        (None, Some(kl)) => format!("{margin} | kl {kl:.3}"),
+        (None, None) => margin,
     }
 }
 

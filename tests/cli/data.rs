@@ -139,7 +139,7 @@ fn packed_rows_give_the_same_loss_as_unpacked_examples() {
         .map(|&(n, base)| whet_data::Tokenized {
             ids: (0..n as u32).map(|i| (base + i * 7) % 300).collect(),
             mask: (0..n).map(|i| u8::from(i >= n / 2)).collect(),
-            rejected: None,
+            ..Default::default()
         })
         .collect();
     let rows = whet_data::pack::pack(&examples, 20);

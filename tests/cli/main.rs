@@ -29,6 +29,32 @@ pub fn dataset(dir: &Path) -> String {
     dir.to_str().unwrap().to_string()
 }
 
+/// Start `whet ARGS` (a training run saving a checkpoint every step into `run`), SIGKILL it once
+/// its checkpoint holds step `at_least` (or after two minutes), and return the checkpoint's step.
+pub fn sigkill_after_step(args: &[&str], run: &Path, at_least: u64) -> u64 {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_whet"))
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let state = run.join("checkpoint/state.json");
+    let step = || {
+        std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !step().is_some_and(|s| s >= at_least) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    step().unwrap()
+}
+
 /// `whet ARGS` run from the repository root, with `stdin` fed in.
 pub fn whet(args: &[&str], stdin: &str) -> Output {
     whet_in(&root(), args, stdin, &[])

@@ -280,28 +280,20 @@ fn a_whet_without_mpi_under_mpirun_says_how_to_build_one() {
     assert!(!out.exists());
 }
 
-/// DPO over two ranks: each takes its pairs of every batch, and the adapter is one process's.
-#[test]
-fn two_ranks_train_dpo_as_one_process() {
+/// `--objective objective` on the records `lines` over two ranks equals one process: each rank
+/// takes its rows of every batch (and adds its share of KTO's batch-wide KL estimate).
+fn two_ranks_train_as_one_process(objective: &str, lines: String, metric: &str) {
     if !have_mpirun() || !built_with_mpi() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let lines: String = (0..12)
-        .map(|i| {
-            format!(
-                "{{\"prompt\":\"q{i}\",\"chosen\":\"answer {}\",\"rejected\":\"no {i}\"}}\n",
-                i % 3
-            )
-        })
-        .collect();
     std::fs::write(dir.path().join("train.jsonl"), lines).unwrap();
     let data = dir.path().to_str().unwrap();
     let run = |out: &Path| {
         let mut a = train_args(data, out.to_str().unwrap());
         let at = a.iter().position(|x| *x == "200").unwrap();
         a[at] = "30";
-        a.extend(["--objective", "dpo"]);
+        a.extend(["--objective", objective]);
         a.into_iter().map(String::from).collect::<Vec<_>>()
     };
     let single = dir.path().join("single");
@@ -314,5 +306,30 @@ fn two_ranks_train_dpo_as_one_process() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same_adapter(&single, &two);
     let metrics = std::fs::read_to_string(two.join("metrics.jsonl")).unwrap();
-    assert!(metrics.contains("\"rewards/margins\""), "{metrics}");
+    assert!(metrics.contains(&format!("\"{metric}\"")), "{metrics}");
+}
+
+#[test]
+fn two_ranks_train_dpo_as_one_process() {
+    let lines = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"prompt\":\"q{i}\",\"chosen\":\"answer {}\",\"rejected\":\"no {i}\"}}\n",
+                i % 3
+            )
+        })
+        .collect();
+    two_ranks_train_as_one_process("dpo", lines, "rewards/margins");
+}
+
+#[test]
+fn two_ranks_train_kto_as_one_process() {
+    let lines = (0..12)
+        .map(|i| {
+            let good = i % 3 != 1;
+            let answer = if good { format!("answer {}", i % 3) } else { format!("no {i}") };
+            format!("{{\"prompt\":\"q{i}\",\"completion\":\"{answer}\",\"label\":{good}}}\n")
+        })
+        .collect();
+    two_ranks_train_as_one_process("kto", lines, "kl");
 }

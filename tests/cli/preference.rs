@@ -1,6 +1,7 @@
-//! Preference data (`prompt`, `chosen`, `rejected`) and the preference objectives end to end on
-//! the tiny random model: training logs TRL's reward metrics, every objective runs, a killed
-//! run resumes to the same adapter, and bad pairs or mismatched data are refused by file:line.
+//! Preference data (`prompt`, `chosen`, `rejected` pairs; KTO's `prompt`, `completion`, `label`
+//! answers) and the preference objectives end to end on the tiny random model: training logs
+//! TRL's reward metrics, every objective runs, a killed run resumes to the same adapter, and bad
+//! records or mismatched data are refused by file:line.
 //! The numbers themselves are checked against TRL in whet-train's golden test.
 
 use crate::*;
@@ -21,6 +22,26 @@ fn pairs(dir: &Path) -> String {
     let text = |r: std::ops::Range<usize>| r.map(|i| line(i) + "\n").collect::<String>();
     std::fs::write(dir.join("train.jsonl"), text(0..10)).unwrap();
     std::fs::write(dir.join("valid.jsonl"), text(10..12)).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+/// Twelve answers marked desirable or not in `dir/train.jsonl` (two desirable for every
+/// undesirable one, strings and messages mixed) and four in `dir/valid.jsonl`.
+fn unpaired(dir: &Path) -> String {
+    let line = |i: usize| {
+        let good = i % 3 != 2;
+        let answer = if good { format!("good answer {}", i % 3) } else { format!("bad {i}") };
+        if i % 2 == 0 {
+            format!(r#"{{"prompt":"q{i}","completion":"{answer}","label":{good}}}"#)
+        } else {
+            format!(
+                r#"{{"system":"Be kind.","prompt":[{{"role":"user","content":"q{i}"}}],"completion":[{{"role":"assistant","content":"{answer}"}}],"label":{good}}}"#
+            )
+        }
+    };
+    let text = |r: std::ops::Range<usize>| r.map(|i| line(i) + "\n").collect::<String>();
+    std::fs::write(dir.join("train.jsonl"), text(0..12)).unwrap();
+    std::fs::write(dir.join("valid.jsonl"), text(12..16)).unwrap();
     dir.to_str().unwrap().to_string()
 }
 
@@ -102,6 +123,36 @@ fn every_preference_objective_trains_and_logs_its_metrics() {
         assert!(eval["rewards/accuracies"].is_f64(), "{eval}");
         assert!(stderr(&o).contains("margin"), "{}", stderr(&o));
     }
+    // KTO on answers marked desirable or not: its metrics, a falling loss, a growing margin.
+    let kto_dir = tempfile::tempdir().unwrap();
+    let kto_data = unpaired(kto_dir.path());
+    for extra in [vec![], vec!["--precompute-ref", "--undesirable-weight", "1.5"]] {
+        let run = kto_dir.path().join(format!("kto{}", extra.len()));
+        let mut a = args(&kto_data, run.to_str().unwrap(), "kto", "12");
+        a.extend(extra.iter().copied());
+        let o = whet(&a, "");
+        assert!(o.status.success(), "kto {extra:?}: {}", stderr(&o));
+        let m = metrics(&run);
+        let steps: Vec<_> = m.iter().filter(|v| v.get("loss").is_some()).collect();
+        assert_eq!(steps.len(), 12);
+        // A batch of four may lack undesirable (or desirable) answers: that side is null.
+        for key in ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"] {
+            assert!(steps.iter().all(|v| v[key].is_f64() || v[key].is_null()), "kto: {key}");
+        }
+        assert!(steps.iter().all(|v| v["kl"].is_f64()), "kto: kl in every step");
+        let get = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+        assert!(get(steps[11], "loss") < get(steps[0], "loss"), "kto {extra:?}: loss");
+        // The margin starts at 0 (policy = reference) and grows.
+        let late: Vec<f64> =
+            steps[6..].iter().filter_map(|v| v["rewards/margins"].as_f64()).collect();
+        assert!(!late.is_empty() && late.iter().sum::<f64>() / late.len() as f64 > 0.0, "{late:?}");
+        assert!(steps.iter().all(|v| get(v, "kl") >= 0.0), "the KL estimate is clamped at 0");
+        let eval = m.iter().find(|v| v.get("val_loss").is_some()).unwrap();
+        assert!(eval["kl"].is_f64(), "{eval}");
+    }
+    let first = &metrics(&kto_dir.path().join("kto0"))[0];
+    assert!((first["loss"].as_f64().unwrap() - 0.5).abs() < 1e-4, "{first}");
+
     // DPO starts at ln 2: the adapter's B is zero, so policy and reference agree.
     let first = &metrics(&dir.path().join("dpo0"))[0];
     assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4, "{first}");
@@ -118,27 +169,7 @@ fn sigkill_and_resume_of_dpo_equals_an_uninterrupted_run() {
     let killed = dir.path().join("killed");
     let mut a = args(&data, killed.to_str().unwrap(), "dpo", "60");
     a.extend(["--precompute-ref", "--save-every", "1"]);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_whet"))
-        .args(&a)
-        .current_dir(root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let state = killed.join("checkpoint/state.json");
-    let step = || {
-        std::fs::read_to_string(&state)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["step"].as_u64())
-    };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while !step().is_some_and(|s| s >= 5) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let at = step().unwrap();
+    let at = sigkill_after_step(&a, &killed, 5);
     assert!(at < 60, "killed before the end (at step {at})");
     let o = whet(&["train", "--out", killed.to_str().unwrap(), "--resume"], "");
     assert!(o.status.success(), "{}", stderr(&o));
@@ -168,17 +199,27 @@ fn bad_pairs_and_mismatched_data_are_refused_by_file_and_line() {
             r#"{"prompt":[{"role":"user","content":"a"},{"role":"assistant","content":"b"}],"chosen":"c","rejected":"d"}"#,
             "train.jsonl:2: the prompt's last message must be the user's",
         ),
-        // KTO's unpaired records alone in their file: refused by name, not read as prompt and
-        // completion with the label ignored.
-        (r#"{"prompt":"a","completion":"b","label":true}"#, "train.jsonl:1: an unpaired preference record"),
     ];
-    for (bad, want) in cases {
-        let good = r#"{"prompt":"q","chosen":"yes","rejected":"no"}"#;
-        let text =
-            if bad.contains("label") { format!("{bad}\n") } else { format!("{good}\n{bad}\n") };
+    let kto_cases = [
+        (r#"{"prompt":"a","completion":"b","label":"yes"}"#, "train.jsonl:2: field `label` must be true or false, got a string"),
+        (r#"{"prompt":"a","completion":"b","label":1}"#, "train.jsonl:2: field `label` must be true or false, got a number"),
+        (r#"{"prompt":"a","completion":"b","label":null}"#, "train.jsonl:2: missing field `label`"),
+        (r#"{"completion":"b","label":true}"#, "train.jsonl:2: missing field `prompt`"),
+        (r#"{"prompt":"a","completion":"","label":true}"#, "train.jsonl:2: field `completion` is empty"),
+        (
+            r#"{"prompt":"a","completion":[{"role":"user","content":"b"}],"label":false}"#,
+            "train.jsonl:2: `completion[0]` is a `user` message; an answer holds assistant messages only",
+        ),
+    ];
+    let pair_cases =
+        cases.iter().map(|c| ("dpo", r#"{"prompt":"q","chosen":"yes","rejected":"no"}"#, c));
+    let kto_cases =
+        kto_cases.iter().map(|c| ("kto", r#"{"prompt":"q","completion":"yes","label":true}"#, c));
+    for (objective, good, &(bad, want)) in pair_cases.chain(kto_cases) {
+        let text = format!("{good}\n{bad}\n");
         std::fs::write(dir.path().join("train.jsonl"), text).unwrap();
         let d = dir.path().to_str().unwrap();
-        let o = whet(&args(d, out_s, "dpo", "2"), "");
+        let o = whet(&args(d, out_s, objective, "2"), "");
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{bad}: {err}");
         assert!(err.contains(want), "{bad}: want `{want}` in {err}");
@@ -200,11 +241,30 @@ fn bad_pairs_and_mismatched_data_are_refused_by_file_and_line() {
     let p = pairs(dir.path());
     let err = assert_one_line_error(&whet(&args(&p, out_s, "sft", "2"), ""));
     assert!(
-        err.contains(
-            "train.jsonl:1: a preference record (`chosen`, `rejected`), but --objective sft"
-        ),
+        err.contains("train.jsonl:1: a `preference` record, but --objective sft trains on answers"),
         "{err}"
     );
+    let err = assert_one_line_error(&whet(&args(&p, out_s, "kto", "2"), ""));
+    assert!(
+        err.contains("train.jsonl:1: a `preference` record, but --objective kto trains on answers marked desirable or not"),
+        "{err}"
+    );
+    let u = tempfile::tempdir().unwrap();
+    let u = unpaired(u.path());
+    for objective in ["dpo", "sft"] {
+        let o = whet(&args(&u, out_s, objective, "2"), "");
+        let err = assert_one_line_error(&o);
+        assert!(err.contains("train.jsonl:1: a `unpaired` record, but --objective"), "{err}");
+        assert!(stderr(&o).contains("--objective kto"), "{objective}: the hint names kto: {err}");
+    }
+    let mut a = args(&u, out_s, "kto", "2");
+    let at = a.iter().position(|x| *x == "--batch-size").unwrap();
+    a[at + 1] = "1";
+    assert!(assert_one_line_error(&whet(&a, "")).contains("needs at least 2 rows a batch"));
+    let mut a = args(&p, out_s, "dpo", "2");
+    a.extend(["--desirable-weight", "2"]);
+    assert!(assert_one_line_error(&whet(&a, ""))
+        .contains("`desirable_weight` = `2`: has no meaning for --objective dpo"));
     let mut a = args(&p, out_s, "dpo", "2");
     a.push("--pack");
     assert!(assert_one_line_error(&whet(&a, "")).contains("pass --no-pack"));
@@ -251,6 +311,31 @@ fn check_preview_and_prepare_understand_pairs() {
         "{text}"
     );
     assert!(text.contains("«good answer 0") && text.contains("«bad 0"), "{text}");
+    // KTO's answers likewise: counted, previewed with their labels, prepared, trained.
+    let u = tempfile::tempdir().unwrap();
+    let kto = unpaired(u.path());
+    let o = whet(&["data", "check", "--model", "random:tiny", &kto], "");
+    assert!(stdout(&o).contains("unpaired): 12 examples"), "{}", stdout(&o));
+    let o = whet(&["data", "preview", "--model", "random:tiny", &kto, "--count", "3"], "");
+    let text = stdout(&o);
+    assert!(text.contains("train.jsonl:1 (desirable)"), "{text}");
+    assert!(text.contains("train.jsonl:3 (undesirable)") && text.contains("«bad 2"), "{text}");
+    let prepared = u.path().join("prepared");
+    let o = whet(
+        &["data", "prepare", "--model", "random:tiny", &kto, "--out", prepared.to_str().unwrap()],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (u.path().join("a"), u.path().join("b"));
+    assert!(whet(&args(&kto, a.to_str().unwrap(), "kto", "3"), "").status.success());
+    let o = whet(&args(prepared.to_str().unwrap(), b.to_str().unwrap(), "kto", "3"), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(a.join("adapter/adapter_model.safetensors")).unwrap(),
+        std::fs::read(b.join("adapter/adapter_model.safetensors")).unwrap(),
+        "KTO from the prepared answers (their labels kept) equals KTO from the files"
+    );
+
     // Prepared once, the pairs train as from the files.
     let prepared = dir.path().join("prepared");
     let o = whet(

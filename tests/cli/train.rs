@@ -86,32 +86,7 @@ fn sigkill_and_resume_equals_an_uninterrupted_run() {
     let killed = dir.path().join("killed");
     let mut args = train_args(&data, killed.to_str().unwrap(), steps);
     args.extend(["--save-every", "1"]);
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_whet"))
-        .args(&args)
-        .current_dir(root())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let state = killed.join("checkpoint/state.json");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        let step = std::fs::read_to_string(&state)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["step"].as_u64());
-        if step.is_some_and(|s| s >= 20) || std::time::Instant::now() > deadline {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    let at: u64 =
-        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&state).unwrap())
-            .unwrap()["step"]
-            .as_u64()
-            .unwrap();
+    let at = sigkill_after_step(&args, &killed, 20);
     assert!(at < 300, "killed before the end (at step {at})");
     let o = whet(&["train", "--out", killed.to_str().unwrap(), "--resume"], "");
     assert!(o.status.success(), "{}", stderr(&o));

@@ -102,7 +102,15 @@ pub fn save(
         if !rejected.is_empty() {
             buffers.push(("rejected_", flatten(&rejected)));
         }
+        // Unpaired answers (KTO's data): each one's label, 1 where desirable.
+        let labels: Vec<u8> = examples.iter().filter_map(|e| e.desirable.map(u8::from)).collect();
+        if !labels.is_empty() && labels.len() != examples.len() {
+            return Err(io(dir, format!("split {name} mixes unpaired answers and other examples")));
+        }
         let mut tensors = vec![];
+        if !labels.is_empty() {
+            tensors.push(("desirable".to_string(), view(Dtype::U8, labels.len(), &labels, dir)?));
+        }
         for (prefix, (ids, mask, offsets)) in &buffers {
             tensors.push((format!("{prefix}ids"), view(Dtype::U32, ids.len() / 4, ids, dir)?));
             tensors.push((format!("{prefix}mask"), view(Dtype::U8, mask.len(), mask, dir)?));
@@ -190,7 +198,7 @@ pub fn load(
                 .map(|w| Tokenized {
                     ids: ids[w[0]..w[1]].to_vec(),
                     mask: mask[w[0]..w[1]].to_vec(),
-                    rejected: None,
+                    ..Tokenized::default()
                 })
                 .collect())
         };
@@ -202,6 +210,15 @@ pub fn load(
             }
             for (e, r) in examples.iter_mut().zip(rejected) {
                 e.rejected = Some(Box::new(r));
+            }
+        }
+        if st.names().iter().any(|n| *n == "desirable") {
+            let labels = st.tensor("desirable").map_err(|e| io(&path, e))?;
+            if labels.data().len() != examples.len() {
+                return Err(io(&path, "a different number of labels and answers"));
+            }
+            for (e, &l) in examples.iter_mut().zip(labels.data()) {
+                e.desirable = Some(l == 1);
             }
         }
         splits.push((info.name.clone(), examples));

@@ -22,8 +22,8 @@ pub enum Format {
     /// message lists, an optional `system`): the data of DPO and its relatives.
     Preference,
     /// `{"prompt": ..., "completion": ..., "label": true|false}` (TRL's unpaired preference
-    /// format, KTO's): recognised so that it is refused by name, not read as prompt/completion
-    /// with its labels ignored.
+    /// format, KTO's: one answer, desirable or not; strings or message lists, an optional
+    /// `system`).
     Unpaired,
 }
 
@@ -56,6 +56,8 @@ pub enum FormatChoice {
     Sharegpt,
     /// [`Format::Preference`].
     Preference,
+    /// [`Format::Unpaired`].
+    Unpaired,
 }
 
 impl FormatChoice {
@@ -69,6 +71,7 @@ impl FormatChoice {
             FormatChoice::Alpaca => Some(Format::Alpaca),
             FormatChoice::Sharegpt => Some(Format::ShareGpt),
             FormatChoice::Preference => Some(Format::Preference),
+            FormatChoice::Unpaired => Some(Format::Unpaired),
         }
     }
 
@@ -171,12 +174,32 @@ pub enum Example {
         /// The answer that should become less likely.
         rejected: Vec<Turn>,
     },
+    /// One answer to a prompt, marked desirable or not (KTO's data).
+    Unpaired {
+        /// The conversation so far, its last turn the user's.
+        prompt: Vec<Turn>,
+        /// The answer (assistant turns).
+        completion: Vec<Turn>,
+        /// Whether the answer is one to make more likely (`"label": true`).
+        desirable: bool,
+    },
 }
 
 impl Example {
     /// Whether this is a preference pair (the data of DPO and its relatives).
     pub fn is_preference(&self) -> bool {
         matches!(self, Example::Preference { .. })
+    }
+
+    /// Whether this is an unpaired, labelled answer (KTO's data).
+    pub fn is_unpaired(&self) -> bool {
+        matches!(self, Example::Unpaired { .. })
+    }
+
+    /// A prompt and the answers scored against it (preference pairs and unpaired answers):
+    /// trained through TRL's prompt/completion tokenization, not the chat masks.
+    pub fn is_scored(&self) -> bool {
+        self.is_preference() || self.is_unpaired()
     }
 }
 
@@ -503,10 +526,7 @@ fn parse(format: Format, obj: &Map<String, Value>) -> Result<Example, ParseError
         }
         Format::Text => Ok(Example::Text(required(obj, "text", "")?)),
         Format::Preference => preference(obj),
-        Format::Unpaired => Err((
-            "an unpaired preference record (`prompt`, `completion`, `label`: KTO's format); whet does not train KTO yet".into(),
-            Some("pair a desirable and an undesirable answer to one prompt as `prompt`, `chosen`, `rejected` for --objective dpo"),
-        )),
+        Format::Unpaired => unpaired(obj),
     }
 }
 
@@ -531,81 +551,67 @@ fn turns(
     Ok(Example::Chat(turns))
 }
 
-/// A preference record, as TRL reads one: `prompt` a string (one user turn) or a message list
-/// ending with a user turn, `chosen`/`rejected` a string (one assistant turn) or a list of
-/// assistant turns; without `prompt`, `chosen` and `rejected` are whole conversations whose
-/// turns up to the last user turn are the prompt, and must agree. An optional `system` string
-/// opens the prompt.
-fn preference(obj: &Map<String, Value>) -> Result<Example, ParseError> {
-    let side = |key: &str| -> Result<Vec<Turn>, ParseError> {
-        match obj.get(key) {
-            None | Some(Value::Null) => Err((
-                format!("missing field `{key}`"),
-                Some("a preference record has `prompt`, `chosen` and `rejected`"),
-            )),
-            Some(Value::String(s)) if s.trim().is_empty() => {
-                Err((format!("field `{key}` is empty"), None))
-            }
-            Some(Value::String(s)) => {
-                Ok(vec![Turn { role: Role::Assistant, content: s.clone(), train: None }])
-            }
-            Some(Value::Array(items)) if items.is_empty() => {
-                Err((format!("field `{key}` is an empty list"), None))
-            }
-            Some(Value::Array(items)) => message_list(items, key, "role", "content"),
-            Some(v) => Err((
-                format!("field `{key}` must be a string or a list of messages, got {}", kind(v)),
-                None,
-            )),
-        }
-    };
-    let (mut chosen, mut rejected) = (side("chosen")?, side("rejected")?);
-    let mut prompt = match obj.get("prompt") {
-        None | Some(Value::Null) => {
-            // The implicit prompt: each side's turns up to its last user turn.
-            let split = |turns: &mut Vec<Turn>, key: &str| -> Result<Vec<Turn>, ParseError> {
-                let at = turns.iter().rposition(|t| t.role == Role::User).ok_or_else(|| {
-                    (
-                        format!("missing field `prompt`, and `{key}` has no user turn to take it from"),
-                        Some("give `prompt` (a string or messages), or whole conversations in `chosen` and `rejected`"),
-                    )
-                })?;
-                let rest = turns.split_off(at + 1);
-                Ok(std::mem::replace(turns, rest))
-            };
-            let (pc, pr) = (split(&mut chosen, "chosen")?, split(&mut rejected, "rejected")?);
-            if pc != pr {
-                let at =
-                    pc.iter().zip(&pr).position(|(a, b)| a != b).unwrap_or(pc.len().min(pr.len()));
-                return Err((
-                    format!("the prompts of `chosen` and `rejected` differ at message {at} (`chosen[{at}]` against `rejected[{at}]`)"),
-                    Some("both sides of a pair answer the same conversation; give it once as `prompt`"),
-                ));
-            }
-            pc
-        }
+/// An answer field of a preference or unpaired record: a string (one assistant turn) or a list
+/// of messages.
+fn answer(
+    obj: &Map<String, Value>,
+    key: &str,
+    hint: &'static str,
+) -> Result<Vec<Turn>, ParseError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Err((format!("missing field `{key}`"), Some(hint))),
         Some(Value::String(s)) if s.trim().is_empty() => {
-            return Err(("field `prompt` is empty".into(), None))
+            Err((format!("field `{key}` is empty"), None))
         }
-        Some(Value::String(s)) => vec![Turn { role: Role::User, content: s.clone(), train: None }],
+        Some(Value::String(s)) => {
+            Ok(vec![Turn { role: Role::Assistant, content: s.clone(), train: None }])
+        }
         Some(Value::Array(items)) if items.is_empty() => {
-            return Err(("field `prompt` is an empty list".into(), None))
+            Err((format!("field `{key}` is an empty list"), None))
         }
-        Some(Value::Array(items)) => message_list(items, "prompt", "role", "content")?,
-        Some(v) => {
-            return Err((
-                format!("field `prompt` must be a string or a list of messages, got {}", kind(v)),
-                None,
-            ))
+        Some(Value::Array(items)) => message_list(items, key, "role", "content"),
+        Some(v) => Err((
+            format!("field `{key}` must be a string or a list of messages, got {}", kind(v)),
+            None,
+        )),
+    }
+}
+
+/// An explicit `prompt`: a string (one user turn) or a message list; `None` when absent.
+fn explicit_prompt(obj: &Map<String, Value>) -> Result<Option<Vec<Turn>>, ParseError> {
+    match obj.get("prompt") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            Err(("field `prompt` is empty".into(), None))
         }
-    };
+        Some(Value::String(s)) => {
+            Ok(Some(vec![Turn { role: Role::User, content: s.clone(), train: None }]))
+        }
+        Some(Value::Array(items)) if items.is_empty() => {
+            Err(("field `prompt` is an empty list".into(), None))
+        }
+        Some(Value::Array(items)) => Ok(Some(message_list(items, "prompt", "role", "content")?)),
+        Some(v) => Err((
+            format!("field `prompt` must be a string or a list of messages, got {}", kind(v)),
+            None,
+        )),
+    }
+}
+
+/// The checks every scored record passes: the prompt ends with the user's turn, each answer
+/// (`keys`) holds assistant turns only; then the optional `system` string opens the prompt.
+fn finish_prompt(
+    obj: &Map<String, Value>,
+    mut prompt: Vec<Turn>,
+    answers: &[(&str, &[Turn])],
+) -> Result<Vec<Turn>, ParseError> {
     if prompt.last().map(|t| t.role) != Some(Role::User) {
         return Err((
             "the prompt's last message must be the user's".into(),
-            Some("the pair's answers reply to it"),
+            Some("the answers reply to it"),
         ));
     }
-    for (key, turns) in [("chosen", &chosen), ("rejected", &rejected)] {
+    for &(key, turns) in answers {
         if turns.is_empty() {
             return Err((format!("field `{key}` holds no answer after the prompt"), None));
         }
@@ -628,7 +634,66 @@ fn preference(obj: &Map<String, Value>) -> Result<Example, ParseError> {
         }
         prompt.insert(0, Turn { role: Role::System, content: system, train: None });
     }
+    Ok(prompt)
+}
+
+/// A preference record, as TRL reads one: `prompt` a string (one user turn) or a message list
+/// ending with a user turn, `chosen`/`rejected` a string (one assistant turn) or a list of
+/// assistant turns; without `prompt`, `chosen` and `rejected` are whole conversations whose
+/// turns up to the last user turn are the prompt, and must agree. An optional `system` string
+/// opens the prompt.
+fn preference(obj: &Map<String, Value>) -> Result<Example, ParseError> {
+    const HINT: &str = "a preference record has `prompt`, `chosen` and `rejected`";
+    let (mut chosen, mut rejected) = (answer(obj, "chosen", HINT)?, answer(obj, "rejected", HINT)?);
+    let prompt = match explicit_prompt(obj)? {
+        Some(prompt) => prompt,
+        None => {
+            // The implicit prompt: each side's turns up to its last user turn.
+            let split = |turns: &mut Vec<Turn>, key: &str| -> Result<Vec<Turn>, ParseError> {
+                let at = turns.iter().rposition(|t| t.role == Role::User).ok_or_else(|| {
+                    (
+                        format!("missing field `prompt`, and `{key}` has no user turn to take it from"),
+                        Some("give `prompt` (a string or messages), or whole conversations in `chosen` and `rejected`"),
+                    )
+                })?;
+                let rest = turns.split_off(at + 1);
+                Ok(std::mem::replace(turns, rest))
+            };
+            let (pc, pr) = (split(&mut chosen, "chosen")?, split(&mut rejected, "rejected")?);
+            if pc != pr {
+                let at =
+                    pc.iter().zip(&pr).position(|(a, b)| a != b).unwrap_or(pc.len().min(pr.len()));
+                return Err((
+                    format!("the prompts of `chosen` and `rejected` differ at message {at} (`chosen[{at}]` against `rejected[{at}]`)"),
+                    Some("both sides of a pair answer the same conversation; give it once as `prompt`"),
+                ));
+            }
+            pc
+        }
+    };
+    let prompt = finish_prompt(obj, prompt, &[("chosen", &chosen), ("rejected", &rejected)])?;
     Ok(Example::Preference { prompt, chosen, rejected })
+}
+
+/// An unpaired record, as TRL's `KTOTrainer` reads one: `prompt` (a string or messages ending
+/// with a user turn), `completion` (a string or assistant messages) and `label`, a boolean:
+/// whether the answer is desirable.
+fn unpaired(obj: &Map<String, Value>) -> Result<Example, ParseError> {
+    const HINT: &str = "an unpaired record has `prompt`, `completion` and `label` (true or false)";
+    let completion = answer(obj, "completion", HINT)?;
+    let prompt = explicit_prompt(obj)?.ok_or(("missing field `prompt`".to_string(), Some(HINT)))?;
+    let desirable = match obj.get("label") {
+        Some(Value::Bool(b)) => *b,
+        None | Some(Value::Null) => return Err(("missing field `label`".into(), Some(HINT))),
+        Some(v) => {
+            return Err((
+                format!("field `label` must be true or false, got {}", kind(v)),
+                Some("true marks a desirable answer, false an undesirable one"),
+            ))
+        }
+    };
+    let prompt = finish_prompt(obj, prompt, &[("completion", &completion)])?;
+    Ok(Example::Unpaired { prompt, completion, desirable })
 }
 
 /// The messages of a list field, each a role and a non-empty content.

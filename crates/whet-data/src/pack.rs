@@ -85,7 +85,7 @@ mod tests {
     use super::*;
 
     fn ex(n: usize, tag: u32) -> Tokenized {
-        Tokenized { ids: vec![tag; n], mask: vec![1; n], rejected: None }
+        Tokenized { ids: vec![tag; n], mask: vec![1; n], ..Tokenized::default() }
     }
 
     #[test]

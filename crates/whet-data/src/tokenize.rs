@@ -84,6 +84,8 @@ pub struct Tokenized {
     pub mask: Vec<u8>,
     /// Of a preference pair, the prompt and the rejected answer, masked the same way.
     pub rejected: Option<Box<Tokenized>>,
+    /// Of an unpaired answer (KTO's data), whether it is desirable.
+    pub desirable: Option<bool>,
 }
 
 impl Tokenized {
@@ -132,10 +134,11 @@ impl<'a> Renderer<'a> {
     /// pair, the chosen side's).
     pub fn render(&self, example: &Example) -> Result<(String, Vec<Range<usize>>), String> {
         match example {
-            Example::Preference { prompt, chosen, .. } => {
+            Example::Preference { prompt, chosen: answer, .. }
+            | Example::Unpaired { prompt, completion: answer, .. } => {
                 let messages: Vec<Message> = prompt
                     .iter()
-                    .chain(chosen)
+                    .chain(answer)
                     .map(|t| Message::new(t.role.as_str(), &t.content))
                     .collect();
                 let before = self
@@ -225,10 +228,50 @@ impl<'a> Renderer<'a> {
 
     /// Render and tokenize; a token is trained when it starts inside a trained range.
     pub fn tokenize(&self, example: &Example) -> Result<Tokenized, String> {
-        if let Example::Preference { prompt, chosen, rejected } = example {
-            return self.tokenize_pair(prompt, chosen, rejected);
+        match example {
+            Example::Preference { prompt, chosen, rejected } => {
+                self.tokenize_pair(prompt, chosen, rejected)
+            }
+            Example::Unpaired { prompt, completion, desirable } => {
+                self.tokenize_unpaired(prompt, completion, *desirable)
+            }
+            _ => Ok(self.encode(example)?.tokens),
         }
-        Ok(self.encode(example)?.tokens)
+    }
+
+    /// The token ids of `prompt` followed by `answer` rendered through the template (the
+    /// prompt alone with the generation prompt when `answer` is `None`), without added special
+    /// tokens: what TRL's trainers tokenize.
+    fn render_ids(&self, prompt: &[Turn], answer: Option<&[Turn]>) -> Result<Vec<u32>, String> {
+        let messages: Vec<Message> = prompt
+            .iter()
+            .chain(answer.unwrap_or_default())
+            .map(|t| Message::new(t.role.as_str(), &t.content))
+            .collect();
+        let text = self.template.render(&messages, answer.is_none()).map_err(|e| e.to_string())?;
+        let enc = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| format!("cannot tokenize: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// An unpaired answer as TRL's `KTOTrainer` tokenizes one: as a pair's side, the answer
+    /// being every token after the prefix the prompt's tokens share with prompt + answer.
+    fn tokenize_unpaired(
+        &self,
+        prompt: &[Turn],
+        completion: &[Turn],
+        desirable: bool,
+    ) -> Result<Tokenized, String> {
+        let (p, ids) = (self.render_ids(prompt, None)?, self.render_ids(prompt, Some(completion))?);
+        let at = common_prefix(&p, &ids);
+        let mask = (0..ids.len()).map(|k| u8::from(k >= at)).collect();
+        let out = Tokenized { ids, mask, rejected: None, desirable: Some(desirable) };
+        if out.trained() == 0 {
+            return Err("the `completion` renders to no token after the prompt".into());
+        }
+        Ok(out)
     }
 
     /// A preference pair as TRL's `DPOTrainer` tokenizes one: the prompt rendered with the
@@ -242,25 +285,12 @@ impl<'a> Renderer<'a> {
         chosen: &[Turn],
         rejected: &[Turn],
     ) -> Result<Tokenized, String> {
-        let render = |answer: Option<&[Turn]>| -> Result<Vec<u32>, String> {
-            let messages: Vec<Message> = prompt
-                .iter()
-                .chain(answer.unwrap_or_default())
-                .map(|t| Message::new(t.role.as_str(), &t.content))
-                .collect();
-            let text =
-                self.template.render(&messages, answer.is_none()).map_err(|e| e.to_string())?;
-            let enc = self
-                .tokenizer
-                .encode(text.as_str(), false)
-                .map_err(|e| format!("cannot tokenize: {e}"))?;
-            Ok(enc.get_ids().to_vec())
-        };
+        let render = |answer: Option<&[Turn]>| self.render_ids(prompt, answer);
         let (p, c, r) = (render(None)?, render(Some(chosen))?, render(Some(rejected))?);
         let at = common_prefix(&p, &c).min(common_prefix(&p, &r));
         let side = |ids: Vec<u32>| {
             let mask = (0..ids.len()).map(|k| u8::from(k >= at)).collect();
-            Tokenized { ids, mask, rejected: None }
+            Tokenized { ids, mask, ..Tokenized::default() }
         };
         let mut out = side(c);
         let rejected = side(r);
@@ -276,8 +306,8 @@ impl<'a> Renderer<'a> {
     /// Render and tokenize, keeping the text and each token's byte range in it (for previews).
     pub fn encode(&self, example: &Example) -> Result<Encoded, String> {
         let (text, ranges) = self.render(example)?;
-        if example.is_preference() {
-            // The chosen side, masked as training masks it (by tokens, not bytes).
+        if example.is_scored() {
+            // The (chosen) answer, masked as training masks it (by tokens, not bytes).
             let tokens = self.tokenize(example)?;
             let enc = self
                 .tokenizer
@@ -295,7 +325,7 @@ impl<'a> Renderer<'a> {
 
     /// Tokenize many examples at once (tokenizers encodes the batch in parallel).
     pub fn tokenize_batch(&self, examples: &[&Example]) -> Vec<Result<Tokenized, String>> {
-        if examples.iter().any(|e| e.is_preference()) {
+        if examples.iter().any(|e| e.is_scored()) {
             return examples.iter().map(|e| self.tokenize(e)).collect();
         }
         let rendered: Vec<Result<(String, Vec<Range<usize>>), String>> =
@@ -322,7 +352,7 @@ impl<'a> Renderer<'a> {
     fn mask(&self, ids: &[u32], offsets: &[(usize, usize)], ranges: &[Range<usize>]) -> Tokenized {
         let mask =
             offsets.iter().map(|(s, _)| u8::from(ranges.iter().any(|r| r.contains(s)))).collect();
-        Tokenized { ids: ids.to_vec(), mask, rejected: None }
+        Tokenized { ids: ids.to_vec(), mask, ..Tokenized::default() }
     }
 }
 

@@ -132,12 +132,13 @@ pub struct TrainConfig {
     pub seed: u64,
     /// What the loss is: `sft` learns the answers of the data; `dpo`, `ipo`, `simpo` and
     /// `orpo` learn from pairs of a chosen and a rejected answer (`prompt`, `chosen`,
-    /// `rejected` records), each as TRL defines it.
+    /// `rejected` records), `kto` from single answers marked desirable or not (`prompt`,
+    /// `completion`, `label` records), each as TRL defines it.
     #[arg(long, value_enum, default_value_t = defaults().objective)]
     pub objective: ObjectiveKind,
-    /// Preference objectives: TRL's beta — for DPO and IPO how far the adapter may move from
-    /// the reference (IPO's tau), for SimPO the reward scale, for ORPO the weight (lambda) of
-    /// the odds-ratio term.
+    /// Preference objectives: TRL's beta — for DPO, IPO and KTO how far the adapter may move
+    /// from the reference (IPO's tau), for SimPO the reward scale, for ORPO the weight (lambda)
+    /// of the odds-ratio term.
     #[arg(long, default_value_t = defaults().beta)]
     pub beta: f64,
     /// DPO: Robust DPO's probability that a pair's preference is flipped, in [0, 0.5) (TRL's
@@ -147,8 +148,17 @@ pub struct TrainConfig {
     /// SimPO: the target reward margin gamma (TRL's `simpo_gamma`).
     #[arg(long = "gamma", default_value_t = defaults().simpo_gamma)]
     pub simpo_gamma: f64,
-    /// DPO and IPO: compute the reference model's log-probabilities of every pair once before
-    /// training (a forward over the data) instead of a reference forward in every step.
+    /// KTO: the weight of the desirable answers' losses (TRL's `desirable_weight`).
+    #[arg(long, default_value_t = defaults().desirable_weight)]
+    pub desirable_weight: f64,
+    /// KTO: the weight of the undesirable answers' losses (TRL's `undesirable_weight`); with
+    /// more desirable than undesirable answers, KTO's paper advises a weight ratio
+    /// `desirable * n_desirable / (undesirable * n_undesirable)` in [1, 4/3].
+    #[arg(long, default_value_t = defaults().undesirable_weight)]
+    pub undesirable_weight: f64,
+    /// DPO, IPO and KTO: compute the reference model's log-probabilities of every answer once
+    /// before training (a forward over the data) instead of a reference forward in every step
+    /// (KTO's KL estimate, on answers paired anew in every batch, still runs the reference).
     #[arg(long)]
     pub precompute_ref: bool,
 }
@@ -168,6 +178,8 @@ pub enum ObjectiveKind {
     Simpo,
     /// Odds-ratio preference optimisation (no reference model).
     Orpo,
+    /// Kahneman-Tversky optimisation, on unpaired answers marked desirable or not.
+    Kto,
 }
 
 impl ObjectiveKind {
@@ -179,12 +191,19 @@ impl ObjectiveKind {
             Self::Ipo => "ipo",
             Self::Simpo => "simpo",
             Self::Orpo => "orpo",
+            Self::Kto => "kto",
         }
     }
 
-    /// Whether it trains on preference pairs.
+    /// Whether it learns from preferences (pairs, or answers marked desirable or not) rather
+    /// than by imitating answers.
     pub fn is_preference(self) -> bool {
         self != Self::Sft
+    }
+
+    /// Whether it trains on pairs of a chosen and a rejected answer.
+    pub fn is_paired(self) -> bool {
+        matches!(self, Self::Dpo | Self::Ipo | Self::Simpo | Self::Orpo)
     }
 }
 
@@ -234,6 +253,8 @@ impl Default for TrainConfig {
             beta: 0.1,
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
+            desirable_weight: 1.0,
+            undesirable_weight: 1.0,
             precompute_ref: false,
         }
     }
@@ -337,12 +358,27 @@ impl TrainConfig {
                     "must be in [0, 0.5)",
                 );
             }
+            for (field, w) in [
+                ("desirable_weight", self.desirable_weight),
+                ("undesirable_weight", self.undesirable_weight),
+            ] {
+                if !(w > 0.0 && w.is_finite()) {
+                    return bad(field, w.to_string(), "must be positive");
+                }
+            }
+            if o == ObjectiveKind::Kto && self.batch_size < 2 {
+                return bad(
+                    "batch_size",
+                    self.batch_size.to_string(),
+                    "--objective kto estimates its KL term from each batch's answers paired with other rows' prompts, which needs at least 2 rows a batch",
+                );
+            }
             if self.pack {
                 return bad(
                     "pack",
                     "true".into(),
                     &format!(
-                        "--objective {} trains on pairs, which are not packed; pass --no-pack",
+                        "--objective {} trains on scored answers, which are not packed; pass --no-pack",
                         o.name()
                     ),
                 );
@@ -364,10 +400,22 @@ impl TrainConfig {
                 o == ObjectiveKind::Simpo,
             ),
             (
+                "desirable_weight",
+                self.desirable_weight.to_string(),
+                self.desirable_weight != defaults().desirable_weight,
+                o == ObjectiveKind::Kto,
+            ),
+            (
+                "undesirable_weight",
+                self.undesirable_weight.to_string(),
+                self.undesirable_weight != defaults().undesirable_weight,
+                o == ObjectiveKind::Kto,
+            ),
+            (
                 "precompute_ref",
                 "true".to_string(),
                 self.precompute_ref,
-                matches!(o, ObjectiveKind::Dpo | ObjectiveKind::Ipo),
+                matches!(o, ObjectiveKind::Dpo | ObjectiveKind::Ipo | ObjectiveKind::Kto),
             ),
         ] {
             if set && !applies {

@@ -18,7 +18,7 @@ pub mod plot;
 mod shards;
 pub mod trainer;
 
-pub use config::TrainConfig;
+pub use config::{ObjectiveKind, TrainConfig};
 pub use dist::World;
 pub use error::TrainError;
 pub use events::{Event, Stopped, Summary};

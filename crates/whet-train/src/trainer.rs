@@ -7,7 +7,7 @@ use crate::config::{learning_rate, ObjectiveKind, TrainConfig};
 use crate::dist::World;
 use crate::error::TrainError;
 use crate::events::{Event, Stopped, Summary};
-use crate::objective::{Loss, Objective, Preference, PreferenceLoss, Row, Sft};
+use crate::objective::{Kto, Loss, Objective, Preference, PreferenceLoss, Row, Sft};
 use crate::optim::{AdamW, AdamWParams};
 use crate::shards::Shards;
 use candle_core::{Device, Tensor};
@@ -45,6 +45,10 @@ impl TrainData {
                         bytes.extend(e.ids.iter().flat_map(|i| i.to_le_bytes()));
                         bytes.extend(&e.mask);
                     }
+                    // KTO's labels (absent from other data, whose fingerprints stay as they were).
+                    if let Some(d) = e.desirable {
+                        bytes.push(2 + u8::from(d));
+                    }
                 }
                 (name.to_string(), whet_data::cache::sha256_hex(&bytes))
             })
@@ -67,6 +71,7 @@ fn rows(examples: &[Tokenized], cfg: &TrainConfig) -> Vec<Row> {
                 mask: r.mask,
                 packed: Some((r.positions, r.segments)),
                 rejected: None,
+                desirable: None,
                 reference: None,
             })
             .collect()
@@ -84,6 +89,7 @@ fn rows(examples: &[Tokenized], cfg: &TrainConfig) -> Vec<Row> {
                     mask: e.mask[..n].to_vec(),
                     packed: None,
                     rejected,
+                    desirable: e.desirable,
                     reference: None,
                 }
             })
@@ -180,6 +186,7 @@ fn forward_backward(
     }
     let mine = world.rows(rows.len());
     let offset = mine.start;
+    let sums = batch_sums(objective, model, rows, &rows[mine.clone()], shards, world, device)?;
     let parts = shards.run(&rows[mine], |shard, first_row| {
         let first_row = offset + first_row;
         if objective.units(shard) == 0 {
@@ -187,7 +194,7 @@ fn forward_backward(
         }
         let pass = TrainPass { dropout_seed, first_row, grad_checkpoint };
         let Loss { loss, collector, metrics, tokens } =
-            objective.loss(model, shard, rows, Some(&pass), device)?;
+            objective.loss(model, shard, rows, &sums, Some(&pass), device)?;
         let collector =
             collector.ok_or_else(|| TrainError::Run("internal error: no gradients".into()))?;
         let store = collector.backward(&(&loss * weight)?)?;
@@ -219,6 +226,33 @@ fn forward_backward(
         None => vars.iter().map(|v| v.as_tensor().zeros_like()).collect::<Result<_, _>>()?,
     };
     Ok(Part { loss, tokens, grads, metrics })
+}
+
+/// The objective's batch-wide sums over `whole`, of which this rank has the rows `mine`: the
+/// shares of its shards added, then of every rank.
+#[allow(clippy::too_many_arguments)]
+fn batch_sums(
+    objective: &dyn Objective,
+    model: &Llama,
+    whole: &[&Row],
+    mine: &[&Row],
+    shards: &Shards,
+    world: &World,
+    device: &Device,
+) -> Result<Vec<f64>, TrainError> {
+    let count = objective.batch_sum_count();
+    if count == 0 {
+        return Ok(vec![]);
+    }
+    let parts = shards.run(mine, |shard, _| objective.batch_sums(model, shard, whole, device))?;
+    let mut sums = vec![0.0; count];
+    for part in parts {
+        for (s, v) in sums.iter_mut().zip(part) {
+            *s += v;
+        }
+    }
+    world.sum_f64(&mut sums)?;
+    Ok(sums)
 }
 
 /// A rank's part of one micro-batch: the loss and metrics weighted by the part's share of the
@@ -388,7 +422,9 @@ fn evaluate(
     device: &Device,
 ) -> Result<(f64, Vec<(&'static str, f64)>), TrainError> {
     let names = objective.metric_names();
-    let (mut sums, mut n) = (vec![0.0; 1 + names.len()], 0usize);
+    // Per metric, the weighted sum and the units of the batches that had it (a KTO batch
+    // without undesirable answers has no `rewards/rejected`: NaN, left out of its mean).
+    let (mut sums, mut n) = (vec![0.0; 1 + 2 * names.len()], 0usize);
     for chunk in rows.chunks(batch) {
         let whole: Vec<&Row> = chunk.iter().collect();
         let k = objective.units(&whole);
@@ -397,19 +433,31 @@ fn evaluate(
         }
         n += k;
         let refs: Vec<&Row> = chunk[world.rows(chunk.len())].iter().collect();
+        let batch_sums = batch_sums(objective, model, &whole, &refs, shards, world, device)?;
         let parts = shards.run(&refs, |shard, _| {
             if objective.units(shard) == 0 {
                 return Ok(None);
             }
-            let l = objective.loss(model, shard, &whole, None, device)?;
+            let l = objective.loss(model, shard, &whole, &batch_sums, None, device)?;
             Ok(Some((host_scalar(&l.loss)?, l.metrics)))
         })?;
+        let mut batch = vec![0.0; names.len()];
         for (loss, metrics) in parts.into_iter().flatten() {
             sums[0] += loss * k as f64;
             for (name, v) in metrics {
                 if let Some(at) = names.iter().position(|x| *x == name) {
-                    sums[at + 1] += v * k as f64;
+                    batch[at] += v;
                 }
+            }
+        }
+        // A metric the batch has no value for is NaN in every share of it (the objective
+        // decides from the whole batch); each rank adds its rows' part of the batch's weight,
+        // so the weights add up to the batch's units once over the ranks.
+        let part = refs.len() as f64 / chunk.len() as f64;
+        for (at, v) in batch.into_iter().enumerate() {
+            if v.is_finite() {
+                sums[1 + at] += v * k as f64;
+                sums[1 + names.len() + at] += k as f64 * part;
             }
         }
     }
@@ -418,8 +466,13 @@ fn evaluate(
     if n == 0 {
         return Ok((f64::NAN, vec![]));
     }
-    let mean = |s: f64| s / n as f64;
-    Ok((mean(sums[0]), names.into_iter().zip(sums[1..].iter().map(|&s| mean(s))).collect()))
+    let m = names.len();
+    let metrics = names
+        .into_iter()
+        .enumerate()
+        .map(|(at, name)| (name, sums[1 + at] / sums[1 + m + at]))
+        .collect();
+    Ok((sums[0] / n as f64, metrics))
 }
 
 /// Train LoRA adapters on `model` into `run`; with `resume`, continue from `run`'s checkpoint.
@@ -495,18 +548,35 @@ pub fn train(
         ObjectiveKind::Ipo => Box::new(preference(PreferenceLoss::Ipo)),
         ObjectiveKind::Simpo => Box::new(preference(PreferenceLoss::Simpo)),
         ObjectiveKind::Orpo => Box::new(preference(PreferenceLoss::Orpo)),
+        ObjectiveKind::Kto => Box::new(Kto {
+            beta: cfg.beta,
+            desirable_weight: cfg.desirable_weight,
+            undesirable_weight: cfg.undesirable_weight,
+            precompute_ref: cfg.precompute_ref,
+            max_len: cfg.max_seq_len,
+        }),
     };
     let objective = objective.as_ref();
-    let pairs = train_rows.iter().chain(&valid_rows).filter(|r| r.rejected.is_some()).count();
-    if cfg.objective.is_preference() && pairs < train_rows.len() + valid_rows.len() {
+    // Each objective's kind of row, every row of that kind (the CLI names the file and line
+    // of the first that is not; this guards the library's other callers).
+    let all = train_rows.iter().chain(&valid_rows);
+    let pairs = all.clone().filter(|r| r.rejected.is_some()).count();
+    let unpaired = all.filter(|r| r.desirable.is_some()).count();
+    let rows_n = train_rows.len() + valid_rows.len();
+    let o = cfg.objective.name();
+    if cfg.objective.is_paired() && pairs < rows_n {
         return Err(TrainError::Run(format!(
-            "--objective {} trains on preference pairs, but the data holds examples without a rejected answer; hint: records with `prompt`, `chosen` and `rejected`",
-            cfg.objective.name()
+            "--objective {o} trains on preference pairs, but the data holds examples without a rejected answer; hint: records with `prompt`, `chosen` and `rejected`"
         )));
     }
-    if !cfg.objective.is_preference() && pairs > 0 {
+    if cfg.objective == ObjectiveKind::Kto && unpaired < rows_n {
         return Err(TrainError::Run(
-            "the data holds preference pairs (`chosen`/`rejected`), which --objective sft does not train on; hint: --objective dpo (or ipo, simpo, orpo)".into(),
+            "--objective kto trains on answers marked desirable or not, but the data holds examples without a label; hint: records with `prompt`, `completion` and `label`".into(),
+        ));
+    }
+    if !cfg.objective.is_preference() && pairs + unpaired > 0 {
+        return Err(TrainError::Run(
+            "the data holds preference records, which --objective sft does not train on; hint: --objective dpo (or ipo, simpo, orpo) for pairs, kto for labelled answers".into(),
         ));
     }
     // The reference pass leaves the trained adapter out, so it may run once it is attached.

@@ -5,7 +5,9 @@
 //!
 //! - [`sft`]: supervised fine-tuning, the masked next-token cross-entropy.
 //! - [`preference`]: DPO, IPO, SimPO and ORPO on pairs of a chosen and a rejected answer.
+//! - [`kto`]: KTO on single answers marked desirable or not.
 
+pub mod kto;
 pub mod preference;
 pub mod sft;
 
@@ -13,6 +15,7 @@ use crate::error::TrainError;
 use candle_core::{Device, Tensor};
 use whet_model::{GradCollector, Llama, TrainPass};
 
+pub use kto::Kto;
 pub use preference::{Preference, PreferenceLoss};
 pub use sft::Sft;
 
@@ -26,8 +29,10 @@ pub(crate) struct Row {
     pub(crate) packed: Option<(Vec<u32>, Vec<u32>)>,
     /// A preference pair's rejected side (ids and mask); `ids`/`mask` are the chosen side.
     pub(crate) rejected: Option<(Vec<u32>, Vec<u8>)>,
-    /// The reference model's log-probabilities of the chosen and rejected answers, when
-    /// computed before training.
+    /// Of an unpaired answer (KTO's data), whether it is desirable.
+    pub(crate) desirable: Option<bool>,
+    /// The reference model's log-probabilities of the chosen and rejected answers (of an
+    /// unpaired answer, the first), when computed before training.
     pub(crate) reference: Option<[f64; 2]>,
 }
 
@@ -70,14 +75,35 @@ pub(crate) trait Objective: Sync {
         Ok(())
     }
 
+    /// How many batch-wide sums [`Objective::batch_sums`] gives: values every part's loss needs
+    /// from all rows of the batch (KTO's KL estimate). None by default.
+    fn batch_sum_count(&self) -> usize {
+        0
+    }
+
+    /// The share of the batch-wide sums that the rows `part` of the batch `whole` make: the
+    /// loop adds the shares of every shard and rank, and hands the totals to each part's
+    /// [`Objective::loss`]. Computed without a graph.
+    fn batch_sums(
+        &self,
+        _model: &Llama,
+        _part: &[&Row],
+        _whole: &[&Row],
+        _device: &Device,
+    ) -> Result<Vec<f64>, TrainError> {
+        Ok(vec![])
+    }
+
     /// The share of the loss of the batch `whole` that its rows `part` make (a shard, a rank's
-    /// rows, or all of them). With `pass`, a training forward whose collector comes back for
-    /// the backward; without, inference (validation). `part` holds at least one unit.
+    /// rows, or all of them), given the batch's [`Objective::batch_sums`]. With `pass`, a
+    /// training forward whose collector comes back for the backward; without, inference
+    /// (validation). `part` holds at least one unit.
     fn loss(
         &self,
         model: &Llama,
         part: &[&Row],
         whole: &[&Row],
+        sums: &[f64],
         pass: Option<&TrainPass>,
         device: &Device,
     ) -> Result<Loss, TrainError>;

@@ -75,7 +75,7 @@ struct Terms {
     extra: Vec<(&'static str, f64)>,
 }
 
-fn sigmoid(x: f64) -> f64 {
+pub(super) fn sigmoid(x: f64) -> f64 {
     if x >= 0.0 {
         1.0 / (1.0 + (-x).exp())
     } else {
@@ -177,9 +177,10 @@ impl Preference {
 }
 
 /// The log-probability sum of each sequence's trained tokens (`[n]`, in the graph when `pass`
-/// is given), and each one's count of trained tokens: a batch of the sequences right-padded.
+/// is given), and each one's count of trained tokens: a batch of the sequences right-padded, in
+/// their order.
 /// With `reference`, the reference model's (trained adapter left out, no graph).
-fn sequence_logps(
+pub(super) fn sequence_logps(
     model: &Llama,
     seqs: &[(&[u32], &[u8])],
     pass: Option<&TrainPass>,
@@ -224,20 +225,39 @@ fn sequence_logps(
 }
 
 /// A `[n]` tensor's values on the host (through f32: Metal cannot cast to f64).
-fn host(t: &Tensor) -> Result<Vec<f64>, TrainError> {
+pub(super) fn host(t: &Tensor) -> Result<Vec<f64>, TrainError> {
     Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
 }
 
-/// The chosen and rejected sides of `rows`, chosen first.
+/// The loss tensor of a formula evaluated on the host: `weights . logps + c`, whose value is
+/// `value` (with `values` the host copy of `logps`) and whose gradient in each log-probability
+/// is its weight, the formula's derivative.
+pub(super) fn surrogate(
+    logps: &Tensor,
+    values: &[f64],
+    weights: &[f64],
+    value: f64,
+    device: &Device,
+) -> Result<Tensor, TrainError> {
+    let w = Tensor::from_vec(weights.to_vec(), weights.len(), device)?.to_dtype(logps.dtype())?;
+    let linear = (logps * &w)?.sum_all()?;
+    let offset = value - values.iter().zip(weights).map(|(v, w)| v * w).sum::<f64>();
+    Ok((linear + offset)?)
+}
+
+/// The sides of `rows`, pair by pair: chosen then rejected, so that sequence `2k + side` of a
+/// batch is always the same answer and its adapter dropout (seeded by the row's place in the
+/// batch) does not depend on how the batch is split into shards or ranks.
 fn sides<'a>(rows: &[&'a Row]) -> Result<Vec<(&'a [u32], &'a [u8])>, TrainError> {
-    let rejected = rows
-        .iter()
-        .map(|r| r.rejected.as_ref().map(|(i, m)| (i.as_slice(), m.as_slice())))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| {
+    let mut out = Vec::with_capacity(2 * rows.len());
+    for r in rows {
+        let (ids, mask) = r.rejected.as_ref().ok_or_else(|| {
             TrainError::Run("a preference objective got a row without a rejected answer".into())
         })?;
-    Ok(rows.iter().map(|r| (r.ids.as_slice(), r.mask.as_slice())).chain(rejected).collect())
+        out.push((r.ids.as_slice(), r.mask.as_slice()));
+        out.push((ids.as_slice(), mask.as_slice()));
+    }
+    Ok(out)
 }
 
 /// Trained tokens of a sequence (its first token is never predicted).
@@ -282,9 +302,8 @@ impl Objective for Preference {
             let refs: Vec<&Row> = chunk.iter().collect();
             let (logps, _, _) = sequence_logps(model, &sides(&refs)?, None, true, device)?;
             let v = host(&logps)?;
-            let n = chunk.len();
             for (i, row) in chunk.iter_mut().enumerate() {
-                row.reference = Some([v[i], v[n + i]]);
+                row.reference = Some([v[2 * i], v[2 * i + 1]]);
             }
         }
         Ok(())
@@ -295,11 +314,15 @@ impl Objective for Preference {
         model: &Llama,
         part: &[&Row],
         whole: &[&Row],
+        _sums: &[f64],
         pass: Option<&TrainPass>,
         device: &Device,
     ) -> Result<Loss, TrainError> {
         let seqs = sides(part)?;
-        let (logps, counts, collector) = sequence_logps(model, &seqs, pass, false, device)?;
+        // Two sequences a pair: the dropout rows of pair k are 2k and 2k + 1 of the batch.
+        let pass = pass.map(|p| TrainPass { first_row: 2 * p.first_row, ..*p });
+        let (logps, counts, collector) =
+            sequence_logps(model, &seqs, pass.as_ref(), false, device)?;
         let values = host(&logps)?;
         let n = part.len();
         let reference: Vec<[f64; 2]> = if !self.loss.uses_reference() {
@@ -309,7 +332,7 @@ impl Objective for Preference {
         } else {
             let (ref_logps, _, _) = sequence_logps(model, &seqs, None, true, device)?;
             let v = host(&ref_logps)?;
-            (0..n).map(|i| [v[i], v[n + i]]).collect()
+            (0..n).map(|i| [v[2 * i], v[2 * i + 1]]).collect()
         };
         let pairs = whole.len() as f64;
         let mut weights = vec![0.0; 2 * n];
@@ -318,17 +341,17 @@ impl Objective for Preference {
             self.metric_names().into_iter().map(|name| (name, 0.0)).collect();
         for i in 0..n {
             let p = Pair {
-                c: values[i],
-                r: values[n + i],
-                nc: counts[i] as f64,
-                nr: counts[n + i] as f64,
+                c: values[2 * i],
+                r: values[2 * i + 1],
+                nc: counts[2 * i] as f64,
+                nr: counts[2 * i + 1] as f64,
                 ref_c: reference[i][0],
                 ref_r: reference[i][1],
             };
             let t = self.terms(&p);
             value += t.loss / pairs;
-            weights[i] += t.d_c / pairs;
-            weights[n + i] += t.d_r / pairs;
+            weights[2 * i] += t.d_c / pairs;
+            weights[2 * i + 1] += t.d_r / pairs;
             let logged = [
                 t.reward_c,
                 t.reward_r,
@@ -350,21 +373,17 @@ impl Objective for Preference {
             // TRL's `nll_loss`: the chosen answers' cross-entropy, a mean over every chosen
             // token of the batch (this part's share of it).
             let tokens: usize = whole.iter().map(|r| trained(&r.mask)).sum();
-            let nll: f64 = -values[..n].iter().sum::<f64>() / tokens as f64;
+            let nll: f64 = -values.iter().step_by(2).sum::<f64>() / tokens as f64;
             value += nll;
-            for w in &mut weights[..n] {
+            for w in weights.iter_mut().step_by(2) {
                 *w -= 1.0 / tokens as f64;
             }
             if let Some(s) = sums.iter_mut().find(|(k, _)| *k == "nll_loss") {
                 s.1 = nll;
             }
         }
-        let w = Tensor::from_vec(weights.clone(), 2 * n, device)?.to_dtype(logps.dtype())?;
-        let linear = (&logps * &w)?.sum_all()?;
-        let offset = value - values.iter().zip(&weights).map(|(v, w)| v * w).sum::<f64>();
-        let loss = (linear + offset)?;
         Ok(Loss {
-            loss,
+            loss: surrogate(&logps, &values, &weights, value, device)?,
             collector,
             metrics: sums,
             tokens: seqs.iter().map(|(ids, _)| ids.len()).sum(),

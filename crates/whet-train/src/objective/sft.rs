@@ -24,6 +24,7 @@ impl Objective for Sft {
         model: &Llama,
         rows: &[&Row],
         whole: &[&Row],
+        _sums: &[f64],
         pass: Option<&TrainPass>,
         device: &Device,
     ) -> Result<Loss, TrainError> {

@@ -16,7 +16,7 @@ fn tiny() -> Llama {
 fn data() -> TrainData {
     let ex = |k: u32| {
         let ids: Vec<u32> = (0..12).map(|i| (k * 37 + i * (k + 3)) % 250 + 3).collect();
-        Tokenized { mask: (0..12).map(|i| u8::from(i >= 6)).collect(), ids, rejected: None }
+        Tokenized { mask: (0..12).map(|i| u8::from(i >= 6)).collect(), ids, ..Default::default() }
     };
     TrainData {
         train: (0..8).map(ex).collect(),
