@@ -244,7 +244,13 @@ fn batch_sums(
     if count == 0 {
         return Ok(vec![]);
     }
-    let parts = shards.run(mine, |shard, _| objective.batch_sums(model, shard, whole, device))?;
+    // A rank (or shard) without rows of this batch adds zeros, and runs no empty forward.
+    let parts = shards.run(mine, |shard, _| {
+        if shard.is_empty() {
+            return Ok(vec![0.0; count]);
+        }
+        objective.batch_sums(model, shard, whole, device)
+    })?;
     let mut sums = vec![0.0; count];
     for part in parts {
         for (s, v) in sums.iter_mut().zip(part) {
