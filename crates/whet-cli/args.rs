@@ -152,9 +152,11 @@ pub struct CompareArgs {
     /// The base model (same forms as --model elsewhere).
     #[arg(short, long, env = "WHET_MODEL")]
     pub model: Option<String>,
-    /// The fine-tuned adapter (a run's adapter/ directory, or any PEFT adapter).
-    #[arg(long)]
-    pub adapter: std::path::PathBuf,
+    /// The fine-tuned adapter (a run's adapter/ directory, or any PEFT adapter): `DIR`, or
+    /// `NAME=DIR` repeated to put several side by side (`--adapter sft=runs/sft/adapter
+    /// --adapter dpo=runs/dpo/adapter`), each against the first by a paired bootstrap.
+    #[arg(long, required = true, value_name = "[NAME=]DIR")]
+    pub adapter: Vec<String>,
     /// A larger model, prompted like the best prompted arm.
     #[arg(long)]
     pub baseline_model: Option<String>,
@@ -332,6 +334,54 @@ pub enum DataCommand {
     ///
     /// Example: whet data prepare data/intents --out runs/intents-data
     Prepare(PrepareArgs),
+    /// Build preference pairs from an SFT set for DPO: chosen = each example's reference
+    /// answer, rejected = the model's own sampled answer to the same prompt (batched),
+    /// optionally kept only where that answer fails the dataset's rules.toml or a metric.
+    ///
+    /// Example: whet data pairs data/support-style --out runs/support-pairs --only-failing
+    Pairs(PairsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PairsArgs {
+    /// A JSONL file of chat examples with answers, or a directory with train.jsonl (and
+    /// optionally valid.jsonl, test.jsonl): each split makes the pairs of the same name.
+    pub path: std::path::PathBuf,
+    /// The model whose answers are the rejected sides (an SFT adapter with --adapter).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output directory: train.jsonl (and valid.jsonl, test.jsonl) in TRL's preference format.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Replace --out if an earlier `whet data pairs` wrote it.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Keep a pair only where the sampled answer fails: scores below --threshold on --metric
+    /// (default: `rules` where the data has a rules.toml, else the task's metric).
+    #[arg(long)]
+    pub only_failing: bool,
+    /// The metric of --only-failing: accuracy, exact_match, chrf, rouge_l, json_valid,
+    /// json_fields or rules.
+    #[arg(long, requires = "only_failing")]
+    pub metric: Option<String>,
+    /// The score an answer must stay below to be kept by --only-failing.
+    #[arg(long, default_value_t = 1.0, requires = "only_failing")]
+    pub threshold: f64,
+    /// Most tokens per sampled answer.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Sampling temperature of the rejected answers (0: greedy).
+    #[arg(long, default_value_t = 0.7)]
+    pub temperature: f64,
+    /// top-p of the rejected answers.
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    /// Seed of the sampling: example i samples with SEED + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most sequences generated at once.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
 }
 
 /// Variables for the chat template.

@@ -4,7 +4,7 @@
 use crate::args::{CompareArgs, EvalArgs, EvalShared};
 use crate::model;
 use crate::output::{Output, Shape};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use whet_eval::compare::{self, CompareConfig};
 use whet_eval::run::{Model, Prompting, RunSettings};
 
@@ -74,11 +74,112 @@ fn data_paths(data: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
     }
 }
 
+/// Whether the first record of `path` is a preference pair (`chosen` and `rejected`).
+fn holds_pairs(path: &std::path::Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else { return false };
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str::<serde_json::Value>(first)
+        .is_ok_and(|v| v.get("chosen").is_some() && v.get("rejected").is_some())
+}
+
+/// `whet eval` on preference pairs: how often the model (its adapters against the bare base,
+/// as DPO's implicit reward has it) prefers the chosen answer, with a bootstrap interval.
+fn eval_pairs(args: &EvalArgs, test_path: &std::path::Path) -> Result<()> {
+    let out = plan_out(&args.shared, "eval", model::input_paths(&args.model))?;
+    for (flag, set) in [
+        (
+            "--system-prompt",
+            args.shared.system_prompt.is_some() || args.shared.system_prompt_file.is_some(),
+        ),
+        ("--shots", args.shots > 0),
+        ("--metric", !args.shared.metric.is_empty()),
+    ] {
+        anyhow::ensure!(
+            !set,
+            "{flag}: {} holds preference pairs, which whet eval scores by the answers' log-probabilities, not by generated answers",
+            test_path.display()
+        );
+    }
+    // Unmerged: the reference is the same model with every adapter switched off.
+    let (m, device) = model::load_with(&args.model, 0, false)?;
+    let defaults = whet_train::TrainConfig::default();
+    let data = crate::args::DataArgs {
+        path: test_path.to_path_buf(),
+        model: args.model.model.clone(),
+        shape: crate::args::ShapeArgs {
+            format: Some(whet_data::FormatChoice::Preference),
+            overlong: Some(defaults.overlong),
+        },
+        template: crate::args::TemplateArgs { template_var: vec![] },
+        train_on: defaults.train_on,
+        max_seq_len: defaults.max_seq_len.min(m.model.config().max_position_embeddings),
+        valid_fraction: 0.0,
+        seed: 0,
+    };
+    let text = crate::data::ModelText::from_tokenizer(m.tokenizer.clone(), &[])?;
+    let (_, splits) = crate::data::run_pipeline(&data, &text)?;
+    let mut pairs: Vec<whet_data::Tokenized> =
+        splits.into_iter().flat_map(|s| s.examples).collect();
+    if let Some(n) = args.shared.limit {
+        pairs.truncate(n);
+    }
+    anyhow::ensure!(!pairs.is_empty(), "{}: no preference pairs", test_path.display());
+    let batch = (args.shared.max_batch / 2).max(1);
+    let weights = m.model.adapter_weights();
+    let policy = whet_train::pair_logps(&m.model, &pairs, batch, &device)?;
+    let (b_seed, resamples) = (args.shared.seed, 2000);
+    let alone: Vec<f64> = policy.iter().map(|(c, r)| f64::from(c > r)).collect();
+    let alone = whet_eval::metrics::bootstrap(&alone, b_seed, resamples);
+    let mut out_json = serde_json::json!({
+        "data": test_path.display().to_string(), "pairs": pairs.len(), "model": m.source,
+        "adapters": weights.iter().map(|(n, w)| serde_json::json!({"name": n, "weight": w})).collect::<Vec<_>>(),
+        "model_prefers_chosen": alone,
+    });
+    println!("model:       {}", m.source);
+    println!("data:        {} ({} pairs)", test_path.display(), pairs.len());
+    let ci = |e: &whet_eval::metrics::Estimate| {
+        format!("{:.3}  [{:.3}, {:.3}] (95% bootstrap)", e.mean, e.ci95[0], e.ci95[1])
+    };
+    if weights.is_empty() {
+        println!("prefers chosen:      {}  (chosen more likely than rejected)", ci(&alone));
+        println!("note: no --adapter: preference accuracy weighs an adapter against its base");
+    } else {
+        m.model.set_adapter_weights(&[])?;
+        let reference = whet_train::pair_logps(&m.model, &pairs, batch, &device)?;
+        let margins: Vec<f64> = policy
+            .iter()
+            .zip(&reference)
+            .map(|((pc, pr), (rc, rr))| (pc - rc) - (pr - rr))
+            .collect();
+        let accurate: Vec<f64> = margins.iter().map(|m| f64::from(*m > 0.0)).collect();
+        let accuracy = whet_eval::metrics::bootstrap(&accurate, b_seed, resamples);
+        let margin = whet_eval::metrics::bootstrap(&margins, b_seed, resamples);
+        println!("preference accuracy: {}", ci(&accuracy));
+        println!("  pairs where the adapters raise the chosen answer's log-probability over the rejected one's, against the base (DPO's rewards/accuracies)");
+        println!("reward margin:       {} nats (beta = 1)", ci(&margin));
+        println!(
+            "prefers chosen:      {}  (with the adapters, chosen more likely than rejected)",
+            ci(&alone)
+        );
+        out_json["preference_accuracy"] = serde_json::to_value(accuracy)?;
+        out_json["reward_margin_nats"] = serde_json::to_value(margin)?;
+    }
+    if let Some(out) = out {
+        let dir = out.staging()?;
+        std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(&out_json)? + "\n")?;
+        eprintln!("wrote {}", out.commit()?.display());
+    }
+    Ok(())
+}
+
 pub fn eval(args: EvalArgs) -> Result<()> {
+    let (dir, test_path) = data_paths(&args.shared.data);
+    if holds_pairs(&test_path) {
+        return eval_pairs(&args, &test_path);
+    }
     let run = settings(&args.shared)?;
     let out = plan_out(&args.shared, "eval", model::input_paths(&args.model))?;
     let system = system_prompt(&args.shared)?;
-    let (dir, test_path) = data_paths(&args.shared.data);
     let mut test = whet_eval::read_examples(&test_path)?;
     if let Some(n) = args.shared.limit {
         test.truncate(n);
@@ -115,6 +216,8 @@ pub fn eval(args: EvalArgs) -> Result<()> {
         shots: args.shots,
         model: m.source.clone(),
         chosen: false,
+        adapter: None,
+        training: None,
         valid_score: None,
         cost_per_1m_queries: None,
         machine_hours_per_1m_queries: result.secs_per_query * 1e6 / 3600.0,
@@ -178,9 +281,37 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--adapter` values of `whet compare`: a lone `DIR` is the arm `fine-tuned`; several need
+/// a `NAME=` each, which names their arms.
+fn compare_adapters(values: &[String]) -> Result<Vec<(String, std::path::PathBuf)>> {
+    let mut out: Vec<(String, std::path::PathBuf)> = vec![];
+    for v in values {
+        let spec = model::AdapterSpec::parse(v)?;
+        anyhow::ensure!(
+            spec.weight.is_none(),
+            "--adapter `{v}`: whet compare runs each adapter at weight 1 (NAME=DIR, no :WEIGHT)"
+        );
+        let name = match spec.name {
+            Some(n) => n,
+            None if values.len() == 1 => "fine-tuned".to_string(),
+            None => bail!(
+                "--adapter `{v}`: with several adapters each needs a name\nhint: --adapter sft={v}"
+            ),
+        };
+        anyhow::ensure!(
+            !out.iter().any(|(n, _)| *n == name),
+            "--adapter `{v}`: two adapters are named `{name}`"
+        );
+        out.push((name, spec.dir));
+    }
+    Ok(out)
+}
+
 pub fn compare(args: CompareArgs) -> Result<()> {
     let run = settings(&args.shared)?;
-    let mut inputs = vec![("--adapter", args.adapter.clone())];
+    let adapters = compare_adapters(&args.adapter)?;
+    let mut inputs: Vec<(&'static str, std::path::PathBuf)> =
+        adapters.iter().map(|(_, d)| ("--adapter", d.clone())).collect();
     for m in [&args.model, &args.baseline_model].into_iter().flatten() {
         if std::path::Path::new(m).exists() {
             inputs.push(("--model", m.into()));
@@ -206,8 +337,10 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         Ok(m)
     };
     let mut base = model::load_spec(&spec, dtype, &device, 0)?;
-    whet_model::adapter::load_named_adapter(&mut base.model, "finetuned", 1.0, &args.adapter)
-        .with_context(|| format!("cannot apply the adapter in {}", args.adapter.display()))?;
+    for (name, dir) in &adapters {
+        whet_model::adapter::load_named_adapter(&mut base.model, name, 1.0, dir)
+            .with_context(|| format!("cannot apply the adapter in {}", dir.display()))?;
+    }
     base.model.set_adapter_weights(&[])?;
     let base = into_model(quantized(base)?)?;
     let baseline = match &args.baseline_model {
@@ -221,7 +354,7 @@ pub fn compare(args: CompareArgs) -> Result<()> {
         seed: args.shared.seed,
         metrics: args.shared.metric.clone(),
         price_per_1k_tokens: args.price_per_1k_tokens,
-        adapter_dir: args.adapter.clone(),
+        adapters,
         limit: args.shared.limit,
         run,
     };
@@ -272,7 +405,7 @@ fn learning_curve(
         .with_context(|| format!("cannot read {}", train_path.display()))?;
     let mut lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed));
-    let saved = args.adapter.parent().map(|run| run.join("whet.toml")).filter(|p| p.is_file());
+    let saved = cfg.adapters[0].1.parent().map(|run| run.join("whet.toml")).filter(|p| p.is_file());
     let base_cfg = match &saved {
         Some(p) => whet_train::TrainConfig::from_file_with_steps(p)?.0,
         None => whet_train::TrainConfig::default(),
@@ -307,7 +440,7 @@ fn learning_curve(
         if let Some(q) = args.quantize.map(whet_model::Quantization::ggml) {
             m.model.quantize(q).context("cannot quantize the model")?;
         }
-        let e = compare::score_finetuned(&into_model(m)?, cfg)?;
+        let e = compare::score_finetuned(&into_model(m)?, "finetuned", cfg)?;
         eprintln!(
             "learning curve: {n} examples: {:.3} [{:.3}, {:.3}]",
             e.mean, e.ci95[0], e.ci95[1]

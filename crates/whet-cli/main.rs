@@ -12,6 +12,7 @@ mod generate;
 mod info;
 mod model;
 mod output;
+mod pairs;
 mod serve;
 mod tokenize;
 mod train;
@@ -134,6 +135,7 @@ fn main() {
         args::Command::Data(args::DataCommand::Check(a)) => data::check(a),
         args::Command::Data(args::DataCommand::Preview(a)) => data::preview(a),
         args::Command::Data(args::DataCommand::Prepare(a)) => data::prepare(a),
+        args::Command::Data(args::DataCommand::Pairs(a)) => pairs::run(a),
         args::Command::Bench(args::BenchCommand::Generate(a)) => bench::generate(a),
         args::Command::Bench(args::BenchCommand::Data(a)) => data::bench(a),
         args::Command::Bench(args::BenchCommand::Train(a)) => bench::train(a),

@@ -35,12 +35,79 @@ fn config(a: &TrainArgs, given: &[String]) -> Result<TrainConfig> {
             *setting = false;
         }
     }
+    if let Some(dir) = c.init_adapter.clone() {
+        let rslora_given = a.no_rslora || given.iter().any(|g| g == "use_rslora");
+        inherit_adapter(&mut c, Path::new(&dir), given, rslora_given)?;
+    }
     // --epochs sets the steps unless they are given too (then --steps wins); the count needs
     // the data, so it is resolved once the data is loaded.
     if c.epochs.is_some() && !given.iter().any(|g| g == "steps") && !file_sets_steps {
         c.steps = 0;
     }
     Ok(c)
+}
+
+/// `--init-adapter DIR`: the run trains that adapter on, so its rank, alpha, targets and
+/// scaling are the run's; a flag or `--config` setting that says otherwise is refused rather
+/// than overridden.
+fn inherit_adapter(
+    c: &mut TrainConfig,
+    dir: &Path,
+    given: &[String],
+    rslora_given: bool,
+) -> Result<()> {
+    let u = whet_model::adapter::PeftAdapter::read(dir)
+        .and_then(|a| a.uniform())
+        .with_context(|| format!("--init-adapter {}", dir.display()))?;
+    let modules = |t: &str| {
+        let mut m = whet_model::lora::LoraConfig::new(1, 1.0, 0.0, t, false)
+            .map(|l| l.targets)
+            .unwrap_or_else(|_| vec![t.to_string()]);
+        m.sort();
+        m
+    };
+    let d = TrainConfig::default();
+    for (id, flag, mine, theirs, same, default) in [
+        ("r", "--rank", c.r.to_string(), u.r.to_string(), c.r == u.r, c.r == d.r),
+        (
+            "lora_alpha",
+            "--alpha",
+            c.lora_alpha.to_string(),
+            u.lora_alpha.to_string(),
+            c.lora_alpha == u.lora_alpha,
+            c.lora_alpha == d.lora_alpha,
+        ),
+        (
+            "target_modules",
+            "--targets",
+            c.target_modules.clone(),
+            u.target_modules.clone(),
+            modules(&c.target_modules) == modules(&u.target_modules),
+            c.target_modules == d.target_modules,
+        ),
+        (
+            "use_rslora",
+            "--rslora",
+            c.use_rslora.to_string(),
+            u.use_rslora.to_string(),
+            c.use_rslora == u.use_rslora,
+            c.use_rslora == d.use_rslora,
+        ),
+    ] {
+        // Typed, or set by --config's file to other than the default.
+        let typed = if id == "use_rslora" { rslora_given } else { given.iter().any(|g| g == id) };
+        if !same && (typed || !default) {
+            bail!(
+                "{flag} {mine}: the --init-adapter {} has {id} = {theirs}, and the run trains that adapter on\nhint: leave {flag} out (and its key out of --config's file)",
+                dir.display()
+            );
+        }
+    }
+    c.r = u.r;
+    c.lora_alpha = u.lora_alpha;
+    c.target_modules = u.target_modules;
+    c.use_rslora = u.use_rslora;
+    Ok(())
 }
 
 pub(crate) fn load_data(c: &TrainConfig, text: &ModelText) -> Result<TrainData> {
@@ -202,6 +269,7 @@ pub fn run(a: TrainArgs, given: &[String]) -> Result<()> {
         inputs.extend(Some(Path::new(&c.data)).filter(|d| d.exists()).map(|d| ("--data", d)));
         inputs.extend(Some(Path::new(&c.model)).filter(|m| m.exists()).map(|m| ("--model", m)));
         inputs.extend(a.config.as_deref().map(|c| ("--config", c)));
+        inputs.extend(c.init_adapter.as_deref().map(|d| ("--init-adapter", Path::new(d))));
         let shape = crate::output::Shape::Dir;
         crate::output::Output::plan(&a.out, shape, "train", a.overwrite, &inputs)?;
     }

@@ -134,6 +134,43 @@ fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
 }
 
 #[test]
+fn compare_puts_several_adapters_side_by_side() {
+    let (base, adapter) = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    labels_data(&data, "refund");
+    let out = tmp.path().join("report");
+    let (sft, dpo) = (format!("sft={adapter}"), format!("dpo={adapter}"));
+    let quick = ["--seeds", "0", "--latency-samples", "0", "--max-tokens", "3", "--shots", "0"];
+    let run = |adapters: &[&str], out: &Path| {
+        let mut a = vec!["compare", "--model", &base, "--data", data.to_str().unwrap()];
+        for x in adapters {
+            a.extend(["--adapter", x]);
+        }
+        a.extend(["--out", out.to_str().unwrap()]);
+        whet(&[&a[..], &quick].concat(), "")
+    };
+    let o = run(&[&sft, &dpo], &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let arms = r["arms"].as_array().unwrap();
+    let names: Vec<&str> = arms.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["prompted, 0-shot", "sft", "dpo"]);
+    assert_eq!(arms[1]["adapter"], "sft");
+    // The same adapter twice: the same answers, a paired difference of exactly 0.
+    assert_eq!(arms[1]["outputs"], arms[2]["outputs"]);
+    let verdict = r["verdict"].as_str().unwrap();
+    assert!(verdict.contains("`dpo` against `sft` on accuracy: +0.000"), "{verdict}");
+    assert_eq!(r["settings"]["adapters"][1]["name"], "dpo");
+    // Several adapters need a name each, and different ones.
+    let e = assert_one_line_error(&run(&[&adapter, &dpo], &tmp.path().join("x")));
+    assert!(e.contains("each needs a name"), "{e}");
+    let e = assert_one_line_error(&run(&[&sft, &sft], &tmp.path().join("x")));
+    assert!(e.contains("two adapters are named `sft`"), "{e}");
+}
+
+#[test]
 fn eval_scores_one_model_and_writes_its_report() {
     let (base, adapter) = fixture();
     let tmp = tempfile::tempdir().unwrap();

@@ -152,6 +152,19 @@ pub fn tiny_hf_dir(chat_template: Option<&str>) -> tempfile::TempDir {
 }
 
 /// Assert a failed run: exit code 1, and stderr is one `error:` line (plus an optional `hint:`).
+/// As [`assert_one_line_error`], for commands that print progress lines before the work that
+/// fails: the error is the last line but for a hint.
+pub fn assert_error_after_progress(o: &Output) -> String {
+    assert_eq!(o.status.code(), Some(1), "stdout: {}\nstderr: {}", stdout(o), stderr(o));
+    let err = stderr(o);
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let at = lines.iter().position(|l| l.starts_with("error: ")).unwrap_or_else(|| panic!("{err}"));
+    let rest = &lines[at + 1..];
+    assert!(rest.is_empty() || (rest.len() == 1 && rest[0].starts_with("hint: ")), "{err}");
+    lines[at].to_string()
+}
+
 pub fn assert_one_line_error(o: &Output) -> String {
     assert_eq!(o.status.code(), Some(1), "stdout: {}\nstderr: {}", stdout(o), stderr(o));
     let err = stderr(o);

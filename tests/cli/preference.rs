@@ -153,6 +153,9 @@ fn every_preference_objective_trains_and_logs_its_metrics() {
     let first = &metrics(&kto_dir.path().join("kto0"))[0];
     assert!((first["loss"].as_f64().unwrap() - 0.5).abs() < 1e-4, "{first}");
 
+    // loss.svg draws the reward margins below the loss.
+    let svg = std::fs::read_to_string(dir.path().join("dpo0/loss.svg")).unwrap();
+    assert!(svg.contains("reward margin"), "loss.svg without the margins panel");
     // DPO starts at ln 2: the adapter's B is zero, so policy and reference agree.
     let first = &metrics(&dir.path().join("dpo0"))[0];
     assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4, "{first}");
@@ -351,4 +354,256 @@ fn check_preview_and_prepare_understand_pairs() {
         std::fs::read(a.join("adapter/adapter_model.safetensors")).unwrap(),
         std::fs::read(b.join("adapter/adapter_model.safetensors")).unwrap()
     );
+}
+
+/// The chosen answers of [`pairs`] as an SFT set in `dir`: what the SFT step of SFT -> DPO
+/// trains on.
+fn sft_of_pairs(dir: &Path) -> String {
+    let line = |i: usize| {
+        serde_json::json!({"messages": [
+            {"role": "user", "content": format!("q{i}")},
+            {"role": "assistant", "content": format!("good answer {}", i % 3)},
+        ]})
+        .to_string()
+    };
+    let text = |r: std::ops::Range<usize>| r.map(|i| line(i) + "\n").collect::<String>();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("train.jsonl"), text(0..10)).unwrap();
+    std::fs::write(dir.join("valid.jsonl"), text(10..12)).unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+#[test]
+fn dpo_continues_an_sft_adapter_against_a_frozen_copy_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pairs(dir.path());
+    let sft_data = sft_of_pairs(&dir.path().join("sft-data"));
+    let sft = dir.path().join("sft");
+    let mut a = args(&sft_data, sft.to_str().unwrap(), "sft", "15");
+    a.extend(["--rank", "4", "--alpha", "8"]);
+    let o = whet(&a, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let init = sft.join("adapter");
+    let init_s = init.to_str().unwrap();
+
+    // DPO from the SFT adapter: its rank and alpha without flags, and a reference that is the
+    // SFT adapter itself, so the first step's loss is ln 2 with zero rewards although the
+    // policy is not the base.
+    let run = dir.path().join("dpo");
+    let mut a = args(&data, run.to_str().unwrap(), "dpo", "12");
+    a.extend(["--init-adapter", init_s]);
+    let o = whet(&a, "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = metrics(&run);
+    let get = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    assert!((get(&m[0], "loss") - std::f64::consts::LN_2).abs() < 1e-4, "{}", m[0]);
+    assert!(get(&m[0], "rewards/margins").abs() < 1e-6, "{}", m[0]);
+    let steps: Vec<_> = m.iter().filter(|v| v.get("loss").is_some()).collect();
+    assert!(get(steps[11], "rewards/margins") > 0.0, "{}", steps[11]);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
+    // The policy started from the SFT adapter, not from a fresh one: its log-probabilities of
+    // the chosen answers at step 0 are the SFT adapter's, higher than the base's.
+    let plain = dir.path().join("plain");
+    let o = whet(&args(&data, plain.to_str().unwrap(), "dpo", "1"), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let base_logp = get(&metrics(&plain)[0], "logps/chosen");
+    assert!(get(&m[0], "logps/chosen") > base_logp + 1.0, "{} vs {base_logp}", m[0]);
+    assert!(std::fs::read_to_string(run.join("whet.toml")).unwrap().contains("init_adapter"));
+
+    // A flag that contradicts the adapter is refused, not overridden.
+    let x = dir.path().join("x");
+    let x = x.to_str().unwrap();
+    let mut a = args(&data, x, "dpo", "2");
+    a.extend(["--init-adapter", init_s, "--rank", "8"]);
+    let e = assert_one_line_error(&whet(&a, ""));
+    assert!(e.contains("--rank 8") && e.contains("r = 4"), "{e}");
+    // Adapters whet cannot train on as one rank over named modules, by the field.
+    for (fixture, field) in [
+        ("patterns", "rank_pattern"),
+        ("layers", "layers_to_transform"),
+        ("regex", "target_modules"),
+    ] {
+        let p = root().join("tests/fixtures/adapters").join(fixture);
+        let mut a = args(&data, x, "dpo", "2");
+        a.extend(["--init-adapter", p.to_str().unwrap()]);
+        let e = assert_one_line_error(&whet(&a, ""));
+        assert!(e.contains(field) && e.contains("adapter_config.json"), "{fixture}: {e}");
+    }
+    let mut a = args(&data, x, "dpo", "2");
+    a.extend(["--init-adapter", "/nonexistent/adapter"]);
+    let e = assert_one_line_error(&whet(&a, ""));
+    assert!(e.contains("/nonexistent/adapter"), "{e}");
+    assert!(!dir.path().join("x").exists(), "nothing written for a refused run");
+
+    // A resume must start from the same adapter: the reference is a copy of it.
+    std::fs::copy(
+        run.join("adapter/adapter_model.safetensors"),
+        init.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let o = whet(&["train", "--out", run.to_str().unwrap(), "--resume"], "");
+    let e = assert_error_after_progress(&o);
+    assert!(
+        e.contains("--init-adapter") && e.contains("not the adapter the run started from"),
+        "{e}"
+    );
+}
+
+#[test]
+fn eval_on_pairs_reports_preference_accuracy_against_the_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pairs(dir.path());
+    let run = dir.path().join("dpo");
+    let o = whet(&args(&data, run.to_str().unwrap(), "dpo", "30"), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let adapter = run.join("adapter");
+    let train = dir.path().join("train.jsonl");
+    // The same pairs with chosen and rejected swapped.
+    let swapped = dir.path().join("swapped.jsonl");
+    let text: String = std::fs::read_to_string(&train)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let c = v["chosen"].take();
+            v["chosen"] = v["rejected"].take();
+            v["rejected"] = c;
+            v.to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(&swapped, text).unwrap();
+    let out = dir.path().join("report");
+    let eval = |file: &Path, extra: &[&str]| {
+        let base = ["eval", "--model", "random:tiny", "--data", file.to_str().unwrap()];
+        whet(&[&base[..], extra].concat(), "")
+    };
+    let accuracy = |o: &std::process::Output| -> f64 {
+        let s = stdout(o);
+        let line = s
+            .lines()
+            .find(|l| l.starts_with("preference accuracy:"))
+            .unwrap_or_else(|| panic!("{s}"));
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    let o = eval(&train, &["--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(accuracy(&o) >= 0.9, "DPO learned its training pairs: {}", stdout(&o));
+    assert!(stdout(&o).contains("(10 pairs)"), "{}", stdout(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let acc = &r["preference_accuracy"];
+    assert!(acc["ci95"][0].as_f64().unwrap() <= acc["mean"].as_f64().unwrap(), "{r}");
+    assert_eq!(r["pairs"], 10);
+    let o = eval(&swapped, &["--adapter", adapter.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(accuracy(&o) <= 0.1, "swapped pairs: {}", stdout(&o));
+    // Without an adapter there is nothing to weigh against the base: the model's own
+    // preference is shown, and said to be that.
+    let o = eval(&train, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("prefers chosen:") && stdout(&o).contains("no --adapter"),
+        "{}",
+        stdout(&o)
+    );
+    // Settings of generated answers do not apply to pairs.
+    let e = assert_one_line_error(&eval(&train, &["--shots", "2"]));
+    assert!(e.contains("--shots") && e.contains("preference pairs"), "{e}");
+}
+
+/// An SFT set of `n` questions with `rules.toml` beside it, in `dir`.
+fn sft_with_rules(dir: &Path, n: usize) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let text: String = (0..n)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": format!("question {i}")},
+                {"role": "assistant", "content": format!("Thanks for asking. Answer {i}.")},
+            ]})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(dir.join("train.jsonl"), &text).unwrap();
+    std::fs::write(
+        dir.join("valid.jsonl"),
+        text.lines().take(2).collect::<Vec<_>>().join("\n") + "\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("rules.toml"),
+        "[[rule]]\nname = \"thanks\"\nmust_match = \"^Thanks\"\n",
+    )
+    .unwrap();
+    dir.to_str().unwrap().to_string()
+}
+
+#[test]
+fn data_pairs_turns_an_sft_set_into_pairs_with_the_models_own_answers_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = sft_with_rules(&dir.path().join("sft"), 6);
+    let out = dir.path().join("pairs");
+    let pairs_cmd = |out: &Path, extra: &[&str]| {
+        let base = [
+            "data",
+            "pairs",
+            &data,
+            "--model",
+            "random:tiny",
+            "--out",
+            out.to_str().unwrap(),
+            "--max-tokens",
+            "6",
+        ];
+        whet(&[&base[..], extra].concat(), "")
+    };
+    let o = pairs_cmd(&out, &["--only-failing"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("train: 6 examples -> 6 pairs"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("valid: 2 examples -> 2 pairs"), "{}", stdout(&o));
+    let text = std::fs::read_to_string(out.join("train.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    for (i, r) in records.iter().enumerate() {
+        assert_eq!(r["prompt"][0]["role"], "system", "{r}");
+        assert_eq!(r["prompt"][1]["content"], format!("question {i}"), "{r}");
+        assert_eq!(r["chosen"][0]["content"], format!("Thanks for asking. Answer {i}."), "{r}");
+        let rejected = r["rejected"][0]["content"].as_str().unwrap();
+        assert!(!rejected.is_empty() && !rejected.starts_with("Thanks"), "{r}");
+    }
+    // Seeded: the same command writes the same pairs; another seed, other answers.
+    let again = dir.path().join("again");
+    assert!(pairs_cmd(&again, &["--only-failing"]).status.success());
+    assert_eq!(text, std::fs::read_to_string(again.join("train.jsonl")).unwrap());
+    let other = dir.path().join("other");
+    assert!(pairs_cmd(&other, &["--seed", "7"]).status.success());
+    assert_ne!(text, std::fs::read_to_string(other.join("train.jsonl")).unwrap());
+    // The pairs are preference data whet reads, and DPO trains on them.
+    let o = whet(&["data", "check", out.to_str().unwrap(), "--model", "random:tiny"], "");
+    assert!(o.status.success() && stdout(&o).contains("pairs: 6"), "{}{}", stdout(&o), stderr(&o));
+    let run = dir.path().join("dpo");
+    let o = whet(&args(out.to_str().unwrap(), run.to_str().unwrap(), "dpo", "2"), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A filter every answer passes leaves no pairs: an error, and nothing written.
+    let none = dir.path().join("none");
+    let e = assert_error_after_progress(&pairs_cmd(
+        &none,
+        &["--only-failing", "--metric", "chrf", "--threshold", "0"],
+    ));
+    assert!(e.contains("no pairs"), "{e}");
+    assert!(!none.exists());
+    // A record without an answer is named by file and line before the model loads.
+    std::fs::write(
+        Path::new(&data).join("valid.jsonl"),
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}]}\n",
+    )
+    .unwrap();
+    let e = assert_one_line_error(&pairs_cmd(&dir.path().join("bad"), &[]));
+    assert!(e.contains("valid.jsonl:1"), "{e}");
+    assert!(!dir.path().join("bad").exists());
 }

@@ -26,8 +26,10 @@ pub struct CompareConfig {
     pub metrics: Vec<String>,
     /// Price per 1,000 tokens (prompt and answer), for cost per 1M queries.
     pub price_per_1k_tokens: Option<f64>,
-    /// The fine-tuned adapter's directory (its run directory holds the training cost).
-    pub adapter_dir: PathBuf,
+    /// The fine-tuned adapters, each loaded into the model as a named adapter under its name
+    /// here, and their directories (a run directory holds the training cost); one fine-tuned
+    /// arm each, in this order, the first the one the verdict weighs against prompting.
+    pub adapters: Vec<(String, PathBuf)>,
     /// Score only the first N test examples (`--limit`).
     pub limit: Option<usize>,
     /// Run settings of every arm.
@@ -47,6 +49,12 @@ pub struct Arm {
     pub model: String,
     /// Whether the best prompted arm on the validation set.
     pub chosen: bool,
+    /// The named adapter it ran (fine-tuned arms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<String>,
+    /// What training its adapter cost, where its run directory says (fine-tuned arms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingCost>,
     /// The validation score that chose k (prompted arms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid_score: Option<f64>,
@@ -237,18 +245,22 @@ pub fn setup(cfg: &CompareConfig) -> Result<Setup, Error> {
     Ok(Setup { train, valid, test, task, rules, metrics, warnings })
 }
 
-/// The primary metric of `model` with its named adapter `finetuned`, bare prompt, on the test
+/// The primary metric of `model` with its named adapter `adapter`, bare prompt, on the test
 /// set (for learning curves: no consistency runs, no latency).
-pub fn score_finetuned(model: &Model, cfg: &CompareConfig) -> Result<Estimate, Error> {
+pub fn score_finetuned(
+    model: &Model,
+    adapter: &str,
+    cfg: &CompareConfig,
+) -> Result<Estimate, Error> {
     let s = setup(cfg)?;
     let quick =
         RunSettings { seeds: 0, latency_samples: 0, reference_loss: false, ..cfg.run.clone() };
-    let ft = Prompting { adapters: vec![("finetuned".into(), 1.0)], system: None, shots: vec![] };
+    let ft = Prompting { adapters: vec![(adapter.into(), 1.0)], system: None, shots: vec![] };
     let r = run_arm(model, &ft, &s.test, s.task, &s.metrics[..1], s.rules.as_ref(), &quick)?;
     Ok(r.metrics[&s.metrics[0]])
 }
 
-/// Run the comparison. `base` carries the adapter as the named adapter `finetuned`.
+/// Run the comparison. `base` carries each of `cfg.adapters` as a named adapter.
 /// `progress` hears what runs next (`prompted, 3-shot: 379 test examples`): an arm over a
 /// long test set takes minutes.
 pub fn compare(
@@ -318,29 +330,33 @@ pub fn compare(
         return Err(Error::Input("--shots needs at least one number".into()));
     };
     arms[best_i].chosen = true;
-    let ft = Prompting { adapters: vec![("finetuned".into(), 1.0)], system: None, shots: vec![] };
-    progress(&format!("fine-tuned: {} test examples", test.len()));
-    arms.push(arm(
-        "fine-tuned".into(),
-        "finetuned",
-        0,
-        &base.source,
-        None,
-        run(base, &ft, &test)?,
-        cfg,
-    ));
-    if cfg.system_prompt.is_some() {
-        let ftp = Prompting { system: cfg.system_prompt.clone(), ..ft };
-        progress(&format!("fine-tuned + prompt: {} test examples", test.len()));
-        arms.push(arm(
-            "fine-tuned + prompt".into(),
-            "finetuned+prompt",
-            0,
-            &base.source,
-            None,
-            run(base, &ftp, &test)?,
-            cfg,
-        ));
+    if cfg.adapters.is_empty() {
+        return Err(Error::Input("no adapter to compare; hint: pass --adapter DIR".into()));
+    }
+    for (name, dir) in &cfg.adapters {
+        let ft = Prompting { adapters: vec![(name.clone(), 1.0)], system: None, shots: vec![] };
+        let training = training_cost(dir);
+        progress(&format!("{name}: {} test examples", test.len()));
+        let mut a =
+            arm(name.clone(), "finetuned", 0, &base.source, None, run(base, &ft, &test)?, cfg);
+        (a.adapter, a.training) = (Some(name.clone()), training.clone());
+        arms.push(a);
+        if cfg.system_prompt.is_some() {
+            let ftp = Prompting { system: cfg.system_prompt.clone(), ..ft };
+            progress(&format!("{name} + prompt: {} test examples", test.len()));
+            let result = run(base, &ftp, &test)?;
+            let mut a = arm(
+                format!("{name} + prompt"),
+                "finetuned+prompt",
+                0,
+                &base.source,
+                None,
+                result,
+                cfg,
+            );
+            (a.adapter, a.training) = (Some(name.clone()), training);
+            arms.push(a);
+        }
     }
     if let Some(big) = baseline {
         let k = best_shots.len();
@@ -357,9 +373,10 @@ pub fn compare(
             cfg,
         ));
     }
-    let training = training_cost(&cfg.adapter_dir);
+    let training = training_cost(&cfg.adapters[0].1);
     let references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
-    let verdict = verdict(&arms, &primary, &references);
+    let mut verdict = verdict(&arms, &primary, &references);
+    verdict.push_str(&adapters_verdict(&arms, &primary, &cfg.run));
     let settings = serde_json::json!({
         "task": task,
         "metrics": metric_names,
@@ -377,7 +394,8 @@ pub fn compare(
         "latency_samples": cfg.run.latency_samples,
         "price_per_1k_tokens": cfg.price_per_1k_tokens,
         "model": base.source,
-        "adapter": cfg.adapter_dir.display().to_string(),
+        "adapter": cfg.adapters[0].1.display().to_string(),
+        "adapters": cfg.adapters.iter().map(|(n, d)| serde_json::json!({"name": n, "dir": d.display().to_string()})).collect::<Vec<_>>(),
         "baseline_model": baseline.map(|b| b.source.clone()),
         "rules": rules.as_ref().map(|r| r.rules.iter().map(|x| x.name.clone()).collect::<Vec<_>>()),
     });
@@ -400,6 +418,8 @@ fn arm(
         shots,
         model: model.to_string(),
         chosen: false,
+        adapter: None,
+        training: None,
         valid_score,
         cost_per_1m_queries: cfg.price_per_1k_tokens.map(|p| tokens / 1000.0 * p * 1e6),
         machine_hours_per_1m_queries: result.secs_per_query * 1e6 / 3600.0,
@@ -493,6 +513,33 @@ pub fn verdict(arms: &[Arm], metric: &str, references: &[String]) -> String {
     v
 }
 
+/// With several adapters: each later fine-tuned arm against the first (SFT + DPO against SFT
+/// alone), by the paired difference of their scores on the same test examples.
+fn adapters_verdict(arms: &[Arm], metric: &str, run: &RunSettings) -> String {
+    let mut tuned = arms.iter().filter(|a| a.kind == "finetuned");
+    let Some(first) = tuned.next() else { return String::new() };
+    let mut v = String::new();
+    for other in tuned {
+        let (Some(a), Some(b)) = (first.result.scores.get(metric), other.result.scores.get(metric))
+        else {
+            continue;
+        };
+        let d = crate::metrics::paired_difference(a, b, run.bootstrap_seed, run.resamples);
+        let how = if d.ci95[0] > 0.0 {
+            "better, and the paired 95% interval excludes no difference"
+        } else if d.ci95[1] < 0.0 {
+            "worse, and the paired 95% interval excludes no difference"
+        } else {
+            "no clear difference: the paired 95% interval includes 0"
+        };
+        v.push_str(&format!(
+            " `{}` against `{}` on {metric}: {:+.3} [{:+.3}, {:+.3}] ({how}).",
+            other.name, first.name, d.mean, d.ci95[0], d.ci95[1]
+        ));
+    }
+    v
+}
+
 /// The answer an arm gives far more often than the references do — to at least half of 10 or
 /// more examples, and 20 points above its share among the references — with both shares: an
 /// arm that always says one label looks consistent, and as accurate as that label is common.
@@ -542,8 +589,45 @@ mod tests {
                 reference_loss: None,
                 perplexity: None,
                 outputs: vec![],
+                scores: Default::default(),
             },
+            adapter: None,
+            training: None,
         }
+    }
+
+    #[test]
+    fn adapters_are_compared_pairwise() {
+        let mut sft = arm("finetuned", 0.5, 0.3, 0.7, 40.0);
+        sft.name = "sft".into();
+        let mut dpo = sft.clone();
+        dpo.name = "dpo".into();
+        // dpo is right wherever sft is, and on 4 more of 20 examples: separately their
+        // intervals would overlap, paired the gain is certain.
+        let a: Vec<f64> = (0..20).map(|i| f64::from(i < 10)).collect();
+        let b: Vec<f64> = (0..20).map(|i| f64::from(i < 14)).collect();
+        sft.result.scores.insert("accuracy".into(), a.clone());
+        dpo.result.scores.insert("accuracy".into(), b);
+        let run = RunSettings {
+            max_tokens: 8,
+            seeds: 0,
+            sampling: Default::default(),
+            latency_samples: 0,
+            max_batch: 1,
+            bootstrap_seed: 0,
+            resamples: 1000,
+            reference_loss: false,
+        };
+        let v = adapters_verdict(&[sft.clone(), dpo], "accuracy", &run);
+        assert!(v.contains("`dpo` against `sft` on accuracy: +0.200"), "{v}");
+        assert!(v.contains("better"), "{v}");
+        let mut same = sft.clone();
+        same.name = "again".into();
+        let mut flipped = a.clone();
+        flipped.swap(0, 19);
+        same.result.scores.insert("accuracy".into(), flipped);
+        let v = adapters_verdict(&[sft, same], "accuracy", &run);
+        assert!(v.contains("+0.000") && v.contains("no clear difference"), "{v}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod compare;
 pub mod metrics;
+pub mod pairs;
 pub mod report;
 pub mod rules;
 pub mod run;

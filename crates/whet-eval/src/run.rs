@@ -83,6 +83,10 @@ pub struct ArmResult {
     pub perplexity: Option<f64>,
     /// The greedy answers, in test order.
     pub outputs: Vec<String>,
+    /// Per metric, each test example's score, in test order: arms over the same examples
+    /// are compared pairwise (see [`metrics::paired_difference`]).
+    #[serde(skip)]
+    pub scores: BTreeMap<String, Vec<f64>>,
 }
 
 /// Answer agreement in 0..=1 (see [`crate::agreement`]); `None` where not measured.
@@ -146,9 +150,20 @@ fn generate(
     cfg: &GenerateConfig,
     max_batch: usize,
 ) -> Result<(Vec<whet_infer::Generation>, f64), Error> {
+    let jobs: Vec<(&Example, GenerateConfig)> = examples.iter().map(|e| (e, cfg.clone())).collect();
+    generate_each(model, prompting, &jobs, max_batch)
+}
+
+/// As [`generate`], each example with its own settings (its own sampling seed).
+pub(crate) fn generate_each(
+    model: &Model,
+    prompting: &Prompting,
+    jobs: &[(&Example, GenerateConfig)],
+    max_batch: usize,
+) -> Result<(Vec<whet_infer::Generation>, f64), Error> {
     let adapters = prompting.adapters.clone();
     let mut requests = vec![];
-    for e in examples {
+    for (e, cfg) in jobs {
         requests.push(Request {
             prompt: prompt_ids(model, prompting, e)?,
             config: cfg.clone(),
@@ -182,11 +197,13 @@ pub fn run_arm(
     let outputs: Vec<String> = gens.iter().map(|g| g.text.trim().to_string()).collect();
     let references: Vec<String> = examples.iter().map(|e| e.reference.clone()).collect();
     let mut result_metrics = BTreeMap::new();
+    let mut scores = BTreeMap::new();
     for m in metric_names {
         let values: Vec<f64> =
             outputs.iter().zip(&references).map(|(o, r)| crate::score(m, o, r, rules)).collect();
         result_metrics
             .insert(m.clone(), metrics::bootstrap(&values, s.bootstrap_seed, s.resamples));
+        scores.insert(m.clone(), values);
     }
     let classification =
         (task == Task::Labels).then(|| metrics::classification(&outputs, &references));
@@ -262,6 +279,7 @@ pub fn run_arm(
         reference_loss,
         perplexity,
         outputs,
+        scores,
     })
 }
 

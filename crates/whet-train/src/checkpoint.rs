@@ -6,6 +6,7 @@ use crate::config::TrainConfig;
 use crate::error::TrainError;
 use crate::events::Event;
 use crate::optim::AdamW;
+use crate::plot::Curves;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -187,12 +188,14 @@ pub fn load(run: &Path, model: &mut Llama, opt: &mut AdamW) -> Result<TrainState
     Ok(state)
 }
 
+/// The metric `loss.svg` draws beside the loss, where an objective logs it.
+const MARGINS: &str = "rewards/margins";
+
 /// `metrics.jsonl`: one JSON object per step and per evaluation.
 pub struct Metrics {
     file: std::fs::File,
-    /// `(step, loss)` and `(step, validation loss)` so far, for `loss.svg`.
-    train: Vec<(usize, f64)>,
-    valid: Vec<(usize, f64)>,
+    /// The losses (and margins) so far, for `loss.svg`.
+    curves: Curves,
     svg: PathBuf,
 }
 
@@ -217,34 +220,46 @@ impl Metrics {
             text.push('\n');
         }
         std::fs::write(&path, text).map_err(|e| err(&path, e))?;
-        let (mut train, mut valid) = (vec![], vec![]);
+        let mut curves = Curves::default();
         for line in &kept {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
             let step = v["step"].as_u64().unwrap_or(0) as usize;
+            let margin = v[MARGINS].as_f64();
             if let Some(l) = v["loss"].as_f64() {
-                train.push((step, l));
+                curves.train.push((step, l));
+                curves.margins.extend(margin.map(|m| (step, m)));
             }
             if let Some(l) = v["val_loss"].as_f64() {
-                valid.push((step, l));
+                curves.valid.push((step, l));
+                curves.val_margins.extend(margin.map(|m| (step, m)));
             }
         }
         let file =
             std::fs::OpenOptions::new().append(true).open(&path).map_err(|e| err(&path, e))?;
-        Ok(Self { file, train, valid, svg: run.join("loss.svg") })
+        Ok(Self { file, curves, svg: run.join("loss.svg") })
     }
 
     /// Redraw `loss.svg` (at each evaluation and at the end of the run).
     pub fn plot(&self) {
-        if let Err(e) = crate::plot::loss_curve(&self.svg, &self.train, &self.valid) {
+        if let Err(e) = crate::plot::loss_curve(&self.svg, &self.curves) {
             tracing::warn!("cannot draw {}: {e}", self.svg.display());
         }
     }
 
     /// Append one event.
     pub fn write(&mut self, e: &Event) -> Result<(), TrainError> {
+        let margin =
+            |metrics: &[(String, f64)]| metrics.iter().find(|(k, _)| k == MARGINS).map(|(_, v)| *v);
+        let c = &mut self.curves;
         match e {
-            Event::Step { step, loss, .. } => self.train.push((*step, *loss)),
-            Event::Eval { step, val_loss, .. } => self.valid.push((*step, *val_loss)),
+            Event::Step { step, loss, metrics, .. } => {
+                c.train.push((*step, *loss));
+                c.margins.extend(margin(metrics).map(|m| (*step, m)));
+            }
+            Event::Eval { step, val_loss, metrics, .. } => {
+                c.valid.push((*step, *val_loss));
+                c.val_margins.extend(margin(metrics).map(|m| (*step, m)));
+            }
             Event::Checkpoint { .. } => {}
         }
         let v = match e {

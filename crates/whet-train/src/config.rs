@@ -49,6 +49,13 @@ pub struct TrainConfig {
     /// rsLoRA scaling, alpha/sqrt(rank); --no-rslora turns it off.
     #[arg(long = "rslora")]
     pub use_rslora: bool,
+    /// Train on from this adapter (a run's adapter/ directory, or a PEFT adapter) instead of
+    /// a fresh one, as SFT -> DPO does: its rank, alpha and targets are the run's, and the
+    /// reference model of a preference objective is a frozen copy of it rather than the bare
+    /// base [default: a fresh adapter].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[arg(long, value_name = "DIR")]
+    pub init_adapter: Option<String>,
     /// Peak learning rate.
     #[arg(long, default_value_t = defaults().learning_rate)]
     pub learning_rate: f64,
@@ -256,6 +263,7 @@ impl Default for TrainConfig {
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
             precompute_ref: false,
+            init_adapter: None,
         }
     }
 }

@@ -22,4 +22,5 @@ pub use config::{ObjectiveKind, TrainConfig};
 pub use dist::World;
 pub use error::TrainError;
 pub use events::{Event, Stopped, Summary};
+pub use objective::pair_logps;
 pub use trainer::{train, TrainData};

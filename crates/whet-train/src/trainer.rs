@@ -56,6 +56,9 @@ impl TrainData {
     }
 }
 
+/// The fingerprint key of `--init-adapter`'s tensors, beside the data splits'.
+const INIT_ADAPTER: &str = "init-adapter";
+
 /// How many rows the training split makes with `cfg` (packed rows with `pack`): what one epoch
 /// of micro-batches covers.
 pub fn training_rows(data: &TrainData, cfg: &TrainConfig) -> usize {
@@ -507,9 +510,20 @@ pub fn train(
     let (lora, schedule) = cfg.validate()?;
     let device = model.device().clone();
     // Hashed once: the ranks compare them, the checkpoint records them.
-    let fingerprints = data.fingerprints();
+    let mut fingerprints = data.fingerprints();
+    match &cfg.init_adapter {
+        None => model.add_lora(&lora, cfg.seed)?,
+        Some(dir) => {
+            let dir = Path::new(dir);
+            whet_model::adapter::train_on_from(model, dir, &lora)?;
+            // A resume must start from the same adapter: the reference model is a copy of it.
+            let file = dir.join("adapter_model.safetensors");
+            let bytes = std::fs::read(&file)
+                .map_err(|e| TrainError::Run(format!("{}: {e}", file.display())))?;
+            fingerprints.insert(INIT_ADAPTER.into(), whet_data::cache::sha256_hex(&bytes));
+        }
+    }
     check_ranks_agree(world, cfg, &fingerprints)?;
-    model.add_lora(&lora, cfg.seed)?;
     prepare_run_dir(world, run, cfg, resume)?;
     let vars: Vec<candle_core::Var> = model.lora_vars().into_iter().map(|(_, v)| v).collect();
     let shards = Shards::new(&device, cfg.batch_size)?;
@@ -525,6 +539,13 @@ pub fn train(
         // Every rank reads the checkpoint rank 0 wrote.
         state = checkpoint::load(run, model, &mut opt)?;
         for (split, was) in &state.data_sha256 {
+            if split == INIT_ADAPTER && fingerprints.get(split) != Some(was) {
+                return Err(TrainError::Run(format!(
+                    "cannot resume {}: the --init-adapter {} is not the adapter the run started from; hint: resume with the adapter the run started with, or start a new run",
+                    run.display(),
+                    cfg.init_adapter.as_deref().unwrap_or("(none)")
+                )));
+            }
             if fingerprints.get(split) != Some(was) {
                 let source = data.sources.get(split).map(|s| format!(" ({s})")).unwrap_or_default();
                 return Err(TrainError::Run(format!(

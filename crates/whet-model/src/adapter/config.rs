@@ -128,6 +128,20 @@ pub struct PeftAdapter {
     layers_pattern: Vec<String>,
 }
 
+/// The settings of an adapter with one rank and alpha for all its layers (see
+/// [`PeftAdapter::uniform`]), by PEFT's names.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UniformLora {
+    /// The rank of every layer.
+    pub r: usize,
+    /// The alpha of every layer.
+    pub lora_alpha: f64,
+    /// Comma-separated module names, as `--targets` takes them.
+    pub target_modules: String,
+    /// rsLoRA scaling.
+    pub use_rslora: bool,
+}
+
 /// Fields that change what the adapter computes and that whet does not implement, with the
 /// value that is harmless.
 const REFUSED: [(&str, &str); 15] = [
@@ -352,6 +366,46 @@ impl PeftAdapter {
                 format!("regex `{}`", re.as_str().trim_start_matches("^(?:").trim_end_matches(")$"))
             }
         }
+    }
+
+    /// The settings training on from this adapter takes (`--init-adapter`): one rank and
+    /// alpha for every layer and targets named by module, as whet trains them; an adapter with
+    /// per-layer ranks, layer subsets or a regular expression for its targets is refused by the
+    /// field that makes it so.
+    pub fn uniform(&self) -> Result<UniformLora> {
+        let refuse = |field: &str, why: &str| {
+            Err(Error::config(
+                &self.path,
+                format!("`{field}` {why}; whet trains on from adapters with one rank and alpha for every layer of the modules they name"),
+            ))
+        };
+        if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
+            return refuse("rank_pattern`/`alpha_pattern", "sets ranks per layer");
+        }
+        if self.layers_to_transform.is_some() {
+            return refuse("layers_to_transform", "adapts only some layers");
+        }
+        if self.exclude.is_some() {
+            return refuse("exclude_modules", "leaves some layers out");
+        }
+        let Modules::List(names) = &self.targets else {
+            return refuse("target_modules", "is a regular expression");
+        };
+        if let Some(odd) = names.iter().find(|n| !crate::lora::TARGETS.contains(&n.as_str())) {
+            return Err(Error::config(
+                &self.path,
+                format!(
+                    "`target_modules` names `{odd}`; whet trains on from adapters of {}",
+                    crate::lora::TARGETS.join(", ")
+                ),
+            ));
+        }
+        Ok(UniformLora {
+            r: self.r,
+            lora_alpha: self.lora_alpha,
+            target_modules: names.join(","),
+            use_rslora: self.use_rslora,
+        })
     }
 
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.

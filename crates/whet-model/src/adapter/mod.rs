@@ -13,7 +13,7 @@ pub mod files;
 pub mod gguf;
 
 pub use compat::{check_for, Finding, Runtime};
-pub use config::{AdapterConfig, PeftAdapter};
+pub use config::{AdapterConfig, PeftAdapter, UniformLora};
 use files::attach;
 pub use files::{read_tensors, save_adapter, write_safetensors, AdapterFiles};
 pub use gguf::adapter_to_gguf;
@@ -74,4 +74,38 @@ pub fn load_named_adapter(
     dir: &Path,
 ) -> Result<PeftAdapter> {
     attach(model, dir, Some((name, weight)))
+}
+
+/// Attach the adapter in `dir` as the one training continues, under `cfg` (which must have
+/// its rank, alpha and targets, see [`PeftAdapter::uniform`]), with a frozen copy of it as the
+/// reference model's adapter (see [`Llama::train_from_attached`]).
+pub fn train_on_from(
+    model: &mut Llama,
+    dir: &Path,
+    cfg: &crate::lora::LoraConfig,
+) -> Result<PeftAdapter> {
+    let files = AdapterFiles::read(dir)?;
+    let path = files.config.path.clone();
+    let uniform = files.config.uniform()?;
+    let (r, alpha, targets) = (uniform.r, uniform.lora_alpha, &uniform.target_modules);
+    let wanted = cfg.targets.join(",");
+    let same_targets = {
+        let mut a: Vec<&str> = targets.split(',').collect();
+        let mut b: Vec<&str> = cfg.targets.iter().map(String::as_str).collect();
+        a.sort_unstable();
+        b.sort_unstable();
+        a == b
+    };
+    if r != cfg.rank || alpha != cfg.alpha || uniform.use_rslora != cfg.rslora || !same_targets {
+        return Err(Error::config(
+            &path,
+            format!(
+                "the adapter has r {r}, lora_alpha {alpha}, use_rslora {}, target_modules {targets}, but training asks for {}, {}, {}, {wanted}",
+                uniform.use_rslora, cfg.rank, cfg.alpha, cfg.rslora
+            ),
+        ));
+    }
+    let adapter = files.attach(model, None)?;
+    model.train_from_attached(cfg).map_err(|e| Error::config(&path, e.to_string()))?;
+    Ok(adapter)
 }

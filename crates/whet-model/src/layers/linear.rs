@@ -294,6 +294,9 @@ pub(crate) struct Proj {
     pub(crate) base: Linear,
     pub(crate) lora: Option<Lora>,
     pub(crate) named: Vec<NamedLora>,
+    /// A frozen adapter applied only in the reference pass (`Ctx::reference`): the copy of
+    /// the adapter training started from (see [`crate::Llama::train_from_attached`]).
+    pub(crate) reference: Option<NamedLora>,
     /// Hugging Face module path (`model.layers.0.self_attn.q_proj`), for adapter tensor names.
     pub(crate) path: String,
     pub(crate) in_dim: usize,
@@ -304,7 +307,7 @@ impl Proj {
     pub(crate) fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         let path = vb.prefix();
         let base = Linear::load(vb, in_dim, out_dim, bias, INIT_STD)?;
-        Ok(Self { base, lora: None, named: vec![], path, in_dim, out_dim })
+        Ok(Self { base, lora: None, named: vec![], reference: None, path, in_dim, out_dim })
     }
 
     /// The module name as LoRA targets it (`q_proj`).
@@ -328,7 +331,13 @@ impl Proj {
                 }
             }
         }
-        let Some(lora) = self.lora.as_ref().filter(|_| !ctx.reference) else {
+        if ctx.reference {
+            if let Some(frozen) = &self.reference {
+                y = (y.clone() + frozen.delta(x, 1.0)?.to_dtype(y.dtype())?)?;
+            }
+            return Ok((y, None));
+        }
+        let Some(lora) = self.lora.as_ref() else {
             return Ok((y, None));
         };
         let mask = match ctx.train {

@@ -360,8 +360,8 @@ impl Llama {
     }
 
     /// Final hidden states `[B, T, C]` of the reference model: this one with its trained
-    /// adapter left out (the base, and any named adapters at their weights, such as a frozen
-    /// copy of the adapter training started from). No weight is copied and nothing is kept for
+    /// adapter left out (the base, with a frozen copy of the adapter training started from
+    /// where it started from one, see [`Llama::train_from_attached`]). No weight is copied and nothing is kept for
     /// a backward pass; packed rows with `packing`.
     pub fn hidden_reference(&self, ids: &Tensor, packing: Option<Packing>) -> Result<Tensor> {
         let ctx = Ctx { reference: true, ..Ctx::default() };
@@ -506,6 +506,57 @@ impl Llama {
             } else {
                 None
             };
+            p.reference = None;
+        }
+        self.lora = Some(cfg.clone());
+        Ok(())
+    }
+
+    /// Train on from the adapters [`Llama::attach_lora`] attached (an SFT adapter a preference
+    /// run continues): they become the trained adapter under `cfg`, whose targets, rank and
+    /// scale they must have (`cfg`'s dropout applies), and a frozen copy of them the reference
+    /// model's (see [`Llama::hidden_reference`]), so that the reference is the starting point
+    /// rather than the bare base.
+    pub fn train_from_attached(&mut self, cfg: &LoraConfig) -> crate::Result<()> {
+        for p in self.projs_mut() {
+            let wanted = cfg.targets.iter().any(|t| t == p.name());
+            let path = p.path.clone();
+            match (&mut p.lora, wanted) {
+                (Some(lora), true) => {
+                    let rank = lora.a.dim(0)?;
+                    if rank != cfg.rank || (lora.scale - cfg.scale()).abs() > 1e-9 * cfg.scale() {
+                        return Err(crate::Error::Lora(format!(
+                            "`{path}` has an adapter of rank {rank} and scale {}, but training asks for rank {} and scale {}",
+                            lora.scale,
+                            cfg.rank,
+                            cfg.scale()
+                        )));
+                    }
+                    lora.dropout = cfg.dropout;
+                    // Copied: the optimizer updates the trained adapter's storage in place.
+                    let frozen = Lora::from_tensors(
+                        &lora.a.as_tensor().copy()?,
+                        &lora.b.as_tensor().copy()?,
+                        lora.scale,
+                        lora.a.device(),
+                        lora.a.dtype(),
+                    )?;
+                    let weight =
+                        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1f64.to_bits()));
+                    p.reference = Some(NamedLora::new(usize::MAX, &frozen, weight)?);
+                }
+                (None, false) => p.reference = None,
+                (Some(_), false) => {
+                    return Err(crate::Error::Lora(format!(
+                        "`{path}` has an adapter, but training's targets ({}) leave it out",
+                        cfg.targets.join(",")
+                    )))
+                }
+                (None, true) => return Err(crate::Error::Lora(format!(
+                    "`{path}` has no adapter to train on, but training's targets ({}) include it",
+                    cfg.targets.join(",")
+                ))),
+            }
         }
         self.lora = Some(cfg.clone());
         Ok(())
@@ -556,6 +607,7 @@ impl Llama {
     ) -> crate::Result<()> {
         for p in self.projs_mut() {
             p.lora = adapter(&p.path, p.in_dim, p.out_dim)?;
+            p.reference = None;
         }
         self.lora = None;
         Ok(())
@@ -667,6 +719,7 @@ impl Llama {
     /// model then runs at base speed with the adapted behaviour.
     pub fn merge_lora(&mut self) -> Result<()> {
         for p in self.projs_mut() {
+            p.reference = None;
             let Some(lora) = p.lora.take() else { continue };
             let Linear::Dense(l) = &p.base else {
                 candle_core::bail!("cannot merge an adapter into quantized weights")

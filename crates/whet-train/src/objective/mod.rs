@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 use whet_model::{GradCollector, Llama, TrainPass};
 
 pub use kto::Kto;
-pub use preference::{Preference, PreferenceLoss};
+pub use preference::{pair_logps, Preference, PreferenceLoss};
 pub use sft::Sft;
 
 /// One row of a batch: an example, or several packed ones with their positions and segments.

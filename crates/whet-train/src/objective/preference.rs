@@ -14,6 +14,7 @@
 use super::{Loss, Objective, Row};
 use crate::error::TrainError;
 use candle_core::{DType, Device, Tensor};
+use whet_data::Tokenized;
 use whet_model::{Llama, TrainPass};
 
 /// Which preference loss.
@@ -222,6 +223,32 @@ pub(super) fn sequence_logps(
         counts.push(n);
     }
     Ok((Tensor::stack(&logps, 0)?, counts, collector))
+}
+
+/// Each pair's log-probabilities of its chosen and rejected answers (the sums over their
+/// trained tokens, as the objectives define them) under `model` as it stands, named adapters
+/// at their weights and no graph, `batch` pairs at a time: what `whet eval` scores preference
+/// data by.
+pub fn pair_logps(
+    model: &Llama,
+    pairs: &[Tokenized],
+    batch: usize,
+    device: &Device,
+) -> Result<Vec<(f64, f64)>, TrainError> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(batch.max(1)) {
+        let mut seqs = vec![];
+        for p in chunk {
+            let r = p.rejected.as_deref().ok_or_else(|| {
+                TrainError::Run("an answer without a rejected side is not a preference pair".into())
+            })?;
+            seqs.push((p.ids.as_slice(), p.mask.as_slice()));
+            seqs.push((r.ids.as_slice(), r.mask.as_slice()));
+        }
+        let (logps, _, _) = sequence_logps(model, &seqs, None, false, device)?;
+        out.extend(host(&logps)?.chunks(2).map(|c| (c[0], c[1])));
+    }
+    Ok(out)
 }
 
 /// A `[n]` tensor's values on the host (through f32: Metal cannot cast to f64).
