@@ -145,6 +145,10 @@ pub struct EvalArgs {
     /// Few-shot examples from the data directory's train.jsonl.
     #[arg(long, default_value_t = 0)]
     pub shots: usize,
+    /// On preference pairs: weigh the adapters against the base with this adapter (the one a
+    /// DPO run started from, its `--init-adapter`) instead of the bare base.
+    #[arg(long, value_name = "DIR")]
+    pub reference_adapter: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -577,6 +581,19 @@ pub struct BenchTrainArgs {
     /// Pack --data's examples into rows of --seq-len tokens, as `whet train --pack`.
     #[arg(long)]
     pub pack: bool,
+    /// The objective, as `whet train --objective`. Random rows for a preference objective are
+    /// pairs: a prompt of --prompt-tokens shared by two different answers, each side --seq-len
+    /// tokens (a pair runs two rows' tokens; tokens/s counts both); for KTO, answers marked
+    /// desirable and undesirable in turn.
+    #[arg(long, value_enum, default_value_t = whet_train::ObjectiveKind::Sft)]
+    pub objective: whet_train::ObjectiveKind,
+    /// Of each random row, the first N tokens are prompt: not trained (and a pair's sides
+    /// share them). 0 trains every token (SFT only).
+    #[arg(long, default_value_t = 0)]
+    pub prompt_tokens: usize,
+    /// As `whet train --precompute-ref` (DPO, IPO, KTO).
+    #[arg(long)]
+    pub precompute_ref: bool,
     /// Write the micro-batches trained (ids, loss mask, positions; one JSON line per batch,
     /// the warm-up's first; whole batches, by rank 0 under mpirun), for
     /// scripts/bench_train_torch.py --rows to train on the same tokens.

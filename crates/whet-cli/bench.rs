@@ -5,6 +5,7 @@ use crate::model;
 use anyhow::Result;
 use std::io::Write;
 use whet_infer::bench::{bench_generate, load_average, median};
+use whet_train::ObjectiveKind;
 
 pub fn generate(args: BenchGenerateArgs) -> Result<()> {
     anyhow::ensure!(
@@ -69,8 +70,11 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         pack: args.pack,
         eval_every: 0,
         save_every: 0,
+        objective: args.objective,
+        precompute_ref: args.precompute_ref,
         ..Default::default()
     };
+    cfg.validate()?;
     let data = match &args.data {
         // Real examples, tokenized, masked and (with --pack) packed as `whet train` does.
         Some(dir) => {
@@ -83,14 +87,41 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         }
         None => {
             anyhow::ensure!(!args.pack, "--pack needs --data: random rows are all full already");
+            let o = args.objective;
+            anyhow::ensure!(
+                args.prompt_tokens < args.seq_len
+                    && (o == ObjectiveKind::Sft || args.prompt_tokens > 0),
+                "--prompt-tokens {}: {}\nhint: --prompt-tokens {}",
+                args.prompt_tokens,
+                if args.prompt_tokens >= args.seq_len {
+                    "leaves no answer in a row of --seq-len tokens"
+                } else {
+                    "a preference objective's answers follow a prompt"
+                },
+                args.seq_len / 2
+            );
             let vocab = m.config.vocab_size as u32;
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
             let n = args.batch_size * (args.steps + 1);
+            let (p, t) = (args.prompt_tokens, args.seq_len);
+            let mask: Vec<u8> = (0..t).map(|i| u8::from(i >= p)).collect();
+            let mut draw =
+                |n: usize| -> Vec<u32> { (0..n).map(|_| rng.random_range(3..vocab)).collect() };
             let train = (0..n)
-                .map(|_| whet_data::Tokenized {
-                    ids: (0..args.seq_len).map(|_| rng.random_range(3..vocab)).collect(),
-                    mask: vec![1; args.seq_len],
-                    ..Default::default()
+                .map(|i| {
+                    let prompt = draw(p);
+                    let row = |answer: Vec<u32>| whet_data::Tokenized {
+                        ids: prompt.iter().copied().chain(answer).collect(),
+                        mask: mask.clone(),
+                        ..Default::default()
+                    };
+                    let mut e = row(draw(t - p));
+                    if o.is_paired() {
+                        e.rejected = Some(Box::new(row(draw(t - p))));
+                    } else if o == ObjectiveKind::Kto {
+                        e.desirable = Some(i % 2 == 0);
+                    }
+                    e
                 })
                 .collect();
             whet_train::TrainData { train, ..Default::default() }
@@ -143,6 +174,26 @@ pub fn train(args: crate::args::BenchTrainArgs) -> Result<()> {
         args.seq_len,
         if args.grad_checkpoint { ", gradient checkpointing" } else { "" }
     )?;
+    if args.objective != ObjectiveKind::Sft || args.prompt_tokens > 0 {
+        writeln!(
+            out,
+            "objective:  {}{}{}",
+            args.objective.name(),
+            if args.objective.is_paired() {
+                " on pairs (two sides of --seq-len tokens each)"
+            } else {
+                ""
+            },
+            if args.precompute_ref { ", reference precomputed" } else { "" },
+        )?;
+        if args.data.is_none() {
+            writeln!(
+                out,
+                "rows:       the first {} tokens of each are prompt (not trained)",
+                args.prompt_tokens
+            )?;
+        }
+    }
     if let Some(dir) = &args.data {
         let rows: Vec<_> = batches.iter().flatten().collect();
         let tokens: usize = rows.iter().map(|r| r.ids.len()).sum();

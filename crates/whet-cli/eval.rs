@@ -100,8 +100,20 @@ fn eval_pairs(args: &EvalArgs, test_path: &std::path::Path) -> Result<()> {
             test_path.display()
         );
     }
-    // Unmerged: the reference is the same model with every adapter switched off.
-    let (m, device) = model::load_with(&args.model, 0, false)?;
+    // Unmerged: the reference is the same model with every adapter switched off, or with only
+    // --reference-adapter on.
+    let (mut m, device) = model::load_with(&args.model, 0, false)?;
+    let weights = m.model.adapter_weights();
+    const REFERENCE: &str = "reference";
+    if let Some(dir) = &args.reference_adapter {
+        anyhow::ensure!(
+            !weights.is_empty(),
+            "--reference-adapter {}: there is no --adapter to weigh against it",
+            dir.display()
+        );
+        whet_model::adapter::load_named_adapter(&mut m.model, REFERENCE, 0.0, dir)
+            .with_context(|| format!("cannot apply the adapter in {}", dir.display()))?;
+    }
     let defaults = whet_train::TrainConfig::default();
     let data = crate::args::DataArgs {
         path: test_path.to_path_buf(),
@@ -125,7 +137,6 @@ fn eval_pairs(args: &EvalArgs, test_path: &std::path::Path) -> Result<()> {
     }
     anyhow::ensure!(!pairs.is_empty(), "{}: no preference pairs", test_path.display());
     let batch = (args.shared.max_batch / 2).max(1);
-    let weights = m.model.adapter_weights();
     let policy = whet_train::pair_logps(&m.model, &pairs, batch, &device)?;
     let (b_seed, resamples) = (args.shared.seed, 2000);
     let alone: Vec<f64> = policy.iter().map(|(c, r)| f64::from(c > r)).collect();
@@ -144,7 +155,16 @@ fn eval_pairs(args: &EvalArgs, test_path: &std::path::Path) -> Result<()> {
         println!("prefers chosen:      {}  (chosen more likely than rejected)", ci(&alone));
         println!("note: no --adapter: preference accuracy weighs an adapter against its base");
     } else {
-        m.model.set_adapter_weights(&[])?;
+        let against = match &args.reference_adapter {
+            Some(dir) => {
+                m.model.set_adapter_weights(&[(REFERENCE, 1.0)])?;
+                format!("the base with {}", dir.display())
+            }
+            None => {
+                m.model.set_adapter_weights(&[])?;
+                "the base".to_string()
+            }
+        };
         let reference = whet_train::pair_logps(&m.model, &pairs, batch, &device)?;
         let margins: Vec<f64> = policy
             .iter()
@@ -155,12 +175,13 @@ fn eval_pairs(args: &EvalArgs, test_path: &std::path::Path) -> Result<()> {
         let accuracy = whet_eval::metrics::bootstrap(&accurate, b_seed, resamples);
         let margin = whet_eval::metrics::bootstrap(&margins, b_seed, resamples);
         println!("preference accuracy: {}", ci(&accuracy));
-        println!("  pairs where the adapters raise the chosen answer's log-probability over the rejected one's, against the base (DPO's rewards/accuracies)");
+        println!("  pairs where the adapters raise the chosen answer's log-probability over the rejected one's, against {against} (DPO's rewards/accuracies)");
         println!("reward margin:       {} nats (beta = 1)", ci(&margin));
         println!(
             "prefers chosen:      {}  (with the adapters, chosen more likely than rejected)",
             ci(&alone)
         );
+        out_json["reference"] = against.into();
         out_json["preference_accuracy"] = serde_json::to_value(accuracy)?;
         out_json["reward_margin_nats"] = serde_json::to_value(margin)?;
     }
@@ -176,6 +197,13 @@ pub fn eval(args: EvalArgs) -> Result<()> {
     let (dir, test_path) = data_paths(&args.shared.data);
     if holds_pairs(&test_path) {
         return eval_pairs(&args, &test_path);
+    }
+    if let Some(r) = &args.reference_adapter {
+        bail!(
+            "--reference-adapter {}: {} holds no preference pairs; a reference model weighs pairs only",
+            r.display(),
+            test_path.display()
+        );
     }
     let run = settings(&args.shared)?;
     let out = plan_out(&args.shared, "eval", model::input_paths(&args.model))?;

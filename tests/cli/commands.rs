@@ -633,6 +633,36 @@ fn bench_train_on_a_dataset_saves_the_batches_it_ran() {
     assert!(stderr(&o).contains("data/nowhere"), "{}", stderr(&o));
 }
 
+/// `whet bench train --objective` runs a preference objective on random pairs (a prompt shared
+/// by two answers) and says so; a pair objective without a prompt is refused.
+#[test]
+fn bench_train_runs_preference_objectives_on_random_pairs() {
+    let quick = ["bench", "train", "--model", "random:tiny", "--steps", "1", "--seq-len", "16"];
+    for (objective, extra) in
+        [("dpo", vec![]), ("dpo", vec!["--precompute-ref"]), ("kto", vec![]), ("orpo", vec![])]
+    {
+        let mut a = quick.to_vec();
+        a.extend(["--objective", objective, "--prompt-tokens", "8", "--batch-size", "2"]);
+        a.extend(extra.iter().copied());
+        let o = whet(&a, "");
+        assert!(o.status.success(), "{objective}: {}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains(&format!("objective:  {objective}")), "{out}");
+        assert!(
+            out.contains("the first 8 tokens of each are prompt") && out.contains("tokens/s"),
+            "{out}"
+        );
+    }
+    let mut a = quick.to_vec();
+    a.extend(["--objective", "dpo"]);
+    let e = assert_one_line_error(&whet(&a, ""));
+    assert!(e.contains("--prompt-tokens 0"), "{e}");
+    let mut a = quick.to_vec();
+    a.extend(["--objective", "sft", "--precompute-ref"]);
+    let e = assert_one_line_error(&whet(&a, ""));
+    assert!(e.contains("precompute_ref"), "{e}");
+}
+
 /// The PyTorch side of the training benchmark runs whet's saved micro-batches as whet does:
 /// in a packed row each example sees only itself (its logits equal the example's own run) and
 /// the labels are exactly the tokens whet trains. Needs Python with torch and transformers

@@ -501,6 +501,13 @@ fn eval_on_pairs_reports_preference_accuracy_against_the_base() {
     let o = eval(&swapped, &["--adapter", adapter.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(accuracy(&o) <= 0.1, "swapped pairs: {}", stdout(&o));
+    // Against itself as the reference, an adapter raises nothing: every margin is 0.
+    let a = adapter.to_str().unwrap();
+    let o = eval(&train, &["--adapter", a, "--reference-adapter", a]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(accuracy(&o), 0.0, "{}", stdout(&o));
+    assert!(stdout(&o).contains("reward margin:       0.000"), "{}", stdout(&o));
+    assert!(stdout(&o).contains(&format!("against the base with {a}")), "{}", stdout(&o));
     // Without an adapter there is nothing to weigh against the base: the model's own
     // preference is shown, and said to be that.
     let o = eval(&train, &[]);

@@ -50,6 +50,14 @@ pub enum Error {
     /// caller names the file or flag they came from.
     #[error("{0}")]
     Lora(String),
+    /// A named adapter that is not loaded.
+    #[error("no adapter named `{name}`; loaded: {}", if loaded.is_empty() { "none".into() } else { loaded.join(", ") })]
+    UnknownAdapter {
+        /// The name asked for.
+        name: String,
+        /// The names that are loaded.
+        loaded: Vec<String>,
+    },
     /// A `--device` or `--dtype` value whet does not understand or cannot use.
     #[error("{0}")]
     Device(String),

@@ -477,7 +477,9 @@ async fn load_adapter(
     let gone = || ApiError::unavailable("the server is shutting down".into());
     let cmd = Command::Load { name: name.to_string(), files: Box::new(files), weight, reply };
     state.engine.send(cmd).map_err(|_| gone())?;
-    done.await.map_err(|_| gone())?.map_err(|e| ApiError::unprocessable(e, Some("path")))?;
+    done.await
+        .map_err(|_| gone())?
+        .map_err(|e| ApiError::unprocessable(e.to_string(), Some("path")))?;
     let entry = AdapterEntry { name: name.to_string(), weight, created: unix_now() };
     write(&state).push(entry.clone());
     tracing::info!("loaded adapter `{name}` from {}", req.path);
@@ -506,7 +508,13 @@ async fn unload_adapter(
     let (reply, done) = oneshot::channel();
     let gone = || ApiError::unavailable("the server is shutting down".into());
     state.engine.send(Command::Unload { name: name.clone(), reply }).map_err(|_| gone())?;
-    done.await.map_err(|_| gone())?.map_err(ApiError::internal)?;
+    // Another request may have unloaded it meanwhile: that one answered, this one finds none.
+    done.await.map_err(|_| gone())?.map_err(|e| match e {
+        whet_model::Error::UnknownAdapter { .. } => {
+            ApiError::not_found("model_not_found", format!("no adapter `{name}` is loaded"))
+        }
+        e => ApiError::internal(e.to_string()),
+    })?;
     tracing::info!("unloaded adapter `{name}`");
     Ok(Json(json!({"id": name, "object": "model", "deleted": true})))
 }

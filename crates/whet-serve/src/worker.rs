@@ -25,10 +25,10 @@ pub(crate) enum Command {
         name: String,
         files: Box<AdapterFiles>,
         weight: f64,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), whet_model::Error>>,
     },
     /// Remove adapter `name`; its running sequences fail.
-    Unload { name: String, reply: oneshot::Sender<Result<(), String>> },
+    Unload { name: String, reply: oneshot::Sender<Result<(), whet_model::Error>> },
 }
 
 /// Start the engine thread; it ends when every sender of the returned channel is dropped and
@@ -79,13 +79,11 @@ fn handle(cmd: Command, engine: &mut Engine, model: &mut Llama) {
             let _ = accepted.send(engine.submit(model, request, sink));
         }
         Command::Load { name, files, weight, reply } => {
-            let r =
-                files.attach(model, Some((&name, weight))).map(|_| ()).map_err(|e| e.to_string());
-            let _ = reply.send(r);
+            let _ = reply.send(files.attach(model, Some((&name, weight))).map(|_| ()));
         }
         Command::Unload { name, reply } => {
             engine.fail_adapter(&name);
-            let _ = reply.send(model.remove_named_lora(&name).map_err(|e| e.to_string()));
+            let _ = reply.send(model.remove_named_lora(&name));
         }
     }
 }

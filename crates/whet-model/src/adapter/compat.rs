@@ -1,6 +1,6 @@
 //! What other runtimes would refuse, or compute differently from PEFT, for an adapter.
 
-use super::{is_set, read_tensors, PeftAdapter, Result};
+use super::{read_tensors, PeftAdapter, Result};
 use std::path::Path;
 
 /// What another runtime does with an adapter, for `whet adapter check`.
@@ -61,8 +61,8 @@ impl std::fmt::Display for Runtime {
 /// What `runtime` will refuse or silently compute differently for the adapter in `dir`; an
 /// empty list when it runs it as PEFT does.
 pub fn check_for(dir: &Path, runtime: Runtime) -> Result<Vec<Finding>> {
-    let (_, v) = super::config::read_fields(dir)?;
-    let set = |k: &str| v.get(k).is_some_and(|value| is_set(k, value));
+    let (_, c) = super::AdapterConfig::read(dir)?;
+    let set = |k: &str| c.is_set(k);
     let mut out = vec![];
     // Every runtime reads the tensors: a truncated or non-finite file runs nowhere.
     if let Err(e) = read_tensors(dir) {
@@ -86,12 +86,8 @@ pub fn check_for(dir: &Path, runtime: Runtime) -> Result<Vec<Finding>> {
                     "`bias` other than `none` (unless started with bias enabled)".into(),
                 ));
             }
-            let ranks = std::iter::once(v.get("r").and_then(|r| r.as_u64()).unwrap_or(0)).chain(
-                v.get("rank_pattern")
-                    .and_then(|p| p.as_object())
-                    .into_iter()
-                    .flat_map(|p| p.values().filter_map(|r| r.as_u64())),
-            );
+            let ranks = std::iter::once(c.r.unwrap_or(0) as u64)
+                .chain(c.rank_pattern.iter().flat_map(|p| p.values().filter_map(|r| r.as_u64())));
             if let Some(r) = ranks.max().filter(|&r| r > 16) {
                 out.push(Finding::Rejects(format!("rank {r} is above the default `--max-lora-rank` 16 (start vLLM with `--max-lora-rank {r}` or more)")));
             }
@@ -125,7 +121,7 @@ pub fn check_for(dir: &Path, runtime: Runtime) -> Result<Vec<Finding>> {
             }
         }
         Runtime::Mistralrs => {
-            if v.get("target_modules").is_some_and(|t| t.is_string()) {
+            if matches!(c.target_modules, Some(super::config::ModuleSpec::Pattern(_))) {
                 out.push(Finding::Rejects(
                     "`target_modules` as a regular expression: mistral.rs reads a list of names"
                         .into(),

@@ -1,72 +1,165 @@
-//! `adapter_config.json`: PEFT's adapter settings, written and read.
+//! `adapter_config.json`: PEFT's adapter settings, one typed struct ([`AdapterConfig`]) that
+//! whet writes and that every reader starts from — whet's own ([`PeftAdapter::read`], which
+//! honours every field that changes the computation or refuses it by name) and the checks of
+//! what other runtimes would do (`super::compat`).
 
 use super::{is_set, read_text};
 use crate::error::{Error, Result};
 use crate::lora::LoraConfig;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use std::path::Path;
 
-/// `adapter_config.json`, with PEFT's field names.
+/// `target_modules` and `exclude_modules` as PEFT writes them: module names (a module whose
+/// path is one, or ends in `.` + one), or one string, a regular expression the whole path must
+/// match.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AdapterConfig {
-    /// Always `LORA`.
-    pub peft_type: String,
-    /// Always `CAUSAL_LM`.
-    pub task_type: String,
-    /// The base model the adapter was trained on.
-    pub base_model_name_or_path: Option<String>,
-    /// Rank.
-    pub r: usize,
-    /// Scaling numerator.
-    pub lora_alpha: f64,
-    /// Dropout used in training.
-    #[serde(default)]
-    pub lora_dropout: f64,
-    /// Wrapped modules.
-    pub target_modules: Vec<String>,
-    /// rsLoRA scaling.
-    #[serde(default)]
-    pub use_rslora: bool,
-    /// Always `none`: biases are not trained.
-    #[serde(default = "none")]
-    pub bias: String,
-    /// Always false: weights are `[out, in]`.
-    #[serde(default)]
-    pub fan_in_fan_out: bool,
-    /// Always null: no fully trained modules.
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
-    /// Saved adapters are for inference.
-    #[serde(default)]
-    pub inference_mode: bool,
+#[serde(untagged, expecting = "expected a list of module names or a regular expression")]
+pub enum ModuleSpec {
+    /// A list of names.
+    Names(Vec<String>),
+    /// A regular expression.
+    Pattern(String),
 }
 
-fn none() -> String {
-    "none".into()
+/// A field PEFT takes as one value or a list (`layers_to_transform`, `layers_pattern`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "expected one value or a list of them")]
+pub enum OneOrList<T> {
+    /// One value.
+    One(T),
+    /// Several.
+    List(Vec<T>),
 }
 
-impl AdapterConfig {
-    /// The PEFT description of `cfg`.
-    pub fn from_lora(cfg: &LoraConfig, base_model: &str) -> Self {
-        Self {
-            peft_type: "LORA".into(),
-            task_type: "CAUSAL_LM".into(),
-            base_model_name_or_path: Some(base_model.to_string()),
-            r: cfg.rank,
-            lora_alpha: cfg.alpha,
-            lora_dropout: cfg.dropout,
-            target_modules: cfg.targets.clone(),
-            use_rslora: cfg.rslora,
-            bias: "none".into(),
-            fan_in_fan_out: false,
-            modules_to_save: None,
-            inference_mode: true,
+impl<T: Clone> OneOrList<T> {
+    fn to_vec(&self) -> Vec<T> {
+        match self {
+            OneOrList::One(x) => vec![x.clone()],
+            OneOrList::List(v) => v.clone(),
         }
     }
 }
 
-/// Which modules an adapter wraps: PEFT's `target_modules` as a list of names (a module whose
-/// path is one, or ends in `.` + one) or a regular expression the whole path must match.
+/// `adapter_config.json`, by PEFT's field names. The fields that shape what the adapter
+/// computes are typed (a wrong type is an error naming the field); the rest is kept as written
+/// in `rest`: PEFT's bookkeeping ([`BOOKKEEPING`]), the fields whet refuses when set
+/// ([`REFUSED`]), and any whet does not know (named in a warning).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    /// `LORA` (the only type whet reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peft_type: Option<String>,
+    /// `CAUSAL_LM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_type: Option<String>,
+    /// The base model the adapter was trained on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model_name_or_path: Option<String>,
+    /// The base model's revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Default rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub r: Option<usize>,
+    /// Default scaling numerator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Dropout used in training.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f64>,
+    /// rsLoRA scaling (`alpha / sqrt(r)`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_rslora: Option<bool>,
+    /// Wrapped modules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_modules: Option<ModuleSpec>,
+    /// Modules left out although targeted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclude_modules: Option<ModuleSpec>,
+    /// Per-module ranks: module-name patterns to ranks, the first match wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_pattern: Option<Map<String, Value>>,
+    /// Per-module alphas, as `rank_pattern`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_pattern: Option<Map<String, Value>>,
+    /// Only these layer indices are adapted (with list targets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<OneOrList<usize>>,
+    /// The module path component the layer index follows (`layers`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_pattern: Option<OneOrList<String>>,
+    /// Saved adapters are for inference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_mode: Option<bool>,
+    /// Every other field, as written.
+    #[serde(flatten)]
+    pub rest: Map<String, Value>,
+}
+
+impl AdapterConfig {
+    /// The PEFT description of `cfg`, as whet writes it.
+    pub fn from_lora(cfg: &LoraConfig, base_model: &str) -> Self {
+        // The refused fields at their harmless values, as PEFT writes them: readers that do
+        // not default them see what whet computes.
+        let rest = [
+            ("bias", Value::from("none")),
+            ("fan_in_fan_out", Value::from(false)),
+            ("modules_to_save", Value::Null),
+        ];
+        Self {
+            peft_type: Some("LORA".into()),
+            task_type: Some("CAUSAL_LM".into()),
+            base_model_name_or_path: Some(base_model.to_string()),
+            r: Some(cfg.rank),
+            lora_alpha: Some(cfg.alpha),
+            lora_dropout: Some(cfg.dropout),
+            target_modules: Some(ModuleSpec::Names(cfg.targets.clone())),
+            use_rslora: Some(cfg.rslora),
+            inference_mode: Some(true),
+            rest: rest.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Read `DIR/adapter_config.json`; a field of the wrong type is an error naming it.
+    pub fn read(dir: &Path) -> Result<(std::path::PathBuf, Self)> {
+        let path = dir.join("adapter_config.json");
+        let text = read_text(&path)?;
+        let cfg = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(&text))
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let what = e.into_inner();
+                let msg = if field == "." {
+                    format!("invalid adapter config: {what}")
+                } else {
+                    format!("invalid adapter config: `{field}`: {what}")
+                };
+                Error::config(&path, msg)
+            })?;
+        Ok((path, cfg))
+    }
+
+    /// Whether `field` holds anything but its no-op value (absent, null, false, an empty
+    /// list or map, `bias` = `none`), whichever of the typed fields or `rest` holds it.
+    pub fn is_set(&self, field: &str) -> bool {
+        self.value(field).is_some_and(|v| is_set(field, &v))
+    }
+
+    /// `field` as written (typed fields as they serialize), if present.
+    pub fn value(&self, field: &str) -> Option<Value> {
+        if let Some(v) = self.rest.get(field) {
+            return Some(v.clone());
+        }
+        // The typed fields, by the names they serialize under: one definition of each name.
+        match serde_json::to_value(self) {
+            Ok(Value::Object(all)) => all.get(field).cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// Which modules an adapter wraps, compiled from a [`ModuleSpec`].
 #[derive(Debug)]
 enum Modules {
     List(Vec<String>),
@@ -74,25 +167,12 @@ enum Modules {
 }
 
 impl Modules {
-    fn parse(v: &serde_json::Value, field: &str, path: &Path) -> Result<Option<Self>> {
-        match v {
-            serde_json::Value::Null => Ok(None),
-            serde_json::Value::String(re) => fancy_regex::Regex::new(&format!("^(?:{re})$"))
-                .map(|r| Some(Modules::Regex(r)))
+    fn compile(spec: &ModuleSpec, field: &str, path: &Path) -> Result<Self> {
+        match spec {
+            ModuleSpec::Names(names) => Ok(Modules::List(names.clone())),
+            ModuleSpec::Pattern(re) => fancy_regex::Regex::new(&format!("^(?:{re})$"))
+                .map(Modules::Regex)
                 .map_err(|e| Error::config(path, format!("`{field}` = `{re}`: {e}"))),
-            serde_json::Value::Array(items) => items
-                .iter()
-                .map(|x| {
-                    x.as_str().map(str::to_string).ok_or_else(|| {
-                        Error::config(path, format!("`{field}` must list strings, got `{x}`"))
-                    })
-                })
-                .collect::<Result<_>>()
-                .map(|l| Some(Modules::List(l))),
-            other => Err(Error::config(
-                path,
-                format!("`{field}` = `{other}`: expected a list or a string"),
-            )),
         }
     }
 
@@ -162,25 +242,10 @@ const REFUSED: [(&str, &str); 15] = [
     ("monteclora_config", "null"),
 ];
 
-/// Fields that do not change what a trained adapter computes (initialisation, bookkeeping) or
-/// that whet implements.
-const UNDERSTOOD: [&str; 26] = [
-    "peft_type",
-    "task_type",
-    "base_model_name_or_path",
-    "revision",
-    "r",
-    "lora_alpha",
-    "use_rslora",
-    "target_modules",
-    "exclude_modules",
-    "rank_pattern",
-    "alpha_pattern",
-    "layers_to_transform",
-    "layers_pattern",
-    "lora_dropout",
+/// Fields of `rest` that do not change what a trained adapter computes (initialisation,
+/// bookkeeping).
+const BOOKKEEPING: [&str; 11] = [
     "init_lora_weights",
-    "inference_mode",
     "auto_mapping",
     "peft_version",
     "megatron_config",
@@ -193,27 +258,19 @@ const UNDERSTOOD: [&str; 26] = [
     "ensure_weight_tying",
 ];
 
-/// `DIR/adapter_config.json`'s path and fields, as every reader of it starts: whet's own
-/// ([`PeftAdapter::read`]) and the checks of what other runtimes would do.
-pub(super) fn read_fields(
-    dir: &Path,
-) -> Result<(std::path::PathBuf, serde_json::Map<String, serde_json::Value>)> {
-    let path = dir.join("adapter_config.json");
-    let fields = serde_json::from_str(&read_text(&path)?)
-        .map_err(|e| Error::config(&path, format!("invalid adapter config: {e}")))?;
-    Ok((path, fields))
-}
-
 impl PeftAdapter {
     /// Read `DIR/adapter_config.json`. A field that would change the computation and that
     /// whet does not implement is an error naming it; fields whet does not know are listed in
     /// a warning.
     pub fn read(dir: &Path) -> Result<Self> {
-        let (path, v) = read_fields(dir)?;
+        let (path, c) = AdapterConfig::read(dir)?;
+        Self::from_config(path, &c)
+    }
+
+    /// The settings of `c`, read from `path`.
+    pub fn from_config(path: std::path::PathBuf, c: &AdapterConfig) -> Result<Self> {
         let bad = |msg: String| Error::config(&path, msg);
-        let null = serde_json::Value::Null;
-        let get = |k: &str| v.get(k).unwrap_or(&null);
-        match get("peft_type").as_str() {
+        match c.peft_type.as_deref() {
             Some("LORA") => {}
             other => {
                 return Err(bad(format!(
@@ -223,17 +280,17 @@ impl PeftAdapter {
             }
         }
         for (field, harmless) in REFUSED {
-            let value = get(field);
-            if is_set(field, value) {
+            if let Some(value) = c.value(field).filter(|v| is_set(field, v)) {
                 return Err(bad(format!(
                     "`{field}` = `{value}` changes what the adapter computes and whet does not implement it (only `{harmless}`)"
                 )));
             }
         }
-        let unknown: Vec<&str> = v
+        let unknown: Vec<&str> = c
+            .rest
             .keys()
             .map(String::as_str)
-            .filter(|k| !UNDERSTOOD.contains(k) && !REFUSED.iter().any(|(f, _)| f == k))
+            .filter(|k| !BOOKKEEPING.contains(k) && !REFUSED.iter().any(|(f, _)| f == k))
             .collect();
         if !unknown.is_empty() {
             tracing::warn!(
@@ -242,24 +299,24 @@ impl PeftAdapter {
                 unknown.join(", ")
             );
         }
-        let r = get("r")
-            .as_u64()
-            .ok_or_else(|| bad(format!("`r` = `{}`: expected a positive integer", get("r"))))?
-            as usize;
+        let r = c.r.ok_or_else(|| bad("`r` is missing: expected a positive integer".into()))?;
         if r == 0 {
             return Err(bad("`r` (rank) must be at least 1, got `0`".into()));
         }
-        let lora_alpha = match get("lora_alpha") {
-            serde_json::Value::Null => r as f64, // PEFT's default is 8; files always carry it
-            x => {
-                x.as_f64().ok_or_else(|| bad(format!("`lora_alpha` = `{x}`: expected a number")))?
-            }
-        };
-        let targets = Modules::parse(get("target_modules"), "target_modules", &path)?
-            .ok_or_else(|| bad("`target_modules` is missing".into()))?;
-        let exclude = Modules::parse(get("exclude_modules"), "exclude_modules", &path)?;
-        let pattern = |field: &str| -> Result<Vec<(fancy_regex::Regex, f64)>> {
-            let Some(map) = get(field).as_object() else { return Ok(vec![]) };
+        // PEFT's default is 8; files always carry it.
+        let lora_alpha = c.lora_alpha.unwrap_or(r as f64);
+        let targets = c
+            .target_modules
+            .as_ref()
+            .ok_or_else(|| bad("`target_modules` is missing".into()))
+            .and_then(|t| Modules::compile(t, "target_modules", &path))?;
+        let exclude = c
+            .exclude_modules
+            .as_ref()
+            .map(|e| Modules::compile(e, "exclude_modules", &path))
+            .transpose()?;
+        let pattern = |field: &str, map: &Option<Map<String, Value>>| {
+            let Some(map) = map else { return Ok(vec![]) };
             map.iter()
                 .map(|(k, x)| {
                     // PEFT's get_pattern_key: re.match(rf"(.*\.)?({key})$", module)
@@ -270,9 +327,9 @@ impl PeftAdapter {
                     })?;
                     Ok((re, value))
                 })
-                .collect()
+                .collect::<Result<Vec<_>>>()
         };
-        let rank_pattern = pattern("rank_pattern")?
+        let rank_pattern = pattern("rank_pattern", &c.rank_pattern)?
             .into_iter()
             .map(|(re, v)| {
                 if v >= 1.0 && v.fract() == 0.0 {
@@ -282,45 +339,22 @@ impl PeftAdapter {
                 }
             })
             .collect::<Result<_>>()?;
-        let alpha_pattern = pattern("alpha_pattern")?;
-        let layers_to_transform = match get("layers_to_transform") {
-            serde_json::Value::Null => None,
-            serde_json::Value::Number(n) => Some(vec![n.as_u64().unwrap_or(u64::MAX) as usize]),
-            serde_json::Value::Array(a) => Some(
-                a.iter()
-                    .map(|x| {
-                        x.as_u64().map(|n| n as usize).ok_or_else(|| {
-                            bad(format!(
-                                "`layers_to_transform` entry `{x}`: expected a layer index"
-                            ))
-                        })
-                    })
-                    .collect::<Result<_>>()?,
-            ),
-            x => {
-                return Err(bad(format!(
-                    "`layers_to_transform` = `{x}`: expected an index or a list"
-                )))
-            }
-        };
-        let layers_pattern = match get("layers_pattern") {
-            serde_json::Value::String(s) => vec![s.clone()],
-            serde_json::Value::Array(a) => {
-                a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect()
-            }
-            _ => vec![],
-        };
+        let alpha_pattern = pattern("alpha_pattern", &c.alpha_pattern)?;
         Ok(Self {
             r,
             lora_alpha,
-            use_rslora: get("use_rslora").as_bool().unwrap_or(false),
-            base_model: get("base_model_name_or_path").as_str().map(str::to_string),
+            use_rslora: c.use_rslora.unwrap_or(false),
+            base_model: c.base_model_name_or_path.clone(),
             targets,
             exclude,
             rank_pattern,
             alpha_pattern,
-            layers_to_transform: layers_to_transform.filter(|l| !l.is_empty()),
-            layers_pattern,
+            layers_to_transform: c
+                .layers_to_transform
+                .as_ref()
+                .map(OneOrList::to_vec)
+                .filter(|l| !l.is_empty()),
+            layers_pattern: c.layers_pattern.as_ref().map(OneOrList::to_vec).unwrap_or_default(),
             path,
         })
     }

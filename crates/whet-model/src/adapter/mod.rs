@@ -1,22 +1,26 @@
 //! LoRA adapters on disk in PEFT's format — `adapter_config.json` and
 //! `adapter_model.safetensors` — so PEFT, transformers, vLLM and llama.cpp's converter read them:
 //!
-//! - [`config`]: `adapter_config.json`, written ([`AdapterConfig`]) and read with every field
-//!   understood or refused by name ([`PeftAdapter`]);
+//! - [`config`]: `adapter_config.json`, one typed struct written and read ([`AdapterConfig`]),
+//!   and the settings whet computes with, every field understood or refused by name
+//!   ([`PeftAdapter`]);
 //! - [`files`]: the tensors, in and out, and attaching them to the one Llama;
 //! - [`gguf`]: the llama.cpp LoRA adapter GGUF;
-//! - [`compat`]: what other runtimes would refuse or compute differently.
+//! - [`compat`]: what other runtimes would refuse or compute differently;
+//! - [`registry`]: the names, ids and weights of the adapters a model applies beside its base.
 
 pub mod compat;
 pub mod config;
 pub mod files;
 pub mod gguf;
+pub mod registry;
 
 pub use compat::{check_for, Finding, Runtime};
-pub use config::{AdapterConfig, PeftAdapter, UniformLora};
+pub use config::{AdapterConfig, ModuleSpec, OneOrList, PeftAdapter, UniformLora};
 use files::attach;
 pub use files::{read_tensors, save_adapter, write_safetensors, AdapterFiles};
 pub use gguf::adapter_to_gguf;
+pub use registry::Registry;
 
 use crate::error::{Error, Result};
 use crate::models::llama::Llama;

@@ -186,9 +186,7 @@ fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     }
 }
 
-/// A weight shared by every projection a named adapter wraps (`f64` bits; 0 = off), so that
-/// switching adapters needs no `&mut` model.
-pub(crate) type AdapterWeight = std::sync::Arc<std::sync::atomic::AtomicU64>;
+pub(crate) use crate::adapter::registry::AdapterWeight;
 
 /// A named inference-only adapter of one projection, kept in the layout its forward pass
 /// wants: decoding runs it once per token per projection, so every op saved counts.

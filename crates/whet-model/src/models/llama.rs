@@ -12,10 +12,11 @@
 //! backward is [`Block::backward`]; the adapters' gradients land in the [`GradCollector`] the
 //! pass returns, and [`GradCollector::backward`] is the only way to get them.
 
+use crate::adapter::Registry;
 use crate::config::Config;
 use crate::layers::attention::{Attention, AttentionTape};
 use crate::layers::embedding::TokenEmbedding;
-use crate::layers::linear::{AdapterWeight, Linear, NamedLora, Proj};
+use crate::layers::linear::{Linear, NamedLora, Proj};
 use crate::layers::mlp::{Mlp, MlpTape};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::{Positions, Rope};
@@ -225,11 +226,9 @@ pub struct Llama {
     rope: Rope,
     cfg: Config,
     lora: Option<LoraConfig>,
-    /// Named inference-only adapters: name, id, weight (see [`Llama::add_named_lora`]).
-    named: Vec<(String, usize, AdapterWeight)>,
-    /// The id the next named adapter gets: ids are never reused, so a row that names a removed
-    /// adapter cannot pick up its successor.
-    next_id: usize,
+    /// The named inference-only adapters' names, ids and weights (see
+    /// [`Llama::add_named_lora`]); their matrices are in the projections.
+    adapters: Registry,
 }
 
 /// One sequence of a ragged batch step (see [`Llama::forward_rows`]).
@@ -297,8 +296,7 @@ impl Llama {
             rope,
             cfg: cfg.clone(),
             lora: None,
-            named: vec![],
-            next_id: 0,
+            adapters: Registry::default(),
         })
     }
 
@@ -552,10 +550,12 @@ impl Llama {
                         cfg.targets.join(",")
                     )))
                 }
-                (None, true) => return Err(crate::Error::Lora(format!(
+                (None, true) => {
+                    return Err(crate::Error::Lora(format!(
                     "`{path}` has no adapter to train on, but training's targets ({}) include it",
                     cfg.targets.join(",")
-                ))),
+                )))
+                }
             }
         }
         self.lora = Some(cfg.clone());
@@ -565,7 +565,7 @@ impl Llama {
     /// Every weight under its Hugging Face name, as the model holds it now (adapters merged
     /// with [`Llama::merge_lora`] included; unmerged adapters are not weights and are refused).
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
-        if !self.named.is_empty() {
+        if !self.adapters.is_empty() {
             candle_core::bail!(
                 "the model has named adapters applied unmerged; merge one adapter instead"
             )
@@ -622,78 +622,62 @@ impl Llama {
         weight: f64,
         mut adapter: impl FnMut(&str, usize, usize) -> crate::Result<Option<Lora>>,
     ) -> crate::Result<()> {
-        if self.named.iter().any(|(n, ..)| n == name) {
-            return Err(crate::Error::Lora(format!("two adapters are named `{name}`")));
-        }
-        check_weight(name, weight)?;
-        let cell = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(weight.to_bits()));
-        let id = self.next_id;
-        // Read every projection's adapter before attaching any: a failure leaves the model as
-        // it was.
-        let mut found = vec![];
-        for (i, p) in self.projs().enumerate() {
-            if let Some(lora) = adapter(&p.path, p.in_dim, p.out_dim)? {
-                found.push((i, lora));
+        // The name and weight are checked first, every projection's adapter is read and laid
+        // out before any is attached: a failure leaves the model as it was.
+        let (id, cell) = self.adapters.add(name, weight)?;
+        let mut built = || -> crate::Result<Vec<(usize, NamedLora)>> {
+            let mut out = vec![];
+            for (i, p) in self.projs().enumerate() {
+                if let Some(lora) = adapter(&p.path, p.in_dim, p.out_dim)? {
+                    out.push((i, NamedLora::new(id, &lora, cell.clone())?));
+                }
             }
-        }
-        let mut found = found.into_iter().peekable();
+            Ok(out)
+        };
+        let built = match built() {
+            Ok(b) => b,
+            Err(e) => {
+                self.adapters.remove(name)?;
+                return Err(e);
+            }
+        };
+        let mut built = built.into_iter().peekable();
         for (i, p) in self.projs_mut().enumerate() {
-            if let Some((_, lora)) = found.next_if(|(j, _)| *j == i) {
-                p.named.push(NamedLora::new(id, &lora, cell.clone())?);
+            if let Some((_, named)) = built.next_if(|(j, _)| *j == i) {
+                p.named.push(named);
             }
         }
-        self.named.push((name.to_string(), id, cell));
-        self.next_id += 1;
         Ok(())
     }
 
     /// Remove the named adapter `name` (an unknown name is an error listing the known ones).
     pub fn remove_named_lora(&mut self, name: &str) -> crate::Result<()> {
-        let id = self.adapter_id(name)?;
+        let id = self.adapters.remove(name)?;
         for p in self.projs_mut() {
             p.named.retain(|n| n.id != id);
         }
-        self.named.retain(|(_, i, _)| *i != id);
         Ok(())
     }
 
-    fn adapter_id(&self, name: &str) -> crate::Result<usize> {
-        self.named.iter().find(|(n, ..)| n == name).map(|(_, id, _)| *id).ok_or_else(|| {
-            let known = self.adapter_names();
-            crate::Error::Lora(format!(
-                "no adapter named `{name}`; loaded: {}",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
-            ))
-        })
+    /// The named adapters: their names and weights (see [`Registry`]).
+    pub fn adapters(&self) -> &Registry {
+        &self.adapters
     }
 
     /// The named adapters and their current weights, in the order they were added.
     pub fn adapter_weights(&self) -> Vec<(String, f64)> {
-        self.named
-            .iter()
-            .map(|(n, _, c)| {
-                (n.clone(), f64::from_bits(c.load(std::sync::atomic::Ordering::Relaxed)))
-            })
-            .collect()
+        self.adapters.weights()
     }
 
     /// The named adapters, in the order they were added.
     pub fn adapter_names(&self) -> Vec<String> {
-        self.named.iter().map(|(n, ..)| n.clone()).collect()
+        self.adapters.names()
     }
 
     /// Set the weight of every named adapter: those in `weights` get theirs, the others 0
     /// (off). An unknown name is an error listing the known ones.
     pub fn set_adapter_weights(&self, weights: &[(&str, f64)]) -> crate::Result<()> {
-        for (name, w) in weights {
-            self.adapter_id(name)?;
-            check_weight(name, *w)?;
-        }
-        for (n, _, cell) in &self.named {
-            let w = weights.iter().find(|(name, _)| name == n).map_or(0.0, |(_, w)| *w);
-            cell.store(w.to_bits(), std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(())
+        self.adapters.set_weights(weights)
     }
 
     /// The adapter settings, when adapters are attached.
@@ -784,11 +768,7 @@ impl Llama {
                 return Err(candle_core::Error::msg("a batch row has no tokens").into());
             }
             self.check_length(offset + t)?;
-            let adapters = row
-                .adapters
-                .iter()
-                .map(|(name, w)| Ok((self.adapter_id(name)?, *w)))
-                .collect::<crate::Result<Vec<_>>>()?;
+            let adapters = self.adapters.resolve(row.adapters)?;
             let (cos, sin) = self.rope.tables(&Positions::From(offset), 1, t)?;
             let mask = if t == 1 && offset < window {
                 None
@@ -872,18 +852,5 @@ mod tests {
         let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(err < 0.02 * scale, "max error {err} vs max logit {scale}");
         assert!(err > 0.0, "quantization changed nothing");
-    }
-}
-
-/// An adapter weight is applied in the model's dtype (f32 at most): one that is not a finite
-/// f32 (`NaN`, `inf`, `1e39`) would turn every output into NaN, so it is refused where it
-/// enters, whichever door it came through (a flag, the API, a chat command).
-fn check_weight(name: &str, weight: f64) -> crate::Result<()> {
-    if (weight as f32).is_finite() {
-        Ok(())
-    } else {
-        Err(crate::Error::Lora(format!(
-            "adapter `{name}`: weight `{weight}` is not a finite f32 number"
-        )))
     }
 }

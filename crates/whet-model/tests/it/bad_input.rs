@@ -247,3 +247,50 @@ fn edited_gguf(
     gguf_file::write(&mut out, &md, &ts).unwrap();
     path
 }
+
+/// `adapter_config.json` is read into one typed struct: a field of the wrong type is an error
+/// naming the field and its place in the file, for whet's own load and for every runtime's
+/// check alike.
+#[test]
+fn adapter_config_fields_of_the_wrong_type_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model =
+        load(&ModelSource::Random("tiny".into()), DType::F32, &Device::Cpu, 0).unwrap().model;
+    for (config, want) in [
+        (
+            r#"{"peft_type": "LORA", "r": "8", "target_modules": ["q_proj"]}"#,
+            "`r`: invalid type: string \"8\", expected usize",
+        ),
+        (
+            r#"{"peft_type": "LORA", "r": 8, "target_modules": 3}"#,
+            "`target_modules`: expected a list of module names or a regular expression",
+        ),
+        (
+            r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "layers_to_transform": "x"}"#,
+            "`layers_to_transform`: expected one value or a list of them",
+        ),
+        (
+            r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "use_rslora": "yes"}"#,
+            "`use_rslora`: invalid type: string \"yes\", expected a boolean",
+        ),
+        (
+            r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "rank_pattern": {"q_proj": "x"}}"#,
+            "`rank_pattern`.`q_proj` = `\"x\"`: expected a number",
+        ),
+        (r#"{"peft_type": "LORA", "target_modules": ["q_proj"]}"#, "`r` is missing"),
+    ] {
+        std::fs::write(dir.path().join("adapter_config.json"), config).unwrap();
+        let err =
+            whet_model::adapter::load_adapter(&mut model, dir.path()).unwrap_err().to_string();
+        let path = dir.path().join("adapter_config.json");
+        assert!(err.starts_with(&path.display().to_string()), "{err}");
+        assert!(err.contains(want), "{config}: {err}");
+        // Every runtime's check reads the same struct: a field of the wrong type fails it too
+        // (a value whet alone refuses, as the rank pattern's, is one of whet's findings).
+        let check = whet_model::adapter::check_for(dir.path(), whet_model::adapter::Runtime::Vllm);
+        match check {
+            Err(e) => assert!(e.to_string().contains(want), "{e}"),
+            Ok(_) => assert!(want.contains("= `") || want.contains("missing"), "{config}: checked"),
+        }
+    }
+}
