@@ -12,9 +12,15 @@
     cargo build --release --no-default-features --target-dir target/avx2
     python3 scripts/bench_compare.py train --isa avx2
     python3 scripts/bench_compare.py train --preset qwen2.5-1.5b --batch-size 1 --steps 2
+    python3 scripts/bench_compare.py train --objective dpo --batch-size 2 --prompt-tokens 64
     scripts/build-cuda.sh    # then, on the GPU machine:
     python3 scripts/bench_compare.py train --device cuda --dtype bf16 --batch-size 4 --seq-len 512
 
+`train --objective dpo` runs `whet bench train --objective dpo` on random pairs (--batch-size
+pairs, each side --seq-len tokens, the first --prompt-tokens shared) beside TRL's DPOTrainer
+(scripts/bench_dpo_trl.py), and two more whet sides: the same with --precompute-ref, and SFT on
+twice the rows (the same chosen + rejected tokens, the same prompt masked), for the cost of a
+DPO step against an SFT step over the same tokens.
 `train` runs `whet bench train` and scripts/bench_train_torch.py (PyTorch + PEFT, LoRA r8 on
 q,v, batch 4 x 128, f32; --targets, --batch-size and --seq-len go to both). With --data DIR
 [--pack] whet trains on the dataset's train split with the default GGUF's tokenizer and
@@ -182,6 +188,10 @@ def main():
     ap.add_argument("--preset", choices=["smollm2-135m", "qwen2.5-1.5b"],
                     help="train: the shapes both sides build with random weights (whet's "
                     "random:NAME; default smollm2-135m)")
+    ap.add_argument("--objective", choices=["sft", "dpo"], default="sft",
+                    help="train: dpo runs whet's DPO beside TRL's DPOTrainer")
+    ap.add_argument("--prompt-tokens", type=int, default=64,
+                    help="train --objective dpo: the prompt tokens a pair's sides share")
     ap.add_argument("--whet", help="the whet binary (default: target/release, avx2 or cuda)")
     a = ap.parse_args()
     if a.bench != "train" and (a.device != "cpu" or a.dtype != "f32"):
@@ -236,7 +246,22 @@ def main():
                  "train's")
     sides = {"whet": [str(whet), "bench", a.bench, *count, *both, *whet_only,
                       *shlex.split(a.whet_args)]}
-    if peer == "torch":
+    if a.objective == "dpo":
+        if a.bench != "train" or a.data or a.device != "cpu" or a.preset:
+            sys.exit("error: --objective dpo is train's, on random pairs on the CPU")
+        pairs = a.batch_size or 2
+        shape = ["--seq-len", str(a.seq_len or 128), "--prompt-tokens", str(a.prompt_tokens)]
+        base = [str(whet), "bench", "train", *count, *shape, *shlex.split(a.whet_args)]
+        if a.targets:
+            base += ["--targets", a.targets]
+        dpo = [*base, "--objective", "dpo", "--batch-size", str(pairs)]
+        sides = {"whet": dpo, "whet-pre": [*dpo, "--precompute-ref"],
+                 "whet-sft": [*base, "--objective", "sft", "--batch-size", str(2 * pairs)],
+                 "trl": [a.python, str(ROOT / "scripts" / "bench_dpo_trl.py"), *count, *shape,
+                         "--batch-size", str(pairs), *(["--targets", a.targets] if a.targets else []),
+                         *shlex.split(a.torch_args)]}
+        peer = "trl"
+    elif peer == "torch":
         sides[peer] = [a.python, str(ROOT / "scripts" / f"bench_{a.bench}_torch.py"), *count,
                        *both, *torch_only, *shlex.split(a.torch_args)]
     else:
@@ -267,7 +292,7 @@ def compare(a, sides, fields, peer, peer_env):
                 values = parse(out, fields, cmd)
             results[side].append(values)
             shown = ", ".join(f"{k} {v:g}" for k, v in values.items() if k != "load")
-            print(f"round {r + 1}/{a.rounds} {side:5}: {shown} (load {values['load'][0]:.2f})",
+            print(f"round {r + 1}/{a.rounds} {side:8}: {shown} (load {values['load'][0]:.2f})",
                   flush=True)
 
     where = (f"{a.device}, {a.dtype}; " if a.bench == "train" else "")
@@ -282,6 +307,10 @@ def compare(a, sides, fields, peer, peer_env):
     for k in fields:
         if medians[peer][k] > 0:
             print(f"  whet / {peer} {k}: {medians['whet'][k] / medians[peer][k]:.2f}x")
+    if "whet-sft" in medians:
+        tps = lambda side: medians[side]["tokens/s"]
+        print(f"  DPO step / SFT step over the same tokens: {tps('whet-sft') / tps('whet'):.2f}x, "
+              f"with --precompute-ref {tps('whet-sft') / tps('whet-pre'):.2f}x")
 
 
 if __name__ == "__main__":

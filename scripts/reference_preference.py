@@ -78,6 +78,10 @@ OBJECTIVES = [
     ("robust_dpo", {"objective": "dpo", "beta": 0.2, "label_smoothing": 0.1},
      ("dpo", {"loss_type": "robust", "beta": 0.2, "label_smoothing": 0.1})),
     ("ipo", {"objective": "ipo", "beta": 0.1}, ("dpo", {"loss_type": "ipo", "beta": 0.1})),
+    # RPO: DPO plus the chosen answers' cross-entropy (TRL's "sft" loss, a mean over every
+    # chosen token of the batch), weighted.
+    ("rpo", {"objective": "dpo", "beta": 0.1, "rpo_alpha": 0.5},
+     ("dpo", {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "beta": 0.1})),
     ("simpo", {"objective": "simpo", "beta": 2.0, "simpo_gamma": 0.5},
      ("simpo", {"beta": 2.0, "simpo_gamma": 0.5})),
     ("orpo", {"objective": "orpo", "beta": 0.1}, ("orpo", {"beta": 0.1})),

@@ -839,6 +839,11 @@ pub struct DistillArgs {
     /// counted.
     #[arg(long)]
     pub rules: Option<std::path::PathBuf>,
+    /// A JSON Schema file: answers must be JSON it accepts (a code fence or prose around the
+    /// JSON is cut away; the kept answer is the JSON alone, compact); others are dropped and
+    /// counted, and answers vote by their JSON value, not their spacing.
+    #[arg(long, value_name = "FILE", conflicts_with = "labels")]
+    pub json_schema: Option<std::path::PathBuf>,
     /// Label only the first N inputs.
     #[arg(long)]
     pub limit: Option<usize>,

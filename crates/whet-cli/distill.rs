@@ -66,6 +66,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         Some(p) => Some(whet_eval::rules::Rules::read(p)?),
         None => None,
     };
+    let schema = a.json_schema.as_deref().map(whet_eval::schema::JsonSchema::read).transpose()?;
     let shots = match &a.shots_from {
         Some(p) if a.shots > 0 => draw_shots(p, a.shots, &labels, a.sampling.seed)?,
         _ => vec![],
@@ -74,6 +75,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
     given.extend(a.system_prompt_file.as_deref().map(|p| ("--system-prompt-file", p)));
     given.extend(a.shots_from.as_deref().map(|p| ("--shots-from", p)));
     given.extend(a.rules.as_deref().map(|p| ("--rules", p)));
+    given.extend(a.json_schema.as_deref().map(|p| ("--json-schema", p)));
     let teacher_path = Path::new(&a.teacher);
     if teacher_path.exists() {
         given.push(("--teacher", teacher_path));
@@ -133,7 +135,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
             continue;
         }
         let ans = &cache[&input.id];
-        match judge(ans, &labels, rules.as_ref(), a.min_agreement) {
+        match judge(ans, &labels, rules.as_ref(), schema.as_ref(), a.min_agreement) {
             Ok(vote) => kept.push((input, vote)),
             Err(why) => *dropped.entry(why).or_default() += 1,
         }
@@ -188,6 +190,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         "dropped": dropped.iter().map(|(k, n)| (k.name().to_string(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "labels": labels,
         "rules": a.rules.as_ref().map(|p| p.display().to_string()),
+        "json_schema": a.json_schema.as_ref().map(|p| p.display().to_string()),
         "min_agreement": a.min_agreement,
         "split": {"train": sizes[0], "valid": sizes[1], "test": sizes[2]},
         "teacher_calls": missing.len() * a.samples,
@@ -227,6 +230,7 @@ fn judge(
     ans: &Answers,
     labels: &[String],
     rules: Option<&whet_eval::rules::Rules>,
+    schema: Option<&whet_eval::schema::JsonSchema>,
     min_agreement: f64,
 ) -> Result<distill::Vote, Dropped> {
     // An answer cut at --max-tokens, or an empty one, counts against the majority and cannot
@@ -253,6 +257,16 @@ fn judge(
         }
         if usable.iter().all(String::is_empty) {
             return Err(Dropped::BreaksRules);
+        }
+    }
+    // And one that is not JSON the schema accepts; the others are their JSON alone, so that
+    // answers that differ only in spacing or a code fence vote together.
+    if let Some(schema) = schema {
+        for u in usable.iter_mut().filter(|u| !u.is_empty()) {
+            *u = schema.check(u).map(|v| v.to_string()).unwrap_or_default();
+        }
+        if usable.iter().all(String::is_empty) {
+            return Err(Dropped::BreaksSchema);
         }
     }
     let vote = if labels.is_empty() {

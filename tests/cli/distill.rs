@@ -440,3 +440,73 @@ fn answers_that_break_the_rules_are_dropped_and_counted() {
     let err = assert_one_line_error(&o);
     assert!(err.contains("rules.toml"), "{err}");
 }
+
+/// A stand-in teacher answering JSON: for good reviews in a code fence with a score, for bad
+/// ones bare; for every fifth review a sentiment outside the schema's.
+fn review_json(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    let input = v["messages"].as_array().unwrap().last().unwrap()["content"].as_str().unwrap();
+    let n: usize = input.rsplit("review ").next().unwrap().trim_end_matches(')').parse().unwrap();
+    let good = input.contains("loved") || input.contains("wonderful") || input.contains("Great");
+    let content = if n % 5 == 4 {
+        r#"{"sentiment": "mixed"}"#.to_string()
+    } else if good {
+        "```json\n{ \"sentiment\" : \"positive\",\n  \"score\": 5 }\n```".to_string()
+    } else {
+        r#"{"sentiment":"negative"}"#.to_string()
+    };
+    serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}).to_string()
+}
+
+#[test]
+fn answers_outside_the_json_schema_are_dropped_and_the_rest_kept_as_bare_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let schema = tmp.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "required": ["sentiment"],
+            "properties": {"sentiment": {"enum": ["positive", "negative"]},
+                           "score": {"type": "integer", "minimum": 1, "maximum": 5}}}"#,
+    )
+    .unwrap();
+    let (url, _) = fake_server(vec![], review_json);
+    let out = tmp.path().join("out");
+    let run = |schema: &Path, out: &Path, extra: &[&str]| {
+        let mut a = vec!["distill", "--teacher", &url, "--teacher-model", "m", "--inputs", &inputs];
+        a.extend(["--system-prompt-file", &system, "--out", out.to_str().unwrap()]);
+        a.extend(["--json-schema", schema.to_str().unwrap()]);
+        a.extend(extra);
+        whet(&a, "")
+    };
+    let o = run(&schema, &out, &["--samples", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = json(&out.join("distill.json"));
+    // Reviews 4, 9, ... 29 answered `mixed`: six of thirty.
+    assert_eq!(
+        (summary["kept"].as_u64(), summary["dropped"]["breaks_schema"].as_u64()),
+        (Some(24), Some(6)),
+        "{summary}"
+    );
+    assert!(stdout(&o).contains("breaks_schema 6"), "{}", stdout(&o));
+    let mut seen = 0;
+    for file in ["train.jsonl", "valid.jsonl", "test.jsonl"] {
+        for line in std::fs::read_to_string(out.join(file)).unwrap_or_default().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let answer = v["messages"][1]["content"].as_str().unwrap();
+            // The JSON alone, compact: no fence, no spacing the student would copy.
+            assert!(
+                answer == r#"{"sentiment":"positive","score":5}"#
+                    || answer == r#"{"sentiment":"negative"}"#,
+                "{answer}"
+            );
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 24);
+    // A schema that is not one is refused before the teacher is asked.
+    std::fs::write(&schema, r#"{"type": "objekt"}"#).unwrap();
+    let e = assert_one_line_error(&run(&schema, &tmp.path().join("o2"), &[]));
+    assert!(e.contains("schema.json: not a valid JSON Schema"), "{e}");
+    assert!(!tmp.path().join("o2").exists());
+}

@@ -81,15 +81,19 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
 fn every_preference_objective_trains_and_logs_its_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let data = pairs(dir.path());
-    for (objective, extra) in [
+    for (i, (objective, extra)) in [
         ("dpo", vec![]),
         ("dpo", vec!["--label-smoothing", "0.1"]),
         ("dpo", vec!["--precompute-ref"]),
+        ("dpo", vec!["--rpo-alpha", "0.5"]),
         ("ipo", vec![]),
         ("simpo", vec!["--beta", "2", "--gamma", "0.3"]),
         ("orpo", vec![]),
-    ] {
-        let run = dir.path().join(format!("{objective}{}", extra.len()));
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let run = dir.path().join(format!("{objective}{i}"));
         let mut a = args(&data, run.to_str().unwrap(), objective, "12");
         a.extend(extra.iter().copied());
         let o = whet(&a, "");
@@ -275,6 +279,15 @@ fn bad_pairs_and_mismatched_data_are_refused_by_file_and_line() {
     a.extend(["--gamma", "1"]);
     let err = assert_one_line_error(&whet(&a, ""));
     assert!(err.contains("`simpo_gamma` = `1`: has no meaning for --objective dpo"), "{err}");
+    for (objective, value, want) in
+        [("ipo", "1", "has no meaning for --objective ipo"), ("dpo", "-1", "must be 0 or more")]
+    {
+        let flag = format!("--rpo-alpha={value}");
+        let mut a = args(&p, out_s, objective, "2");
+        a.push(&flag);
+        let err = assert_one_line_error(&whet(&a, ""));
+        assert!(err.contains(&format!("`rpo_alpha` = `{value}`: {want}")), "{err}");
+    }
     let mut a = args(&p, out_s, "orpo", "2");
     a.push("--precompute-ref");
     assert!(assert_one_line_error(&whet(&a, ""))

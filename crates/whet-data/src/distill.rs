@@ -198,6 +198,8 @@ pub enum Dropped {
     NotALabel,
     /// Every answer broke a rule of `--rules`.
     BreaksRules,
+    /// No answer was JSON that `--json-schema` accepts.
+    BreaksSchema,
     /// The majority held less than `--min-agreement` of the samples.
     LowAgreement,
 }
@@ -211,6 +213,7 @@ impl Dropped {
             Dropped::Truncated => "truncated",
             Dropped::NotALabel => "not_a_label",
             Dropped::BreaksRules => "breaks_rules",
+            Dropped::BreaksSchema => "breaks_schema",
             Dropped::LowAgreement => "low_agreement",
         }
     }

@@ -10,6 +10,7 @@ pub mod pairs;
 pub mod report;
 pub mod rules;
 pub mod run;
+pub mod schema;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

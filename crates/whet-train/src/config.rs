@@ -152,6 +152,11 @@ pub struct TrainConfig {
     /// `loss_type="robust"`); SimPO: its label smoothing.
     #[arg(long, default_value_t = defaults().label_smoothing)]
     pub label_smoothing: f64,
+    /// DPO: add this weight times the chosen answers' cross-entropy (RPO; TRL's
+    /// `loss_type=["sigmoid", "sft"]` with `loss_weights=[1, A]`), which keeps DPO from
+    /// lowering the chosen answers' likelihood along with the rejected ones' (0: off).
+    #[arg(long, value_name = "A", default_value_t = defaults().rpo_alpha)]
+    pub rpo_alpha: f64,
     /// SimPO: the target reward margin gamma (TRL's `simpo_gamma`).
     #[arg(long = "gamma", default_value_t = defaults().simpo_gamma)]
     pub simpo_gamma: f64,
@@ -260,6 +265,7 @@ impl Default for TrainConfig {
             beta: 0.1,
             label_smoothing: 0.0,
             simpo_gamma: 0.5,
+            rpo_alpha: 0.0,
             desirable_weight: 1.0,
             undesirable_weight: 1.0,
             precompute_ref: false,
@@ -366,6 +372,9 @@ impl TrainConfig {
                     "must be in [0, 0.5)",
                 );
             }
+            if !(self.rpo_alpha >= 0.0 && self.rpo_alpha.is_finite()) {
+                return bad("rpo_alpha", self.rpo_alpha.to_string(), "must be 0 or more");
+            }
             for (field, w) in [
                 ("desirable_weight", self.desirable_weight),
                 ("undesirable_weight", self.undesirable_weight),
@@ -406,6 +415,12 @@ impl TrainConfig {
                 self.simpo_gamma.to_string(),
                 self.simpo_gamma != defaults().simpo_gamma,
                 o == ObjectiveKind::Simpo,
+            ),
+            (
+                "rpo_alpha",
+                self.rpo_alpha.to_string(),
+                self.rpo_alpha != 0.0,
+                o == ObjectiveKind::Dpo,
             ),
             (
                 "desirable_weight",

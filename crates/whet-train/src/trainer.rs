@@ -568,6 +568,7 @@ pub fn train(
         label_smoothing: cfg.label_smoothing,
         gamma: cfg.simpo_gamma,
         precompute_ref: cfg.precompute_ref,
+        rpo_alpha: cfg.rpo_alpha,
     };
     let objective: Box<dyn Objective> = match cfg.objective {
         ObjectiveKind::Sft => Box::new(Sft),

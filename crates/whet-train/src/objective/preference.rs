@@ -51,6 +51,9 @@ pub struct Preference {
     pub gamma: f64,
     /// Reference log-probabilities computed once before training ([`Objective::prepare`]).
     pub precompute_ref: bool,
+    /// DPO: the weight of the chosen answers' cross-entropy added to the loss (RPO; TRL's
+    /// `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, rpo_alpha]`); 0 for none.
+    pub rpo_alpha: f64,
 }
 
 /// One pair's answers: log-probability sums, trained-token counts, and the reference's sums.
@@ -396,14 +399,15 @@ impl Objective for Preference {
                 }
             }
         }
-        if self.loss == PreferenceLoss::Orpo {
-            // TRL's `nll_loss`: the chosen answers' cross-entropy, a mean over every chosen
-            // token of the batch (this part's share of it).
+        // ORPO's chosen cross-entropy, and RPO's on top of DPO: TRL's `nll_loss` (its "sft"
+        // loss), a mean over every chosen token of the batch (this part's share of it).
+        let nll_weight = if self.loss == PreferenceLoss::Orpo { 1.0 } else { self.rpo_alpha };
+        if nll_weight > 0.0 {
             let tokens: usize = whole.iter().map(|r| trained(&r.mask)).sum();
             let nll: f64 = -values.iter().step_by(2).sum::<f64>() / tokens as f64;
-            value += nll;
+            value += nll_weight * nll;
             for w in weights.iter_mut().step_by(2) {
-                *w -= 1.0 / tokens as f64;
+                *w -= nll_weight / tokens as f64;
             }
             if let Some(s) = sums.iter_mut().find(|(k, _)| *k == "nll_loss") {
                 s.1 = nll;

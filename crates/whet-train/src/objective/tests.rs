@@ -204,6 +204,7 @@ fn preference_objectives_match_trl() {
                 label_smoothing: f("label_smoothing", 0.0),
                 gamma: f("simpo_gamma", 0.5),
                 precompute_ref: false,
+                rpo_alpha: f("rpo_alpha", 0.0),
             };
             check_against_trl(
                 &objective,
