@@ -169,6 +169,10 @@ pub struct CompareArgs {
     /// Few-shot counts to try; the best on valid.jsonl is chosen, all are reported.
     #[arg(long, value_delimiter = ',', default_value = "0,3")]
     pub shots: Vec<usize>,
+    /// Draws of the few-shot examples to try for each k > 0 (seeds SEED, SEED + 1, ...): the
+    /// best on valid.jsonl runs on the test set, and the draws' spread is reported.
+    #[arg(long, default_value_t = 1)]
+    pub shot_draws: usize,
     /// Price per 1,000 tokens (prompt + answer), for cost per 1M queries; without it, cost
     /// is machine-hours.
     #[arg(long)]

@@ -134,6 +134,48 @@ fn compare_writes_every_report_with_arms_intervals_and_a_verdict() {
 }
 
 #[test]
+fn compare_tries_several_draws_of_the_shots_and_reports_their_spread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    labels_data(&data, "refund");
+    let out = tmp.path().join("report");
+    let quick = ["--seeds", "0", "--latency-samples", "0", "--max-tokens", "3"];
+    let o = compare(&data, &out, &[&quick[..], &["--shots", "0,2", "--shot-draws", "3"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    for draw in 1..=3 {
+        let step = format!("compare: prompted, 2-shot, draw {draw}: 4 validation examples");
+        assert!(stderr(&o).contains(&step), "{}", stderr(&o));
+    }
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let arms = r["arms"].as_array().unwrap();
+    assert!(arms[0].get("draws").is_none(), "0 shots: one draw");
+    let d = &arms[1]["draws"];
+    let scores: Vec<f64> =
+        d["scores"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(scores.len(), 3);
+    // The chosen draw is the best on validation, and the arm's validation score is its.
+    let best = scores.iter().copied().fold(f64::MIN, f64::max);
+    assert_eq!(arms[1]["valid_score"].as_f64().unwrap(), best);
+    let seed = d["chosen_seed"].as_u64().unwrap() as usize;
+    assert_eq!(scores[seed], best, "{d}");
+    assert!(scores[..seed].iter().all(|s| *s < best), "ties keep the first draw: {d}");
+    assert!(
+        stdout(&o).contains("prompted, 2-shot: 3 draws of the shots on validation"),
+        "{}",
+        stdout(&o)
+    );
+    // Draws are chosen among on validation: without it, --shot-draws is refused.
+    std::fs::remove_file(data.join("valid.jsonl")).unwrap();
+    let e = assert_one_line_error(&compare(
+        &data,
+        &tmp.path().join("x"),
+        &[&quick[..], &["--shot-draws", "2"]].concat(),
+    ));
+    assert!(e.contains("--shot-draws 2") && e.contains("valid.jsonl"), "{e}");
+}
+
+#[test]
 fn compare_puts_several_adapters_side_by_side() {
     let (base, adapter) = fixture();
     let tmp = tempfile::tempdir().unwrap();

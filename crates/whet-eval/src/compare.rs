@@ -20,6 +20,8 @@ pub struct CompareConfig {
     pub system_prompt: Option<String>,
     /// Numbers of few-shot examples to try.
     pub shots: Vec<usize>,
+    /// Draws of the examples to try for each number above 0, chosen among on validation.
+    pub shot_draws: usize,
     /// Seed of the shot draw and the bootstrap.
     pub seed: u64,
     /// `--metric` names (empty: the task's).
@@ -55,6 +57,9 @@ pub struct Arm {
     /// What training its adapter cost, where its run directory says (fine-tuned arms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingCost>,
+    /// With several draws of the shots: the validation scores of every draw (prompted arms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draws: Option<Draws>,
     /// The validation score that chose k (prompted arms).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid_score: Option<f64>,
@@ -65,6 +70,19 @@ pub struct Arm {
     /// Everything measured.
     #[serde(flatten)]
     pub result: ArmResult,
+}
+
+/// The validation scores of several draws of one arm's few-shot examples.
+#[derive(Debug, Clone, Serialize)]
+pub struct Draws {
+    /// Each draw's score, by seed offset.
+    pub scores: Vec<f64>,
+    /// Their mean.
+    pub mean: f64,
+    /// Their lowest and highest.
+    pub range: [f64; 2],
+    /// The seed of the draw chosen (the best).
+    pub chosen_seed: u64,
 }
 
 /// What training the adapter cost, from its run directory's `metrics.jsonl`.
@@ -287,36 +305,83 @@ pub fn compare(
     // (arm index, validation score, its shots)
     type Best = (usize, f64, Vec<(String, String)>);
     let mut best: Option<Best> = None;
+    if cfg.shot_draws == 0 {
+        return Err(Error::Input("--shot-draws must be at least 1".into()));
+    }
+    if cfg.shot_draws > 1 && valid.is_empty() {
+        return Err(Error::Input(format!(
+            "--shot-draws {}: the draws are chosen among on valid.jsonl, and {} has none",
+            cfg.shot_draws,
+            cfg.data.display()
+        )));
+    }
     // Every draw first: a --shots beyond the training data fails before minutes of runs.
     let draws = cfg
         .shots
         .iter()
-        .map(|&k| Ok((k, draw_shots(&train, k, cfg.seed)?)))
+        .map(|&k| {
+            let n = if k == 0 { 1 } else { cfg.shot_draws as u64 };
+            let each = (0..n).map(|d| Ok((cfg.seed + d, draw_shots(&train, k, cfg.seed + d)?)));
+            Ok((k, each.collect::<Result<Vec<_>, Error>>()?))
+        })
         .collect::<Result<Vec<_>, Error>>()?;
-    for (k, shots) in draws {
+    for (k, candidates) in draws {
+        // The best k (and the best draw of its shots) is chosen on the validation set, so that
+        // the test set judges it fairly.
+        let mut scored: Vec<(u64, Vec<(String, String)>, Option<f64>)> = vec![];
+        for (seed, shots) in candidates {
+            let p = Prompting {
+                adapters: vec![],
+                system: cfg.system_prompt.clone(),
+                shots: shots.clone(),
+            };
+            let score = if valid.is_empty() {
+                None
+            } else {
+                let quick = RunSettings {
+                    seeds: 0,
+                    latency_samples: 0,
+                    reference_loss: false,
+                    ..cfg.run.clone()
+                };
+                let draw = if cfg.shot_draws > 1 && k > 0 {
+                    format!(", draw {}", seed - cfg.seed + 1)
+                } else {
+                    String::new()
+                };
+                progress(&format!("prompted, {k}-shot{draw}: {} validation examples", valid.len()));
+                let r =
+                    run_arm(base, &p, &valid, task, &metric_names[..1], rules.as_ref(), &quick)?;
+                Some(r.metrics[&primary].mean)
+            };
+            scored.push((seed, shots, score));
+        }
+        let spread = (scored.len() > 1).then(|| {
+            let scores: Vec<f64> = scored.iter().filter_map(|s| s.2).collect();
+            let mean = scores.iter().sum::<f64>() / scores.len() as f64;
+            let lo = scores.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            (scores, mean, [lo, hi])
+        });
+        // The first best draw: ties keep the lower seed.
+        let best_draw = scored
+            .iter()
+            .enumerate()
+            .max_by(|(i, a), (j, b)| {
+                a.2.unwrap_or(0.0).total_cmp(&b.2.unwrap_or(0.0)).then(j.cmp(i))
+            })
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let (chosen_seed, shots, valid_score) = scored.swap_remove(best_draw);
         let p =
             Prompting { adapters: vec![], system: cfg.system_prompt.clone(), shots: shots.clone() };
-        // The best k is chosen on the validation set, so that the test set judges it fairly.
-        let valid_score = if valid.is_empty() {
-            None
-        } else {
-            let quick = RunSettings {
-                seeds: 0,
-                latency_samples: 0,
-                reference_loss: false,
-                ..cfg.run.clone()
-            };
-            progress(&format!("prompted, {k}-shot: {} validation examples", valid.len()));
-            let r = run_arm(base, &p, &valid, task, &metric_names[..1], rules.as_ref(), &quick)?;
-            Some(r.metrics[&primary].mean)
-        };
         progress(&format!("prompted, {k}-shot: {} test examples", test.len()));
         let result = run(base, &p, &test)?;
         let choose = valid_score.unwrap_or(result.metrics[&primary].mean);
         if best.as_ref().is_none_or(|(_, s, _)| choose > *s) {
             best = Some((arms.len(), choose, shots));
         }
-        arms.push(arm(
+        let mut a = arm(
             format!("prompted, {k}-shot"),
             "prompted",
             k,
@@ -324,7 +389,9 @@ pub fn compare(
             valid_score,
             result,
             cfg,
-        ));
+        );
+        a.draws = spread.map(|(scores, mean, range)| Draws { scores, mean, range, chosen_seed });
+        arms.push(a);
     }
     let Some((best_i, _, best_shots)) = best else {
         return Err(Error::Input("--shots needs at least one number".into()));
@@ -387,6 +454,7 @@ pub fn compare(
         "train_examples": train.len(),
         "system_prompt": cfg.system_prompt,
         "shots": cfg.shots,
+        "shot_draws": cfg.shot_draws,
         "seed": cfg.seed,
         "seeds": cfg.run.seeds,
         "sampling": {"temperature": cfg.run.sampling.temperature, "top_p": cfg.run.sampling.top_p},
@@ -420,6 +488,7 @@ fn arm(
         chosen: false,
         adapter: None,
         training: None,
+        draws: None,
         valid_score,
         cost_per_1m_queries: cfg.price_per_1k_tokens.map(|p| tokens / 1000.0 * p * 1e6),
         machine_hours_per_1m_queries: result.secs_per_query * 1e6 / 3600.0,
@@ -593,6 +662,7 @@ mod tests {
             },
             adapter: None,
             training: None,
+            draws: None,
         }
     }
 

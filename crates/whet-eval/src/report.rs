@@ -54,6 +54,20 @@ pub fn table(r: &Report) -> String {
             );
         }
     }
+    for a in &r.arms {
+        if let Some(d) = &a.draws {
+            let _ = writeln!(
+                out,
+                "{}: {} draws of the shots on validation, {m} {:.3} on average [{:.3} to {:.3}]; the best (seed {}) ran on the test set",
+                a.name,
+                d.scores.len(),
+                d.mean,
+                d.range[0],
+                d.range[1],
+                d.chosen_seed
+            );
+        }
+    }
     out
 }
 
