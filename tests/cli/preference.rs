@@ -627,3 +627,22 @@ fn data_pairs_turns_an_sft_set_into_pairs_with_the_models_own_answers_rejected()
     assert!(e.contains("valid.jsonl:1"), "{e}");
     assert!(!dir.path().join("bad").exists());
 }
+
+/// The example preference set in data/ is pairs whet reads, each of two different answers,
+/// the chosen one in the house style (its sign-off).
+#[test]
+fn the_example_pairs_are_preference_data_whet_reads() {
+    let model = root().join("tests/fixtures/families/llama3");
+    let dir = root().join("data/support-style-pairs");
+    let o = whet(&["data", "check", dir.to_str().unwrap(), "--model", model.to_str().unwrap()], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("pairs: 35") && stdout(&o).contains("pairs: 5"), "{}", stdout(&o));
+    for line in std::fs::read_to_string(dir.join("train.jsonl")).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (c, r) = (
+            v["chosen"][0]["content"].as_str().unwrap(),
+            v["rejected"][0]["content"].as_str().unwrap(),
+        );
+        assert!(c.ends_with("— Fjord Outfitters Support") && c != r, "{line}");
+    }
+}

@@ -595,9 +595,9 @@ fn adapters_verdict(arms: &[Arm], metric: &str, run: &RunSettings) -> String {
         };
         let d = crate::metrics::paired_difference(a, b, run.bootstrap_seed, run.resamples);
         let how = if d.ci95[0] > 0.0 {
-            "better, and the paired 95% interval excludes no difference"
+            "better: the paired 95% interval excludes 0"
         } else if d.ci95[1] < 0.0 {
-            "worse, and the paired 95% interval excludes no difference"
+            "worse: the paired 95% interval excludes 0"
         } else {
             "no clear difference: the paired 95% interval includes 0"
         };
@@ -605,6 +605,18 @@ fn adapters_verdict(arms: &[Arm], metric: &str, run: &RunSettings) -> String {
             " `{}` against `{}` on {metric}: {:+.3} [{:+.3}, {:+.3}] ({how}).",
             other.name, first.name, d.mean, d.ci95[0], d.ci95[1]
         ));
+        // And against the best prompt, as the verdict weighs the first adapter.
+        if let Some(pr) = arms.iter().find(|a| a.chosen) {
+            let (o, p) = (&other.result.metrics[metric], &pr.result.metrics[metric]);
+            let than = if o.ci95[0] > p.ci95[1] {
+                "above the best prompt's"
+            } else if o.ci95[1] < p.ci95[0] {
+                "below the best prompt's"
+            } else {
+                "overlapping the best prompt's"
+            };
+            v.push_str(&format!(" `{}` scores {} {than} {}.", other.name, fmt(o), fmt(p)));
+        }
     }
     v
 }
