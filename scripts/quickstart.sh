@@ -6,14 +6,6 @@
 # printed at the end.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$WHET_ROOT"
-times=()
-phase() { # NAME COMMAND...: run it, and keep how long it took
-  local name=$1 start=$SECONDS
-  shift
-  step "$name"
-  "$@"
-  times+=("$(printf '%-10s %4d s' "$name" $((SECONDS - start)))")
-}
 say() { printf '\n\033[1m%s\033[0m\n' "$*" >&2; }
 
 phase fetch scripts/fetch-model.sh
@@ -40,5 +32,4 @@ phase compare $whet compare --data data/support-style --adapter runs/quickstart/
   --system-prompt-file data/support-style/system-prompt.txt --shots 0,3 --seeds 3 \
   --max-tokens 80 --quantize q8_0 --out runs/quickstart-compare --overwrite
 
-say "Time per phase:"
-printf '  %s\n' "${times[@]}" >&2
+phase_times

@@ -7,14 +7,6 @@
 # SFT_STEPS (20) and DPO_STEPS (40) set the runs' lengths.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 cd "$WHET_ROOT"
-times=()
-phase() { # NAME COMMAND...: run it, and keep how long it took
-  local name=$1 start=$SECONDS
-  shift
-  step "$name"
-  "$@"
-  times+=("$(printf '%-8s %4d s' "$name" $((SECONDS - start)))")
-}
 scripts/fetch-model.sh
 step "cargo build --release"
 cargo build --release --locked
@@ -42,5 +34,4 @@ phase compare $whet compare --data data/support-style \
   --adapter sft="$out/sft/adapter" --adapter sft-dpo="$out/dpo/adapter" \
   --system-prompt-file data/support-style/system-prompt.txt --shots 0,3 --seeds 3 \
   --max-tokens 80 --quantize q8_0 --out "$out/compare" --overwrite
-echo "Time per phase:" >&2
-printf '  %s\n' "${times[@]}" >&2
+phase_times
