@@ -328,7 +328,9 @@ pub fn compare(
     for (k, candidates) in draws {
         // The best k (and the best draw of its shots) is chosen on the validation set, so that
         // the test set judges it fairly.
-        let mut scored: Vec<(u64, Vec<(String, String)>, Option<f64>)> = vec![];
+        // (seed, shots, validation score) of each draw.
+        type Scored = (u64, Vec<(String, String)>, Option<f64>);
+        let mut scored: Vec<Scored> = vec![];
         for (seed, shots) in candidates {
             let p = Prompting {
                 adapters: vec![],
