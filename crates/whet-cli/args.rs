@@ -851,6 +851,22 @@ pub struct DistillArgs {
     /// Label only the first N inputs.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Then train the student on the result into this run directory (as `whet train`) and
+    /// compare it, fine-tuned, against itself prompted as the teacher was and against the
+    /// teacher (a local one), on the held-out split: RUN/compare/.
+    #[arg(long, value_name = "RUN")]
+    pub train: Option<std::path::PathBuf>,
+    /// The student of --train [default: whet train's default model].
+    #[arg(long, requires = "train")]
+    pub student: Option<String>,
+    /// The student's training settings for --train (a train.toml; its `model` and `data` are
+    /// the student and the distilled set) [default: whet train's defaults].
+    #[arg(long, value_name = "FILE", requires = "train")]
+    pub train_config: Option<std::path::PathBuf>,
+    /// A small gold-labelled test set (chat examples with their answers): --train compares on
+    /// it too, into RUN/compare-gold/.
+    #[arg(long, value_name = "FILE", requires = "train")]
+    pub gold: Option<std::path::PathBuf>,
     /// Train, validation and test shares of the kept inputs.
     #[arg(long, default_value = "0.8,0.1,0.1")]
     pub split: String,

@@ -67,6 +67,7 @@ pub fn run(a: DistillArgs) -> Result<()> {
         None => None,
     };
     let schema = a.json_schema.as_deref().map(whet_eval::schema::JsonSchema::read).transpose()?;
+    let student = a.train.as_deref().map(|run| student_config(&a, run)).transpose()?;
     let shots = match &a.shots_from {
         Some(p) if a.shots > 0 => draw_shots(p, a.shots, &labels, a.sampling.seed)?,
         _ => vec![],
@@ -222,6 +223,169 @@ pub fn run(a: DistillArgs) -> Result<()> {
         writeln!(o, "agreement: {mean:.3} mean over kept inputs ({} samples each)", a.samples)?;
     }
     writeln!(o, "wrote {}", written.display())?;
+    drop(o);
+    if let (Some(run), Some(c)) = (&a.train, student) {
+        train_and_compare(&a, run, c, system.as_deref(), endpoint.is_some(), &base)?;
+    }
+    Ok(())
+}
+
+/// `--train RUN`'s settings, checked before the teacher is asked anything: the student's
+/// training configuration (its data the distilled set), a run directory that is new (or, with
+/// --overwrite, an earlier run's), and a --gold file whose every line has an answer.
+fn student_config(a: &DistillArgs, run: &Path) -> Result<whet_train::TrainConfig> {
+    let mut c = match &a.train_config {
+        Some(p) => whet_train::TrainConfig::from_file(p)?,
+        None => whet_train::TrainConfig::default(),
+    };
+    if let Some(s) = &a.student {
+        c.model = s.clone();
+    }
+    c.data = a.out.display().to_string();
+    c.validate()?;
+    let shares = distill::parse_split(&a.split).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        shares[2] > 0.0,
+        "--train compares on the held-out test split, and --split {} holds none out\nhint: --split 0.8,0.1,0.1",
+        a.split
+    );
+    let occupied = run.exists() && std::fs::read_dir(run).map_or(true, |mut d| d.next().is_some());
+    if occupied && !(a.overwrite && run.join("whet.toml").is_file()) {
+        bail!(
+            "--train {}: already holds files{}\nhint: name a new run directory{}",
+            run.display(),
+            if run.join("whet.toml").is_file() { " (an earlier run)" } else { "" },
+            if run.join("whet.toml").is_file() {
+                ", or pass --overwrite to replace it"
+            } else {
+                ""
+            }
+        );
+    }
+    for (flag, input) in [("--out", a.out.as_path()), ("--inputs", a.inputs.as_path())] {
+        if run.starts_with(input) || input.starts_with(run) {
+            bail!(
+                "--train {}: overlaps {flag} {}\nhint: name a run directory of its own",
+                run.display(),
+                input.display()
+            );
+        }
+    }
+    if let Some(gold) = &a.gold {
+        let examples = whet_eval::read_examples(gold)?;
+        anyhow::ensure!(!examples.is_empty(), "--gold {}: no examples", gold.display());
+    }
+    Ok(c)
+}
+
+/// `--train RUN`: the student trained on the distilled set, then `whet compare` of it against
+/// itself prompted as the teacher was and against the teacher (when local), on the held-out
+/// split and on `--gold`.
+fn train_and_compare(
+    a: &DistillArgs,
+    run: &Path,
+    c: whet_train::TrainConfig,
+    system: Option<&str>,
+    teacher_is_endpoint: bool,
+    base: &GenerateConfig,
+) -> Result<()> {
+    let data = a.out.as_path();
+    eprintln!("train: the student {} on {} into {}", c.model, data.display(), run.display());
+    let adapter = crate::train::train_quietly(c.clone(), run)?;
+    let device = c.device.open()?;
+    let mut student = crate::model::load_spec(&c.model, c.dtype.dtype(), &device, c.seed)?;
+    whet_model::adapter::load_named_adapter(&mut student.model, "fine-tuned", 1.0, &adapter)?;
+    student.model.set_adapter_weights(&[])?;
+    let template = chat_template(&student.tokenizer)?;
+    let student = whet_eval::run::Model {
+        model: student.model,
+        tokenizer: student.tokenizer,
+        template,
+        source: student.source,
+    };
+    let teacher = if teacher_is_endpoint {
+        eprintln!(
+            "note: the teacher is an endpoint, which whet compare cannot run as an arm: the comparison is the student's alone"
+        );
+        None
+    } else {
+        let quantize = a.teacher_quantize.map(whet_model::Quantization::ggml);
+        let t = crate::model::load_spec_quantized(
+            &a.teacher,
+            candle_core::DType::F32,
+            &device,
+            a.sampling.seed,
+            quantize,
+        )?;
+        let template = chat_template(&t.tokenizer)?;
+        Some(whet_eval::run::Model {
+            model: t.model,
+            tokenizer: t.tokenizer,
+            template,
+            source: t.source,
+        })
+    };
+    let settings = whet_eval::run::RunSettings {
+        max_tokens: base.max_tokens,
+        seeds: 0,
+        sampling: whet_infer::SamplingConfig::default(),
+        latency_samples: 8,
+        max_batch: a.max_batch,
+        bootstrap_seed: a.sampling.seed,
+        resamples: 1000,
+        reference_loss: false,
+    };
+    // Each comparison's data directory, in the run: the distilled training and validation
+    // splits beside the test split (the held-out one, or --gold), and --rules as rules.toml.
+    let mut places = vec![("compare", data.join("test.jsonl"))];
+    if let Some(gold) = &a.gold {
+        places.push(("compare-gold", gold.clone()));
+    }
+    let data_dir = |name: &str, test: &Path| -> Result<PathBuf> {
+        let dir = run.join(format!("{name}-data"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot write {}", dir.display()))?;
+        for split in ["train.jsonl", "valid.jsonl"] {
+            if data.join(split).is_file() {
+                std::fs::copy(data.join(split), dir.join(split))?;
+            }
+        }
+        std::fs::copy(test, dir.join("test.jsonl"))
+            .with_context(|| format!("cannot read {}", test.display()))?;
+        if let Some(rules) = &a.rules {
+            std::fs::copy(rules, dir.join("rules.toml"))?;
+        }
+        Ok(dir)
+    };
+    for (name, test) in places {
+        anyhow::ensure!(
+            test.is_file(),
+            "{name}: {} is missing; hint: a --split with a test share holds examples out for it",
+            test.display()
+        );
+        let dir = data_dir(name, &test)?;
+        let cfg = whet_eval::compare::CompareConfig {
+            data: dir.clone(),
+            system_prompt: system.map(str::to_string),
+            shots: if a.shots > 0 { vec![0, a.shots] } else { vec![0] },
+            shot_draws: 1,
+            seed: a.sampling.seed,
+            metrics: vec![],
+            price_per_1k_tokens: None,
+            adapters: vec![("fine-tuned".into(), adapter.clone())],
+            limit: None,
+            run: settings.clone(),
+        };
+        let mut progress = |what: &str| eprintln!("{name}: {what}");
+        let report = whet_eval::compare::compare(&student, teacher.as_ref(), &cfg, &mut progress)?;
+        let out = run.join(name);
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot write {}", out.display()))?;
+        whet_eval::report::write(&report, &out)?;
+        let mut o = std::io::stdout().lock();
+        writeln!(o, "\n{name} ({}):", dir.join("test.jsonl").display())?;
+        write!(o, "{}", whet_eval::report::table(&report))?;
+        writeln!(o, "{}", report.verdict)?;
+        writeln!(o, "wrote {}", out.display())?;
+    }
     Ok(())
 }
 

@@ -510,3 +510,65 @@ fn answers_outside_the_json_schema_are_dropped_and_the_rest_kept_as_bare_json() 
     assert!(e.contains("schema.json: not a valid JSON Schema"), "{e}");
     assert!(!tmp.path().join("o2").exists());
 }
+
+#[test]
+fn distill_train_trains_the_student_and_compares_it_on_the_held_out_split_and_gold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, system) = reviews(tmp.path());
+    let (url, _) = fake_server(vec![], review_label);
+    let cfg = tmp.path().join("train.toml");
+    std::fs::write(&cfg, "steps = 2\nbatch_size = 2\nmax_seq_len = 64\n").unwrap();
+    let gold = tmp.path().join("gold.jsonl");
+    let line = |q: &str, a: &str| {
+        serde_json::json!({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+            .to_string()
+            + "\n"
+    };
+    std::fs::write(&gold, line("I loved it", "positive") + &line("Dull and long", "negative"))
+        .unwrap();
+    let (out, run) = (tmp.path().join("out"), tmp.path().join("student"));
+    let args = |extra: &[&str]| {
+        let mut a = vec!["distill", "--teacher", &url, "--teacher-model", "m", "--inputs", &inputs];
+        a.extend([
+            "--system-prompt-file",
+            &system,
+            "--labels",
+            "positive,negative",
+            "--max-tokens",
+            "4",
+        ]);
+        a.extend(["--out", out.to_str().unwrap(), "--train", run.to_str().unwrap()]);
+        a.extend(["--student", "random:tiny", "--train-config", cfg.to_str().unwrap()]);
+        a.extend(extra);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let a = args(&["--gold", gold.to_str().unwrap()]);
+    let o = whet(&a.iter().map(String::as_str).collect::<Vec<_>>(), "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(run.join("adapter/adapter_model.safetensors").is_file());
+    assert!(stderr(&o).contains("the teacher is an endpoint"), "{}", stderr(&o));
+    for (name, n) in [
+        ("compare", json(&out.join("distill.json"))["split"]["test"].as_u64().unwrap()),
+        ("compare-gold", 2),
+    ] {
+        let r = json(&run.join(name).join("report.json"));
+        let kinds: Vec<&str> =
+            r["arms"].as_array().unwrap().iter().map(|a| a["kind"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["prompted", "finetuned", "finetuned+prompt"], "{name}");
+        assert_eq!(r["settings"]["test_examples"].as_u64(), Some(n), "{name}");
+        // The prompted arm is the student with the teacher's prompt.
+        assert_eq!(r["settings"]["system_prompt"], SYSTEM, "{name}");
+    }
+    assert!(stdout(&o).contains("compare-gold ("), "{}", stdout(&o));
+    // The run directory is checked before the teacher is asked: an earlier run is kept
+    // without --overwrite; a --gold line without an answer is named.
+    let e =
+        assert_one_line_error(&whet(&args(&[]).iter().map(String::as_str).collect::<Vec<_>>(), ""));
+    assert!(e.contains("--train") && e.contains("already holds files"), "{e}");
+    std::fs::write(&gold, "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}]}\n").unwrap();
+    std::fs::remove_dir_all(&run).unwrap();
+    let a = args(&["--gold", gold.to_str().unwrap()]);
+    let e = assert_one_line_error(&whet(&a.iter().map(String::as_str).collect::<Vec<_>>(), ""));
+    assert!(e.contains("gold.jsonl:1"), "{e}");
+    assert!(!run.exists());
+}
