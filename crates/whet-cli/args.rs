@@ -507,6 +507,37 @@ pub enum BenchCommand {
     ///
     /// Example: whet bench eval --data data/intents --repeat 12
     Eval(BenchEvalArgs),
+    /// `whet distill`'s labelling speed: inputs answered per second by the teacher one at a
+    /// time, then batched through the engine (--max-batch) or, for an endpoint, --concurrency
+    /// requests at once.
+    ///
+    /// Example: whet bench distill --teacher models/SmolLM2-135M-Instruct.Q4_1.gguf --inputs data/intents/test.jsonl
+    Distill(BenchDistillArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchDistillArgs {
+    /// The teacher: a model, or an OpenAI-compatible endpoint URL (with --teacher-model).
+    #[arg(long)]
+    pub teacher: String,
+    /// The model to ask an endpoint for.
+    #[arg(long)]
+    pub teacher_model: Option<String>,
+    /// Unlabelled inputs, as `whet distill --inputs` reads them.
+    #[arg(long)]
+    pub inputs: std::path::PathBuf,
+    /// Answer only the first N inputs.
+    #[arg(long, default_value_t = 32)]
+    pub limit: usize,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 16)]
+    pub max_tokens: usize,
+    /// A local teacher's batch, against 1.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// An endpoint's requests in flight, against 1.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Args)]

@@ -852,3 +852,80 @@ fn draw_shots(
     }
     Ok(shots)
 }
+
+/// `whet bench distill`: the same labelling as `whet distill` (no cache kept, nothing
+/// written), first one input at a time, then batched or concurrent; inputs/s of each.
+pub fn bench(b: crate::args::BenchDistillArgs) -> Result<()> {
+    use clap::Parser;
+    anyhow::ensure!(b.limit > 0 && b.max_tokens > 0, "--limit and --max-tokens must be positive");
+    let load_before = whet_infer::bench::load_average();
+    let tmp = tempfile::tempdir()?;
+    let inputs = b.inputs.display().to_string();
+    let out = tmp.path().join("out").display().to_string();
+    // The settings as `whet distill` parses them, so that both run the same labelling.
+    let args_for = |parallel: usize| -> Result<DistillArgs> {
+        let mut v =
+            vec!["whet".to_string(), "distill".into(), "--teacher".into(), b.teacher.clone()];
+        v.extend(["--inputs".into(), inputs.clone(), "--out".into(), out.clone()]);
+        v.extend([
+            "--max-tokens".into(),
+            b.max_tokens.to_string(),
+            "--limit".into(),
+            b.limit.to_string(),
+        ]);
+        v.extend([
+            "--max-batch".into(),
+            parallel.to_string(),
+            "--concurrency".into(),
+            parallel.to_string(),
+        ]);
+        if let Some(m) = &b.teacher_model {
+            v.extend(["--teacher-model".into(), m.clone()]);
+        }
+        match crate::args::Cli::try_parse_from(v)?.command {
+            crate::args::Command::Distill(a) => Ok(a),
+            _ => bail!("internal error: not a distill command"),
+        }
+    };
+    let mut out_lines = vec![];
+    let mut rates = vec![];
+    let remote = b.teacher.starts_with("http://") || b.teacher.starts_with("https://");
+    let many = if remote { b.concurrency } else { b.max_batch };
+    for parallel in [1, many] {
+        let a = args_for(parallel)?;
+        let endpoint = endpoint(&a)?;
+        let base = crate::model::generate_config(&a.sampling)?;
+        let mut all = distill::read_inputs(&a.inputs).map_err(|e| anyhow::anyhow!("{e}"))?;
+        all.truncate(b.limit);
+        anyhow::ensure!(!all.is_empty(), "{}: no inputs", b.inputs.display());
+        let refs: Vec<&Input> = all.iter().collect();
+        let prompts: Vec<Vec<Message>> =
+            refs.iter().map(|i| teacher_messages(None, &[], i)).collect();
+        let cache = tmp.path().join(format!("cache-{parallel}.jsonl"));
+        let start = std::time::Instant::now();
+        match &endpoint {
+            Some(e) => ask_endpoint(&a, e, &base, &prompts, &refs, &cache)?,
+            None => ask_teacher(&a, &base, &prompts, &refs, &cache)?,
+        };
+        let rate = refs.len() as f64 / start.elapsed().as_secs_f64();
+        rates.push(rate);
+        let how = match (remote, parallel) {
+            (_, 1) => "one at a time".to_string(),
+            (true, n) => format!("{n} requests in flight"),
+            (false, n) => format!("batched, up to {n} at once"),
+        };
+        out_lines.push(format!(
+            "{how:<28} {rate:.2} inputs/s ({} inputs, {} tokens each at most)",
+            refs.len(),
+            b.max_tokens
+        ));
+    }
+    let mut o = std::io::stdout().lock();
+    writeln!(o, "teacher:    {}", b.teacher)?;
+    for l in out_lines {
+        writeln!(o, "labelling:  {l}")?;
+    }
+    writeln!(o, "speed-up:   {:.2}x", rates[1] / rates[0])?;
+    writeln!(o, "{}", whet_infer::bench::load_line(load_before))?;
+    Ok(())
+}

@@ -113,6 +113,7 @@ fn main() {
                 args::BenchCommand::Generate(_)
                     | args::BenchCommand::Serve(_)
                     | args::BenchCommand::Eval(_)
+                    | args::BenchCommand::Distill(_)
             )
     ) {
         weights_in_large_pages();
@@ -140,6 +141,7 @@ fn main() {
         args::Command::Bench(args::BenchCommand::Data(a)) => data::bench(a),
         args::Command::Bench(args::BenchCommand::Train(a)) => bench::train(a),
         args::Command::Bench(args::BenchCommand::Serve(a)) => bench::serve(a),
+        args::Command::Bench(args::BenchCommand::Distill(a)) => distill::bench(a),
         args::Command::Bench(args::BenchCommand::Eval(a)) => eval::bench(a),
     };
     if let Err(err) = result {

@@ -572,3 +572,63 @@ fn distill_train_trains_the_student_and_compares_it_on_the_held_out_split_and_go
     assert!(e.contains("gold.jsonl:1"), "{e}");
     assert!(!run.exists());
 }
+
+/// `whet bench distill` labels the same inputs one at a time and then batched (a local
+/// teacher) or concurrently (an endpoint), and reports both rates; it writes nothing.
+#[test]
+fn bench_distill_reports_single_and_parallel_rates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (inputs, _) = reviews(tmp.path());
+    let o = whet(
+        &[
+            "bench",
+            "distill",
+            "--teacher",
+            "random:tiny",
+            "--inputs",
+            &inputs,
+            "--limit",
+            "6",
+            "--max-tokens",
+            "3",
+            "--max-batch",
+            "4",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for key in [
+        "one at a time",
+        "batched, up to 4 at once",
+        "inputs/s (6 inputs",
+        "speed-up:",
+        "load avg:",
+    ] {
+        assert!(out.contains(key), "{out}");
+    }
+    let (url, seen) = fake_server(vec![], review_label);
+    let o = whet(
+        &[
+            "bench",
+            "distill",
+            "--teacher",
+            &url,
+            "--teacher-model",
+            "m",
+            "--inputs",
+            &inputs,
+            "--limit",
+            "5",
+            "--concurrency",
+            "3",
+        ],
+        "",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("3 requests in flight"), "{}", stdout(&o));
+    assert_eq!(seen.lock().unwrap().len(), 10, "five inputs, twice");
+    let leftovers: Vec<_> =
+        std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(leftovers.len(), 2, "nothing written beside the inputs: {leftovers:?}");
+}
