@@ -278,6 +278,18 @@ fn student_config(a: &DistillArgs, run: &Path) -> Result<whet_train::TrainConfig
     Ok(c)
 }
 
+/// A local teacher, in f32 (`--teacher-quantize` for its linear layers).
+fn load_teacher(a: &DistillArgs, device: &candle_core::Device) -> Result<whet_model::LoadedModel> {
+    let quantize = a.teacher_quantize.map(whet_model::Quantization::ggml);
+    crate::model::load_spec_quantized(
+        &a.teacher,
+        candle_core::DType::F32,
+        device,
+        a.sampling.seed,
+        quantize,
+    )
+}
+
 /// `--train RUN`: the student trained on the distilled set, then `whet compare` of it against
 /// itself prompted as the teacher was and against the teacher (when local), on the held-out
 /// split and on `--gold`.
@@ -309,14 +321,7 @@ fn train_and_compare(
         );
         None
     } else {
-        let quantize = a.teacher_quantize.map(whet_model::Quantization::ggml);
-        let t = crate::model::load_spec_quantized(
-            &a.teacher,
-            candle_core::DType::F32,
-            &device,
-            a.sampling.seed,
-            quantize,
-        )?;
+        let t = load_teacher(a, &device)?;
         let template = chat_template(&t.tokenizer)?;
         Some(whet_eval::run::Model {
             model: t.model,
@@ -478,15 +483,7 @@ fn ask_teacher(
     inputs: &[&Input],
     cache_path: &Path,
 ) -> Result<Vec<Answers>> {
-    let device = whet_model::DeviceSpec::Auto.open()?;
-    let quantize = a.teacher_quantize.map(whet_model::Quantization::ggml);
-    let m = crate::model::load_spec_quantized(
-        &a.teacher,
-        candle_core::DType::F32,
-        &device,
-        a.sampling.seed,
-        quantize,
-    )?;
+    let m = load_teacher(a, &whet_model::DeviceSpec::Auto.open()?)?;
     let template = chat_template(&m.tokenizer)?;
     let mut cache = open_cache(cache_path)?;
     let bar = progress(inputs.len());
