@@ -121,7 +121,10 @@ pub fn run(a: DistillArgs) -> Result<()> {
             missing.iter().map(|i| teacher_messages(system.as_deref(), &shots, i)).collect();
         let asked = match &endpoint {
             Some(e) => ask_endpoint(&a, e, &base, &prompts, &missing, &cache_path)?,
-            None => ask_teacher(&a, &base, &prompts, &missing, &cache_path)?,
+            None => {
+                let m = load_teacher(&a, &whet_model::DeviceSpec::Auto.open()?)?;
+                ask_teacher(&a, &m, &base, &prompts, &missing, &cache_path)?
+            }
         };
         cache.extend(asked.into_iter().map(|x| (x.id.clone(), x)));
     }
@@ -478,12 +481,12 @@ fn read_cache(path: &Path) -> Result<HashMap<String, Answers>> {
 /// to the cache as they come.
 fn ask_teacher(
     a: &DistillArgs,
+    m: &whet_model::LoadedModel,
     base: &GenerateConfig,
     prompts: &[Vec<Message>],
     inputs: &[&Input],
     cache_path: &Path,
 ) -> Result<Vec<Answers>> {
-    let m = load_teacher(a, &whet_model::DeviceSpec::Auto.open()?)?;
     let template = chat_template(&m.tokenizer)?;
     let mut cache = open_cache(cache_path)?;
     let bar = progress(inputs.len());
@@ -888,6 +891,12 @@ pub fn bench(b: crate::args::BenchDistillArgs) -> Result<()> {
     let mut rates = vec![];
     let remote = b.teacher.starts_with("http://") || b.teacher.starts_with("https://");
     let many = if remote { b.concurrency } else { b.max_batch };
+    // A local teacher loads once, before the clock starts: both runs time labelling alone.
+    let local = if remote {
+        None
+    } else {
+        Some(load_teacher(&args_for(1)?, &whet_model::DeviceSpec::Auto.open()?)?)
+    };
     for parallel in [1, many] {
         let a = args_for(parallel)?;
         let endpoint = endpoint(&a)?;
@@ -900,9 +909,10 @@ pub fn bench(b: crate::args::BenchDistillArgs) -> Result<()> {
             refs.iter().map(|i| teacher_messages(None, &[], i)).collect();
         let cache = tmp.path().join(format!("cache-{parallel}.jsonl"));
         let start = std::time::Instant::now();
-        match &endpoint {
-            Some(e) => ask_endpoint(&a, e, &base, &prompts, &refs, &cache)?,
-            None => ask_teacher(&a, &base, &prompts, &refs, &cache)?,
+        match (&endpoint, &local) {
+            (Some(e), _) => ask_endpoint(&a, e, &base, &prompts, &refs, &cache)?,
+            (None, Some(m)) => ask_teacher(&a, m, &base, &prompts, &refs, &cache)?,
+            (None, None) => bail!("internal error: a local teacher was not loaded"),
         };
         let rate = refs.len() as f64 / start.elapsed().as_secs_f64();
         rates.push(rate);

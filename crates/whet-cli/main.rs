@@ -109,6 +109,7 @@ fn main() {
             | args::Command::Serve(_)
             | args::Command::Eval(_)
             | args::Command::Compare(_)
+            | args::Command::Distill(_)
             | args::Command::Bench(
                 args::BenchCommand::Generate(_)
                     | args::BenchCommand::Serve(_)
