@@ -76,9 +76,14 @@ fn data_paths(data: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
 
 /// Whether the first record of `path` is a preference pair (`chosen` and `rejected`).
 fn holds_pairs(path: &std::path::Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(path) else { return false };
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    serde_json::from_str::<serde_json::Value>(first)
+    use std::io::BufRead;
+    let Ok(file) = std::fs::File::open(path) else { return false };
+    let first = std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&first)
         .is_ok_and(|v| v.get("chosen").is_some() && v.get("rejected").is_some())
 }
 

@@ -442,7 +442,8 @@ pub fn compare(
             cfg,
         ));
     }
-    let training = training_cost(&cfg.adapters[0].1);
+    // The first adapter's, read with its arm.
+    let training = arms.iter().find(|a| a.kind == "finetuned").and_then(|a| a.training.clone());
     let references: Vec<String> = test.iter().map(|e| e.reference.clone()).collect();
     let mut verdict = verdict(&arms, &primary, &references);
     verdict.push_str(&adapters_verdict(&arms, &primary, &cfg.run));

@@ -31,10 +31,6 @@ pub struct Pair {
     pub chosen: String,
     /// The model's sampled answer.
     pub rejected: String,
-    /// The rejected answer's score on the filter's metric, where there is a filter.
-    pub rejected_score: Option<f64>,
-    /// The example's `FILE:LINE`.
-    pub at: String,
 }
 
 /// Why examples made no pair.
@@ -90,12 +86,8 @@ pub fn make_pairs(
             dropped.same += 1;
             continue;
         }
-        let score = s
-            .filter
-            .as_ref()
-            .map(|(metric, _)| crate::score(metric, &rejected, &e.reference, rules));
-        if let (Some(score), Some((_, threshold))) = (score, &s.filter) {
-            if score >= *threshold {
+        if let Some((metric, threshold)) = &s.filter {
+            if crate::score(metric, &rejected, &e.reference, rules) >= *threshold {
                 dropped.passing += 1;
                 continue;
             }
@@ -104,8 +96,6 @@ pub fn make_pairs(
             prompt: messages(&Prompting { shots: vec![], ..prompting.clone() }, e),
             chosen: e.reference.clone(),
             rejected,
-            rejected_score: score,
-            at: e.at.clone(),
         });
     }
     Ok((pairs, dropped))

@@ -90,25 +90,9 @@ pub fn train_on_from(
 ) -> Result<PeftAdapter> {
     let files = AdapterFiles::read(dir)?;
     let path = files.config.path.clone();
-    let uniform = files.config.uniform()?;
-    let (r, alpha, targets) = (uniform.r, uniform.lora_alpha, &uniform.target_modules);
-    let wanted = cfg.targets.join(",");
-    let same_targets = {
-        let mut a: Vec<&str> = targets.split(',').collect();
-        let mut b: Vec<&str> = cfg.targets.iter().map(String::as_str).collect();
-        a.sort_unstable();
-        b.sort_unstable();
-        a == b
-    };
-    if r != cfg.rank || alpha != cfg.alpha || uniform.use_rslora != cfg.rslora || !same_targets {
-        return Err(Error::config(
-            &path,
-            format!(
-                "the adapter has r {r}, lora_alpha {alpha}, use_rslora {}, target_modules {targets}, but training asks for {}, {}, {}, {wanted}",
-                uniform.use_rslora, cfg.rank, cfg.alpha, cfg.rslora
-            ),
-        ));
-    }
+    // One rank and alpha over named modules, or refused by the field that says otherwise;
+    // each projection's rank, scale and presence against `cfg` is checked as it is taken on.
+    files.config.uniform()?;
     let adapter = files.attach(model, None)?;
     model.train_from_attached(cfg).map_err(|e| Error::config(&path, e.to_string()))?;
     Ok(adapter)

@@ -331,7 +331,8 @@ impl Proj {
         }
         if ctx.reference {
             if let Some(frozen) = &self.reference {
-                y = (y.clone() + frozen.delta(x, 1.0)?.to_dtype(y.dtype())?)?;
+                let delta = frozen.delta(x, 1.0)?.to_dtype(y.dtype())?;
+                y = (y + delta)?;
             }
             return Ok((y, None));
         }

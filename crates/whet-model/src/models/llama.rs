@@ -659,11 +659,6 @@ impl Llama {
         Ok(())
     }
 
-    /// The named adapters: their names and weights (see [`Registry`]).
-    pub fn adapters(&self) -> &Registry {
-        &self.adapters
-    }
-
     /// The named adapters and their current weights, in the order they were added.
     pub fn adapter_weights(&self) -> Vec<(String, f64)> {
         self.adapters.weights()
